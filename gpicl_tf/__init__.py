@@ -1,0 +1,3 @@
+"""gpicl_tf: meta-train transformers to learn in context (Kirsch et al. 2022), in TensorFlow/Keras."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""Classical learners fitted to each task's context points (scikit-learn).
+
+Each baseline is a function `predict(x_ctx [k, dx], y_ctx [k, dy], x_query [m, dx])
+-> [m, dy]`, looked up by name in `BASELINES`. With no context every baseline
+predicts 0 (the prior mean of standardised tasks).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+from sklearn.linear_model import Ridge
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
+
+def _empty(x_query, dy):
+    return np.zeros((len(x_query), dy), np.float32)
+
+
+def context_mean(x_ctx, y_ctx, x_query):
+    """Predicts the mean of the context targets."""
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    return np.repeat(y_ctx.mean(0, keepdims=True), len(x_query), axis=0)
+
+
+def knn(x_ctx, y_ctx, x_query):
+    """k-nearest neighbours, k chosen per task by leave-one-out squared error."""
+    k_ctx = len(x_ctx)
+    if k_ctx == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    if k_ctx <= 2:
+        best = 1
+    else:
+        d = np.sum((x_ctx[:, None, :] - x_ctx[None, :, :]) ** 2, -1)  # (k, k)
+        np.fill_diagonal(d, np.inf)
+        order = np.argsort(d, axis=1)[:, :-1]  # neighbours of each point, self excluded
+        errs = [np.mean((y_ctx[order[:, :k]].mean(1) - y_ctx) ** 2)
+                for k in range(1, k_ctx)]
+        best = int(np.argmin(errs)) + 1
+    return KNeighborsRegressor(n_neighbors=best).fit(x_ctx, y_ctx).predict(x_query)
+
+
+def ridge(x_ctx, y_ctx, x_query, alpha: float = 1e-3):
+    """Ridge regression on x."""
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    return Ridge(alpha=alpha).fit(x_ctx, y_ctx).predict(x_query)
+
+
+def poly_ridge(x_ctx, y_ctx, x_query, degree: int = 3, alpha: float = 1e-2):
+    """Ridge regression on polynomial features of degree 3."""
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    model = make_pipeline(PolynomialFeatures(degree), StandardScaler(), Ridge(alpha=alpha))
+    return model.fit(x_ctx, y_ctx).predict(x_query)
+
+
+def gp_regression(x_ctx, y_ctx, x_query):
+    """GP regression, RBF + noise kernel, hyperparameters by maximum likelihood."""
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(0.3, (1e-2, 1e2))
+              + WhiteKernel(1e-3, (1e-6, 1e0)))
+    gp = GaussianProcessRegressor(kernel, normalize_y=len(x_ctx) > 1, n_restarts_optimizer=0,
+                                  random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        out = gp.fit(x_ctx, y_ctx).predict(x_query)
+    return out.reshape(len(x_query), -1)
+
+
+def mlp(x_ctx, y_ctx, x_query, steps: int = 300):
+    """A small MLP (2 x 32, tanh) trained per task by Adam for a fixed budget."""
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    net = MLPRegressor((32, 32), activation="tanh", solver="adam", learning_rate_init=1e-2,
+                       max_iter=steps, tol=0.0, n_iter_no_change=steps, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        net.fit(x_ctx, y_ctx if y_ctx.shape[1] > 1 else y_ctx[:, 0])
+    return net.predict(x_query).reshape(len(x_query), -1)
+
+
+BASELINES = {
+    "mean": context_mean,
+    "knn": knn,
+    "ridge": ridge,
+    "poly_ridge": poly_ridge,
+    "gp": gp_regression,
+    "mlp": mlp,
+}
+
+
+def get_baseline(name: str):
+    if name not in BASELINES:
+        raise ValueError(f"baseline {name!r} is unknown: expected one of {sorted(BASELINES)}")
+    return BASELINES[name]

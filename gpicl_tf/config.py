@@ -1,0 +1,390 @@
+"""Typed, validated experiment configuration with named presets.
+
+One `ExperimentConfig` nests a `TaskConfig` (what the task stream generates),
+a `ModelConfig` (the transformer) and a `TrainConfig` (the optimisation run).
+Every config is validated when it is built: a bad value raises a ValueError
+that names the field, the value and what is allowed. Configs round-trip
+through JSON and are written beside every run and every export.
+
+    cfg = get_preset("default")
+    cfg = apply_overrides(cfg, ["model.d_model=128", "task.n_tasks=1024"])
+    cfg.to_json()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
+PRECISIONS = ("float32", "mixed_bfloat16")
+LOSSES = ("normalized_mse", "mse")
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{owner}.{name}={value!r} is invalid: expected {allowed}")
+
+
+def _require(cond: bool, owner: str, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        _fail(owner, name, value, allowed)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the task stream generates.
+
+    Attributes:
+      family: task family name from `gpicl_tf.tasks.FAMILIES`.
+      x_dim, y_dim: input and output width of every function.
+      n_points: points per example (context + queries).
+      min_context, max_context: the number of context points of an example is
+        drawn uniformly from [min_context, max_context]; every other point is a
+        query. `max_context=None` means n_points - 1.
+      n_tasks: None draws a fresh function for every example; an integer T
+        draws from a fixed pool of T functions, function i a pure function of
+        (seed, i).
+      x_low, x_high: inputs are drawn from U(x_low, x_high).
+      noise_std: standard deviation of Gaussian observation noise on y.
+      mlp_hidden, mlp_activations: hidden widths of `random_mlp` functions and
+        the activation of each hidden layer (cycled if shorter).
+      weight_scale: standard deviation of `random_mlp` weights and biases.
+      gp_length_scale: RBF length scale of `gp_rbf` functions.
+      mix: optional training mix of (family, weight) pairs; when given, each
+        example's family is drawn with these probabilities.
+      standardize_y: standardise each task's y over its n_points (mean 0,
+        std 1, before noise), so every task has the same scale and the loss
+        is the normalised MSE; evaluation families set it False to keep
+        their natural scale.
+      block_size: examples drawn together from one seed (vectorised
+        generation); a replica's batch must be a multiple of it.
+    """
+
+    family: str = "random_mlp"
+    x_dim: int = 1
+    y_dim: int = 1
+    n_points: int = 64
+    min_context: int = 0
+    max_context: Optional[int] = None
+    n_tasks: Optional[int] = None
+    x_low: float = -1.0
+    x_high: float = 1.0
+    noise_std: float = 0.0
+    mlp_hidden: Tuple[int, ...] = (16, 16, 16)
+    mlp_activations: Tuple[str, ...] = ("tanh", "swish", "relu")
+    weight_scale: float = 1.0
+    gp_length_scale: float = 0.2
+    mix: Tuple[Tuple[str, float], ...] = ()
+    block_size: int = 8
+    standardize_y: bool = True
+
+    def __post_init__(self):
+        o = "task"
+        from gpicl_tf import tasks  # local import: tasks imports config
+
+        known = sorted(tasks.FAMILIES)
+        _require(self.family in tasks.FAMILIES, o, "family", self.family, f"one of {known}")
+        for nm in ("x_dim", "y_dim"):
+            v = getattr(self, nm)
+            _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
+        _require(_is_int(self.n_points) and self.n_points >= 2, o, "n_points",
+                 self.n_points, "an integer >= 2")
+        _require(_is_int(self.min_context) and 0 <= self.min_context < self.n_points,
+                 o, "min_context", self.min_context,
+                 f"an integer in [0, n_points-1={self.n_points - 1}] (at least one query)")
+        if self.max_context is not None:
+            _require(_is_int(self.max_context)
+                     and self.min_context <= self.max_context < self.n_points,
+                     o, "max_context", self.max_context,
+                     f"None or an integer in [min_context={self.min_context}, "
+                     f"n_points-1={self.n_points - 1}] (queries fewer than points)")
+        if self.n_tasks is not None:
+            _require(_is_int(self.n_tasks) and self.n_tasks >= 1, o, "n_tasks",
+                     self.n_tasks, "None (a fresh task per example) or an integer >= 1")
+        _require(_is_num(self.x_low) and _is_num(self.x_high) and self.x_low < self.x_high,
+                 o, "x_high", self.x_high, f"a number greater than x_low={self.x_low}")
+        _require(_is_num(self.noise_std) and self.noise_std >= 0, o, "noise_std",
+                 self.noise_std, "a number >= 0")
+        _require(len(self.mlp_hidden) >= 1 and all(_is_int(h) and h >= 1 for h in self.mlp_hidden),
+                 o, "mlp_hidden", self.mlp_hidden, "a non-empty tuple of integers >= 1")
+        _require(len(self.mlp_activations) >= 1
+                 and all(a in ACTIVATIONS for a in self.mlp_activations),
+                 o, "mlp_activations", self.mlp_activations,
+                 f"a non-empty tuple drawn from {ACTIVATIONS}")
+        _require(_is_num(self.weight_scale) and self.weight_scale > 0, o, "weight_scale",
+                 self.weight_scale, "a number > 0")
+        _require(_is_num(self.gp_length_scale) and self.gp_length_scale > 0, o,
+                 "gp_length_scale", self.gp_length_scale, "a number > 0")
+        _require(_is_int(self.block_size) and self.block_size >= 1, o, "block_size",
+                 self.block_size, "an integer >= 1")
+        for item in self.mix:
+            _require(len(item) == 2 and item[0] in tasks.FAMILIES and _is_num(item[1])
+                     and item[1] > 0, o, "mix", self.mix,
+                     f"(family, weight > 0) pairs with family in {known}")
+        tasks.get_family(self.family).check_config(self)
+        for fam, _ in self.mix:
+            tasks.get_family(fam).check_config(self)
+
+    @property
+    def context_max(self) -> int:
+        return self.n_points - 1 if self.max_context is None else self.max_context
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The in-context transformer.
+
+    Attributes:
+      d_model: token width.
+      n_layers: pre-LayerNorm transformer blocks.
+      n_heads: attention heads; must divide d_model unless key_dim is given.
+      key_dim: per-head query/key/value size; None means d_model // n_heads.
+      mlp_ratio: hidden width of each block's MLP as a multiple of d_model.
+      std_eps: variance floor of the per-task standardisation.
+    """
+
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    key_dim: Optional[int] = None
+    mlp_ratio: int = 4
+    std_eps: float = 1e-6
+
+    def __post_init__(self):
+        o = "model"
+        for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
+            v = getattr(self, nm)
+            _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
+        if self.key_dim is None:
+            _require(self.d_model % self.n_heads == 0, o, "n_heads", self.n_heads,
+                     f"a divisor of d_model={self.d_model} (or set key_dim)")
+        else:
+            _require(_is_int(self.key_dim) and self.key_dim >= 1, o, "key_dim",
+                     self.key_dim, "None or an integer >= 1")
+        _require(_is_num(self.std_eps) and 0 < self.std_eps < 1, o, "std_eps",
+                 self.std_eps, "a number in (0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_dim if self.key_dim is not None else self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation run.
+
+    Attributes:
+      steps: optimiser steps.
+      batch_size: global batch (tasks per step, over all replicas).
+      learning_rate: peak Adam learning rate.
+      warmup_steps: linear warmup, then cosine decay to end_lr_fraction * peak.
+      clip_norm: global gradient-norm clip (None disables).
+      seed: seeds the task stream and the weight initialisation.
+      steps_per_call: train steps inside one tf.function call.
+      jit_compile: XLA-compile the train step.
+      precision: "float32" or "mixed_bfloat16".
+      log_every, eval_every, checkpoint_every: intervals in steps.
+      eval_tasks: unseen tasks in each evaluation.
+      keep_checkpoints: how many checkpoints the manager keeps.
+      loss: "normalized_mse" (each task's errors divided by the variance of
+        its y, so tasks of every scale count alike) or "mse" (raw scale).
+    """
+
+    steps: int = 3000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    end_lr_fraction: float = 0.05
+    clip_norm: Optional[float] = 1.0
+    seed: int = 0
+    steps_per_call: int = 10
+    jit_compile: bool = True
+    precision: str = "float32"
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    eval_tasks: int = 256
+    keep_checkpoints: int = 3
+    loss: str = "mse"
+
+    def __post_init__(self):
+        o = "train"
+        for nm in ("steps", "batch_size", "steps_per_call", "log_every", "eval_every",
+                   "checkpoint_every", "eval_tasks", "keep_checkpoints"):
+            v = getattr(self, nm)
+            _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
+        _require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps, o,
+                 "warmup_steps", self.warmup_steps, f"an integer in [0, steps={self.steps}]")
+        _require(_is_num(self.learning_rate) and 0 < self.learning_rate < 1, o,
+                 "learning_rate", self.learning_rate, "a number in (0, 1)")
+        _require(_is_num(self.end_lr_fraction) and 0 <= self.end_lr_fraction <= 1, o,
+                 "end_lr_fraction", self.end_lr_fraction, "a number in [0, 1]")
+        if self.clip_norm is not None:
+            _require(_is_num(self.clip_norm) and self.clip_norm > 0, o, "clip_norm",
+                     self.clip_norm, "None or a number > 0")
+        _require(_is_int(self.seed) and 0 <= self.seed < 2**31, o, "seed", self.seed,
+                 "an integer in [0, 2**31)")
+        _require(isinstance(self.jit_compile, bool), o, "jit_compile", self.jit_compile,
+                 "true or false")
+        _require(self.loss in LOSSES, o, "loss", self.loss, f"one of {LOSSES}")
+        _require(self.precision in PRECISIONS, o, "precision", self.precision,
+                 f"one of {PRECISIONS}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One run: name, tasks, model and training."""
+
+    name: str = "gpicl"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _require(isinstance(self.name, str) and self.name.replace("-", "").replace(
+            "_", "").isalnum(), "experiment", "name", self.name,
+            "a non-empty name of letters, digits, '-' and '_'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        d = dict(d)
+        parts = {}
+        for key, sub in (("task", TaskConfig), ("model", ModelConfig), ("train", TrainConfig)):
+            parts[key] = _build(sub, d.pop(key, {}), key)
+        unknown = set(d) - {"name"}
+        if unknown:
+            raise ValueError(f"experiment: unknown keys {sorted(unknown)}; expected "
+                             "'name', 'task', 'model', 'train'")
+        return cls(name=d.get("name", "gpicl"), **parts)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExperimentConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Converts JSON values (lists) to the dataclass field types (tuples)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r} is invalid: expected a list")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if tp is float and _is_int(value):
+        return float(value)
+    return value
+
+
+def _build(cls, values: dict, owner: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{owner}: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{owner}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if "," in text:  # tuple shorthand: 16,16,16 or tanh,relu
+        return [_parse_value(t) for t in text.split(",") if t.strip()]
+    return text
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list) -> ExperimentConfig:
+    """Applies "section.field=value" overrides, e.g. "model.d_model=128".
+
+    Values are parsed as JSON where possible ("none" is None, "16,16" a tuple).
+    """
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is invalid: expected section.field=value")
+        key, text = item.split("=", 1)
+        path = key.strip().split(".")
+        if path == ["name"]:
+            d["name"] = text
+            continue
+        if len(path) != 2 or path[0] not in ("task", "model", "train"):
+            raise ValueError(f"override {item!r} is invalid: expected task.X, model.X, "
+                             "train.X or name")
+        if path[1] not in d[path[0]]:
+            raise ValueError(f"override {item!r}: unknown field {key!r}; known: "
+                             f"{sorted(d[path[0]])}")
+        value = _parse_value(text)
+        if path[1] in ("mlp_hidden", "mlp_activations") and not isinstance(value, list):
+            value = [value]
+        d[path[0]][path[1]] = value
+    return ExperimentConfig.from_dict(d)
+
+
+def _tiny() -> ExperimentConfig:
+    # Seconds on a CPU: used by the tests.
+    return ExperimentConfig(
+        name="tiny",
+        task=TaskConfig(n_points=16, mlp_hidden=(8, 8)),
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, mlp_ratio=2),
+        train=TrainConfig(steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=20,
+                          steps_per_call=5, log_every=25, eval_every=100,
+                          checkpoint_every=100, eval_tasks=64),
+    )
+
+
+def _default() -> ExperimentConfig:
+    # The CPU main job: a few minutes on 2 cores.
+    return ExperimentConfig(name="gpicl")
+
+
+def _paper() -> ExperimentConfig:
+    # Kirsch et al. 2022 model size, for GPUs.
+    return ExperimentConfig(
+        name="gpicl-paper",
+        task=TaskConfig(n_points=100),
+        model=ModelConfig(d_model=256, n_layers=4, n_heads=8, key_dim=32, mlp_ratio=4),
+        train=TrainConfig(steps=50000, batch_size=128, learning_rate=3e-4,
+                          warmup_steps=1000, steps_per_call=50, eval_every=2500,
+                          checkpoint_every=2500, log_every=250),
+    )
+
+
+PRESETS = {"tiny": _tiny, "default": _default, "paper": _paper}
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    """Returns the named preset; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

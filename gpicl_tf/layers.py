@@ -1,0 +1,137 @@
+"""Keras layers of the in-context transformer, registered as serializable.
+
+Shapes: B tasks, N points, dx/dy input/output widths, D model width.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PACKAGE = "gpicl_tf"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ContextStandardizer(keras.layers.Layer):
+    """Standardises x and y per task with the mean and std of its context points.
+
+    Only context points (is_query == 0) enter the statistics, so a query never
+    influences another query through them. With fewer than two context points
+    the scale falls back to 1 (and with none the location to 0).
+
+    Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
+    Returns: features [B, N, dx + dy + 1] = (x std., y std. zeroed on queries,
+      query flag), y_loc [B, 1, dy], y_scale [B, 1, dy].
+    """
+
+    def __init__(self, eps: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.eps = eps
+
+    def _stats(self, v, w, n):
+        # v (B, N, d), w (B, N, 1) context weights, n (B, 1, 1) context count.
+        mean = ops.sum(v * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)
+        var = ops.sum(ops.square(v - mean) * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)
+        std = ops.sqrt(var + self.eps)
+        std = ops.where(n >= 2.0, std, ops.ones_like(std))
+        return mean, std
+
+    def call(self, x, y, is_query):
+        q = ops.expand_dims(ops.cast(is_query, x.dtype), -1)  # (B, N, 1)
+        w = 1.0 - q
+        n = ops.sum(w, axis=1, keepdims=True)  # (B, 1, 1)
+        x_loc, x_scale = self._stats(x, w, n)
+        y_loc, y_scale = self._stats(y, w, n)
+        xs = (x - x_loc) / x_scale
+        ys = (y - y_loc) / y_scale * w  # queries' y never enters the model
+        return ops.concatenate([xs, ys, q], axis=-1), y_loc, y_scale
+
+    def compute_output_spec(self, x, y, is_query):
+        b, n, dx = x.shape
+        dy = y.shape[-1]
+        feat = keras.KerasTensor((b, n, dx + dy + 1), dtype=x.dtype)
+        loc = keras.KerasTensor((b, 1, dy), dtype=x.dtype)
+        return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "eps": self.eps}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ContextAttentionMask(keras.layers.Layer):
+    """Attention mask [B, N, N]: point i attends to j iff j is context or j == i.
+
+    Queries therefore never see each other (each is predicted independently),
+    and a query of a task with no context still attends to itself.
+    """
+
+    def call(self, is_query):
+        ctx = ops.cast(is_query, "float32") < 0.5  # (B, N)
+        n = ops.shape(is_query)[1]
+        eye = ops.eye(n, dtype="bool")  # (N, N)
+        return ops.logical_or(ctx[:, None, :], eye[None, :, :])  # (B, N, N)
+
+    def compute_output_spec(self, is_query):
+        b, n = is_query.shape
+        return keras.KerasTensor((b, n, n), dtype="bool")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TransformerBlock(keras.layers.Layer):
+    """Pre-LayerNorm block: h + MHA(LN(h), mask); then h + MLP(LN(h)).
+
+    The residual output projections start scaled by `residual_scale`
+    (1/sqrt(2 * n_layers), as in GPT-2) so that the stack starts close to the
+    identity and deep stacks train from the first step.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, key_dim: int, mlp_dim: int,
+                 residual_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.key_dim = key_dim
+        self.mlp_dim = mlp_dim
+        self.residual_scale = residual_scale
+        out_init = keras.initializers.VarianceScaling(scale=residual_scale**2, mode="fan_in",
+                                                      distribution="truncated_normal")
+        self.ln_attn = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_attn")
+        self.attn = keras.layers.MultiHeadAttention(
+            num_heads=n_heads, key_dim=key_dim, output_shape=d_model, name="attn")
+        self.ln_mlp = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_mlp")
+        self.mlp_in = keras.layers.Dense(mlp_dim, activation="gelu", name="mlp_in")
+        self.mlp_out = keras.layers.Dense(d_model, kernel_initializer=out_init, name="mlp_out")
+
+    def build(self, h_shape, mask_shape=None):
+        self.ln_attn.build(h_shape)
+        self.attn.build(h_shape, h_shape)
+        self.ln_mlp.build(h_shape)
+        self.mlp_in.build(h_shape)
+        self.mlp_out.build(tuple(h_shape[:-1]) + (self.mlp_dim,))
+        # Scale the attention output projection like mlp_out.
+        kernel = self.attn._output_dense.kernel
+        kernel.assign(kernel * self.residual_scale)
+
+    def call(self, h, mask):
+        a = self.ln_attn(h)  # (B, N, D)
+        h = h + self.attn(a, a, attention_mask=mask)
+        return h + self.mlp_out(self.mlp_in(self.ln_mlp(h)))
+
+    def compute_output_shape(self, h_shape, mask_shape=None):
+        return h_shape
+
+    def get_config(self):
+        return {**super().get_config(), "d_model": self.d_model, "n_heads": self.n_heads,
+                "key_dim": self.key_dim, "mlp_dim": self.mlp_dim,
+                "residual_scale": self.residual_scale}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Destandardize(keras.layers.Layer):
+    """Maps standardised predictions back to the task's raw scale: out * scale + loc."""
+
+    def call(self, out, y_loc, y_scale):
+        return ops.cast(out, y_loc.dtype) * y_scale + y_loc
+
+    def compute_output_spec(self, out, y_loc, y_scale):
+        return keras.KerasTensor(out.shape, dtype=y_loc.dtype)

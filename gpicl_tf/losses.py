@@ -1,0 +1,48 @@
+"""Masked-query loss, exact under data parallelism.
+
+The loss of a global batch is the mean squared error over its query points:
+sum over queries of |y - y_pred|^2 / dy, divided by the number of queries in
+the *global* batch. Each replica divides its own sum by that global count, so
+the replicas' losses (and gradients) add up to the exact global mean even when
+replicas hold different numbers of queries.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def task_variance(y, eps: float = 1e-6):
+    """Variance of each task's y over all its points: [B, 1, dy]."""
+    y = tf.cast(y, tf.float32)
+    return tf.math.reduce_variance(y, axis=1, keepdims=True) + eps
+
+
+def query_sse_and_count(y, y_pred, is_query, normalize: bool = False):
+    """Sum of per-point MSE over query points, and the number of queries.
+
+    Args:
+      y, y_pred: [B, N, dy]; is_query: [B, N] (1 = query).
+      normalize: divide each task's squared errors by the variance of its y
+        over all its points, so tasks of every scale weigh the same
+        (the "normalised MSE"; 1.0 is the error of predicting the task mean).
+    Returns:
+      (sse, count): float32 scalars.
+    """
+    q = tf.cast(is_query, tf.float32)
+    sq = tf.square(tf.cast(y, tf.float32) - tf.cast(y_pred, tf.float32))  # (B, N, dy)
+    if normalize:
+        sq = sq / task_variance(y)
+    err = tf.reduce_mean(sq, -1)  # (B, N)
+    return tf.reduce_sum(err * q), tf.reduce_sum(q)
+
+
+def masked_query_mse(y, y_pred, is_query, global_count=None, normalize: bool = False):
+    """Mean squared error over query points, normalised by `global_count`.
+
+    Inside a replica context, pass the all-reduced query count of the global
+    batch; without it the local count is used (single device).
+    """
+    sse, count = query_sse_and_count(y, y_pred, is_query, normalize)
+    denom = count if global_count is None else global_count
+    return sse / tf.maximum(denom, 1.0)

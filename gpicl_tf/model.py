@@ -1,0 +1,51 @@
+"""The in-context transformer as a Keras functional model.
+
+Inputs (named): x [B, N, dx], y [B, N, dy], is_query [B, N] (1 = query).
+Output: y_pred [B, N, dy] on the raw scale of y; only query rows are meaningful.
+
+Each point is one token built from (standardised x, standardised y zeroed on
+queries, query flag). No positional encoding: a task is a set of points.
+Every point attends only to context points (and itself), so each query is
+predicted independently of the other queries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destandardize,
+                             TransformerBlock)
+
+
+def build_model(cfg: ExperimentConfig) -> keras.Model:
+    """Builds the functional in-context transformer for `cfg`."""
+    t, m = cfg.task, cfg.model
+    x = keras.Input((None, t.x_dim), name="x")
+    y = keras.Input((None, t.y_dim), name="y")
+    is_query = keras.Input((None,), name="is_query")
+
+    # Statistics and the output map stay in float32 under mixed precision.
+    feats, y_loc, y_scale = ContextStandardizer(eps=m.std_eps, dtype="float32",
+                                                name="standardize")(x, y, is_query)
+    mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
+    h = keras.layers.Dense(m.d_model, name="embed")(feats)  # (B, N, D)
+    res_scale = 1.0 / math.sqrt(2 * m.n_layers)
+    for i in range(m.n_layers):
+        h = TransformerBlock(m.d_model, m.n_heads, m.head_dim, m.mlp_ratio * m.d_model,
+                             residual_scale=res_scale, name=f"block_{i}")(h, mask)
+    h = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_final")(h)
+    out = keras.layers.Dense(t.y_dim, kernel_initializer="zeros", dtype="float32",
+                             name="head")(h)  # (B, N, dy), standardised units
+    y_pred = Destandardize(dtype="float32", name="y_pred")(out, y_loc, y_scale)
+    return keras.Model({"x": x, "y": y, "is_query": is_query}, y_pred, name=cfg.name.replace("-", "_"))
+
+
+INPUT_NAMES = ("x", "y", "is_query")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's named inputs from a batch that may carry more keys (task_id)."""
+    return {k: batch[k] for k in INPUT_NAMES}

@@ -1,0 +1,85 @@
+"""The main job's short report: MSE on unseen tasks beside classical baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from gpicl_tf import baselines as baselines_lib
+from gpicl_tf import data as data_lib
+from gpicl_tf.config import ExperimentConfig
+
+REPORT_STREAM = data_lib.EVAL_STREAM + 7  # tasks no training run draws
+
+
+def context_batch(cfg: ExperimentConfig, k: int, n_tasks: int, n_queries: int, seed: int,
+                  family=None, stream: int = REPORT_STREAM, **task_overrides):
+    """n_tasks unseen tasks, each with k context points first and n_queries queries.
+
+    Returns numpy arrays x [T, k+q, dx], y [T, k+q, dy], is_query [T, k+q],
+    with the context points placed first.
+    """
+    task = dataclasses.replace(cfg.task, n_tasks=None, n_points=k + n_queries,
+                               min_context=0, max_context=None,
+                               family=family or cfg.task.family, mix=(), **task_overrides)
+    b = data_lib.sample_batch(task, seed, n_tasks, n_context=k, stream=stream)
+    x, y, q = b["x"].numpy(), b["y"].numpy(), b["is_query"].numpy()
+    order = np.argsort(q, axis=1, kind="stable")  # context (0) before queries (1)
+    take = lambda a: np.take_along_axis(a, order[..., None] if a.ndim == 3 else order, 1)
+    return take(x), take(y), take(q)
+
+
+def model_mse(predict_fn, x, y, k: int):
+    """Per-task MSE of predict_fn(context_x, context_y, query_x) -> [T, q, dy]."""
+    pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
+    return np.mean((pred - y[:, k:]) ** 2, axis=(1, 2))
+
+
+def baseline_mse(name: str, x, y, k: int):
+    """Per-task MSE of a baseline fitted to each task's k context points; seconds/task."""
+    fn = baselines_lib.get_baseline(name)
+    tic = time.perf_counter()
+    errs = [np.mean((fn(x[i, :k], y[i, :k], x[i, k:]) - y[i, k:]) ** 2) for i in range(len(x))]
+    return np.asarray(errs), (time.perf_counter() - tic) / len(x)
+
+
+def keras_predict_fn(model):
+    """predict_fn over a Keras model with the masked-input interface."""
+
+    def predict(cx, cy, qx):
+        t, k, nq = cx.shape[0], cx.shape[1], qx.shape[1]
+        x = np.concatenate([cx, qx], 1).astype(np.float32)
+        y = np.concatenate([cy, np.zeros((t, nq, cy.shape[2]))], 1).astype(np.float32)
+        q = np.concatenate([np.zeros((t, k)), np.ones((t, nq))], 1).astype(np.float32)
+        return model({"x": x, "y": y, "is_query": q}, training=False).numpy()[:, k:]
+
+    return predict
+
+
+def quick_report(predict_fn, cfg: ExperimentConfig, ks=(4, 16, 32), n_tasks: int = 128,
+                 n_queries: int = 16, baselines=("knn", "gp"), seed: int = 1234) -> dict:
+    """{k: {method: mean MSE}} on unseen tasks of the training family."""
+    out = {}
+    for k in ks:
+        if k > cfg.task.context_max:
+            continue
+        x, y, _ = context_batch(cfg, k, n_tasks, n_queries, seed)
+        row = {"model": float(model_mse(predict_fn, x, y, k).mean())}
+        for b in baselines:
+            row[b] = float(baseline_mse(b, x, y, k)[0].mean())
+        out[k] = row
+    return out
+
+
+def format_report(rows: dict) -> str:
+    """A Markdown table of quick_report's rows."""
+    methods = list(next(iter(rows.values())).keys()) if rows else []
+    lines = ["| context points | " + " | ".join(methods) + " |",
+             "|---:|" + "---:|" * len(methods)]
+    for k, row in rows.items():
+        best = min(row.values())
+        cells = [(f"**{v:.4f}**" if v == best else f"{v:.4f}") for v in row.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

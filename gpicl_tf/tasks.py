@@ -1,0 +1,237 @@
+"""Task families: random functions drawn in-graph from stateless seeds.
+
+A family draws one function from a seed (`sample_function`) and evaluates it
+on inputs (`evaluate`); `sample_y` combines both, and families whose samples
+are defined jointly on the inputs (Gaussian processes) override it. Every
+draw is a pure TensorFlow function of an explicit `[2]` int32 seed, so the
+same seed gives the same function on any machine and inside tf.data.
+
+Families are looked up by name in `FAMILIES`:
+
+    fam = get_family("sine")(task_config)
+    y = fam.sample_y(fn_seed, x)        # x: [N, dx] -> y: [N, dy]
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+FAMILIES: dict = {}
+
+
+def register_family(name: str):
+    """Class decorator that adds a family to the registry under `name`."""
+
+    def wrap(cls):
+        cls.name = name
+        FAMILIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_family(name: str):
+    """Returns the family class registered as `name`."""
+    if name not in FAMILIES:
+        raise ValueError(f"task family {name!r} is unknown: expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+_ACT = {
+    "tanh": tf.tanh,
+    "swish": tf.nn.silu,
+    "relu": tf.nn.relu,
+    "gelu": tf.nn.gelu,
+    "sigmoid": tf.sigmoid,
+    "sin": tf.sin,
+    "linear": tf.identity,
+}
+
+
+def split(seed, n: int):
+    """Splits a [2] seed into n independent [2] seeds: [n, 2]."""
+    return tf.random.experimental.stateless_split(seed, num=n)
+
+
+class TaskFamily:
+    """Base class for a family of random functions, sampled in blocks.
+
+    A block is U examples drawn together: every parameter tensor of a block
+    carries a leading U dimension (each example is its own function), inputs
+    are [U, N, x_dim] and outputs [U, N, y_dim].
+    """
+
+    name = "base"
+    # Whether a function, once drawn, can be evaluated at any new input, which
+    # a fixed pool of functions (n_tasks=T) needs.
+    supports_pool = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.x_dim = cfg.x_dim
+        self.y_dim = cfg.y_dim
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.n_tasks is not None and not cls.supports_pool:
+            raise ValueError(f"task.n_tasks={cfg.n_tasks!r} is invalid for family "
+                             f"{cls.name!r}: its functions are sampled jointly on the inputs "
+                             "and cannot form a fixed pool; expected n_tasks=None")
+
+    def sample_x(self, seed, u: int, n: int, x_low=None, x_high=None):
+        """Inputs [U, N, x_dim] ~ U(x_low, x_high)."""
+        lo = self.cfg.x_low if x_low is None else x_low
+        hi = self.cfg.x_high if x_high is None else x_high
+        return tf.random.stateless_uniform([u, n, self.x_dim], seed, lo, hi)
+
+    def sample_function(self, seed, u: int):
+        """Parameters of U functions, each tensor with a leading U dimension."""
+        raise NotImplementedError
+
+    def evaluate(self, params, x):
+        """Values [U, N, y_dim] of the U functions at x [U, N, x_dim]."""
+        raise NotImplementedError
+
+    def sample_y(self, seed, x):
+        """Draws U fresh functions from one seed and evaluates them at x."""
+        return self.evaluate(self.sample_function(seed, x.shape[0]), x)
+
+    def sample_y_from_seeds(self, seeds, x):
+        """Function i drawn from its own seeds[i] (the task pool): [U, N, y_dim]."""
+        parts = [self.sample_function(seeds[i], 1) for i in range(x.shape[0])]
+        params = tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *parts)
+        return self.evaluate(params, x)
+
+
+@register_family("random_mlp")
+class RandomMLP(TaskFamily):
+    """A random MLP per task: x_dim -> hidden... -> y_dim, weights ~ N(0, s^2)."""
+
+    def sample_function(self, seed, u):
+        widths = [self.x_dim, *self.cfg.mlp_hidden, self.y_dim]
+        seeds = split(seed, 2 * (len(widths) - 1))
+        s = self.cfg.weight_scale
+        params = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            w = tf.random.stateless_normal([u, a, b], seeds[2 * i], stddev=s)  # (U, in, out)
+            bias = tf.random.stateless_normal([u, 1, b], seeds[2 * i + 1], stddev=s)
+            params.append((w, bias))
+        return params
+
+    def evaluate(self, params, x):
+        acts = self.cfg.mlp_activations
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = tf.matmul(h, w) + b  # (U, N, out)
+            if i < len(params) - 1:
+                h = _ACT[acts[i % len(acts)]](h)
+        return h
+
+
+@register_family("sine")
+class Sine(TaskFamily):
+    """y = A sin(f * mean(x) + p), A ~ U(0.1, 5), f ~ U(0, 8), p ~ U(0, 3) per output."""
+
+    def sample_function(self, seed, u):
+        s = split(seed, 3)
+        amp = tf.random.stateless_uniform([u, 1, self.y_dim], s[0], 0.1, 5.0)
+        freq = tf.random.stateless_uniform([u, 1, self.y_dim], s[1], 0.0, 8.0)
+        phase = tf.random.stateless_uniform([u, 1, self.y_dim], s[2], 0.0, 3.0)
+        return amp, freq, phase
+
+    def evaluate(self, params, x):
+        amp, freq, phase = params
+        v = tf.reduce_mean(x, axis=-1, keepdims=True)  # (U, N, 1)
+        return amp * tf.sin(freq * v + phase)
+
+
+@register_family("linear")
+class Linear(TaskFamily):
+    """y = x W + b with slope W ~ N(0, 1) and intercept b ~ N(0, 1)."""
+
+    def sample_function(self, seed, u):
+        s = split(seed, 2)
+        w = tf.random.stateless_normal([u, self.x_dim, self.y_dim], s[0])
+        b = tf.random.stateless_normal([u, 1, self.y_dim], s[1])
+        return w, b
+
+    def evaluate(self, params, x):
+        w, b = params
+        return tf.matmul(x, w) + b
+
+
+@register_family("polynomial")
+class Polynomial(TaskFamily):
+    """y = sum_k c_k v^k, degree 3, c_k ~ N(0, 1), v the mean of x."""
+
+    degree = 3
+
+    def sample_function(self, seed, u):
+        return tf.random.stateless_normal([u, self.degree + 1, self.y_dim], seed)
+
+    def evaluate(self, params, x):
+        v = tf.reduce_mean(x, axis=-1, keepdims=True)  # (U, N, 1)
+        powers = tf.concat([v**k for k in range(self.degree + 1)], axis=-1)  # (U, N, deg+1)
+        return tf.matmul(powers, params)
+
+
+@register_family("step")
+class Step(TaskFamily):
+    """Piecewise constant: 3 random thresholds on mean(x), levels ~ N(0, 1)."""
+
+    n_steps = 3
+
+    def sample_function(self, seed, u):
+        s = split(seed, 2)
+        cuts = tf.random.stateless_uniform([u, 1, self.n_steps], s[0], self.cfg.x_low,
+                                           self.cfg.x_high)
+        levels = tf.random.stateless_normal([u, self.n_steps + 1, self.y_dim], s[1])
+        return cuts, levels
+
+    def evaluate(self, params, x):
+        cuts, levels = params
+        v = tf.reduce_mean(x, axis=-1, keepdims=True)  # (U, N, 1)
+        idx = tf.reduce_sum(tf.cast(v > cuts, tf.int32), axis=-1)  # (U, N)
+        return tf.gather(levels, idx, batch_dims=1)  # (U, N, dy)
+
+
+def rbf_kernel(x1, x2, length_scale):
+    """RBF kernel exp(-|x1 - x2|^2 / (2 l^2)): [..., N1, N2] for x1 [..., N1, d]."""
+    d2 = tf.reduce_sum(tf.square(x1[..., :, None, :] - x2[..., None, :, :]), axis=-1)
+    return tf.exp(-0.5 * d2 / (length_scale**2))
+
+
+@register_family("gp_rbf")
+class GPRBF(TaskFamily):
+    """Exact samples of a zero-mean, unit-variance GP with an RBF kernel."""
+
+    supports_pool = False
+    jitter = 1e-5
+
+    def sample_y(self, seed, x):
+        u, n = x.shape[0], tf.shape(x)[1]
+        k = rbf_kernel(tf.cast(x, tf.float64), tf.cast(x, tf.float64), self.cfg.gp_length_scale)
+        k += self.jitter * tf.eye(n, dtype=tf.float64)
+        chol = tf.linalg.cholesky(k)  # (U, N, N)
+        z = tf.random.stateless_normal([u, n, self.y_dim], seed, dtype=tf.float64)
+        return tf.cast(tf.matmul(chol, z), tf.float32)  # (U, N, dy)
+
+
+def gp_posterior_mean(x_ctx, y_ctx, x_query, length_scale, noise_var):
+    """Exact GP posterior mean with the true RBF kernel (the Bayes-optimal predictor).
+
+    Args:
+      x_ctx: [Nc, dx] context inputs; y_ctx: [Nc, dy]; x_query: [Nq, dx].
+      length_scale: the kernel's true length scale.
+      noise_var: observation noise variance (plus the sampler's jitter).
+    Returns:
+      [Nq, dy] posterior mean; the prior mean 0 when Nc == 0.
+    """
+    x_ctx = tf.cast(x_ctx, tf.float64)
+    x_query = tf.cast(x_query, tf.float64)
+    y_ctx = tf.cast(y_ctx, tf.float64)
+    nc = tf.shape(x_ctx)[0]
+    k = rbf_kernel(x_ctx, x_ctx, length_scale) + noise_var * tf.eye(nc, dtype=tf.float64)
+    ks = rbf_kernel(x_query, x_ctx, length_scale)  # (Nq, Nc)
+    alpha = tf.linalg.cholesky_solve(tf.linalg.cholesky(k), y_ctx)
+    return tf.cast(tf.matmul(ks, alpha), tf.float32)

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from gpicl_tf.config import ExperimentConfig, PRESETS, apply_overrides, get_preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_json(name):
+    cfg = get_preset(name)
+    again = ExperimentConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["model"]["d_model"] == cfg.model.d_model
+
+
+def test_paper_preset_matches_the_paper():
+    m = get_preset("paper").model
+    assert (m.n_layers, m.n_heads, m.head_dim, m.d_model, m.mlp_ratio) == (4, 8, 32, 256, 4)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ValueError, match="default.*paper.*tiny"):
+        get_preset("huge")
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.n_heads=3", "n_heads"),            # does not divide d_model=64
+    ("model.d_model=0", "d_model"),
+    ("model.n_layers=-1", "n_layers"),
+    ("task.x_dim=0", "x_dim"),
+    ("task.y_dim=0", "y_dim"),
+    ("task.n_points=1", "n_points"),
+    ("task.max_context=64", "max_context"),    # queries fewer than points: >= 1 query
+    ("task.min_context=70", "min_context"),
+    ("task.n_tasks=0", "n_tasks"),
+    ("task.family=fourier", "family"),
+    ("task.noise_std=-0.1", "noise_std"),
+    ("task.x_high=-2", "x_high"),
+    ("task.mlp_activations=softmax", "mlp_activations"),
+    ("train.learning_rate=0", "learning_rate"),
+    ("train.batch_size=0", "batch_size"),
+    ("train.warmup_steps=999999", "warmup_steps"),
+    ("train.precision=float16", "precision"),
+    ("train.loss=l1", "loss"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ValueError, match=rf"\.{field}="):
+        apply_overrides(get_preset("default"), [override])
+
+
+def test_gp_family_refuses_a_task_pool():
+    with pytest.raises(ValueError, match="n_tasks.*gp_rbf"):
+        apply_overrides(get_preset("tiny"), ["task.family=gp_rbf", "task.n_tasks=8"])
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(get_preset("tiny"), [
+        "task.n_tasks=16", "task.mlp_hidden=32,32", "train.jit_compile=false",
+        "task.max_context=none", "model.key_dim=8"])
+    assert cfg.task.n_tasks == 16 and cfg.task.mlp_hidden == (32, 32)
+    assert cfg.train.jit_compile is False and cfg.task.max_context is None
+    assert cfg.model.head_dim == 8
+
+
+def test_unknown_override_field_is_named():
+    with pytest.raises(ValueError, match="model.width"):
+        apply_overrides(get_preset("tiny"), ["model.width=3"])

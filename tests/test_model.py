@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+from gpicl_tf import data as data_lib
+from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destandardize,
+                             TransformerBlock)
+from gpicl_tf.losses import masked_query_mse, query_sse_and_count
+from gpicl_tf.model import build_model
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    from gpicl_tf.config import get_preset
+
+    keras.utils.set_random_seed(0)
+    m = build_model(get_preset("tiny"))
+    # Random, non-zero head so predictions depend on everything they may depend on.
+    for w in m.get_layer("head").weights:
+        w.assign(tf.random.normal(w.shape, seed=1))
+    return m
+
+
+def _task(n_ctx=6, n_q=5, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (2, n_ctx + n_q, 1)).astype(np.float32)
+    y = (np.sin(3 * x) * scale).astype(np.float32)
+    q = np.concatenate([np.zeros((2, n_ctx)), np.ones((2, n_q))], 1).astype(np.float32)
+    return x, y, q
+
+
+def _pred(model, x, y, q):
+    return model({"x": x, "y": y, "is_query": q}).numpy()
+
+
+def test_query_prediction_ignores_other_queries(model):
+    x, y, q = _task()
+    base = _pred(model, x, y, q)
+    x2, y2 = x.copy(), y.copy()
+    x2[:, 7:] += 0.37  # change every other query's input and (hidden) target
+    y2[:, 6:] = 99.0
+    changed = _pred(model, x2, y2, q)
+    np.testing.assert_allclose(changed[:, 6], base[:, 6], atol=ATOL)
+    # Remove all queries but the first; add 20 more queries.
+    alone = _pred(model, x[:, :7], y[:, :7], q[:, :7])
+    np.testing.assert_allclose(alone[:, 6], base[:, 6], atol=ATOL)
+    xm = np.concatenate([x, np.random.default_rng(1).uniform(-1, 1, (2, 20, 1))], 1)
+    more = _pred(model, xm.astype(np.float32), np.concatenate([y, np.zeros((2, 20, 1))], 1)
+                 .astype(np.float32), np.concatenate([q, np.ones((2, 20))], 1).astype(np.float32))
+    np.testing.assert_allclose(more[:, :11][q > 0], base[q > 0], atol=ATOL)
+
+
+def test_permuting_context_points_does_not_change_predictions(model):
+    x, y, q = _task()
+    base = _pred(model, x, y, q)
+    perm = np.r_[np.random.default_rng(2).permutation(6), np.arange(6, 11)]
+    out = _pred(model, x[:, perm], y[:, perm], q[:, perm])
+    np.testing.assert_allclose(out[:, 6:], base[:, 6:], atol=ATOL)
+
+
+def test_predictions_change_with_the_context(model):
+    x, y, q = _task()
+    y2 = y.copy()
+    y2[:, :6] *= -1
+    assert not np.allclose(_pred(model, x, y2, q)[:, 6:], _pred(model, x, y, q)[:, 6:], atol=1e-3)
+
+
+def test_affine_rescaling_of_x_and_y_carries_to_predictions(model):
+    x, y, q = _task()
+    base = _pred(model, x, y, q)
+    out = _pred(model, x * 50.0 - 3.0, y * 1000.0 + 5.0, q)
+    np.testing.assert_allclose(out[:, 6:], base[:, 6:] * 1000.0 + 5.0, rtol=1e-3, atol=1e-2)
+
+
+def test_mask_lets_points_see_context_and_themselves_only():
+    q = tf.constant([[0.0, 1.0, 0.0, 1.0]])
+    m = ContextAttentionMask()(q).numpy()[0]
+    expected = np.array([[1, 0, 1, 0], [1, 1, 1, 0], [1, 0, 1, 0], [1, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_standardizer_ignores_query_targets():
+    x = tf.constant([[[0.0], [2.0], [5.0]]])
+    y = tf.constant([[[1.0], [3.0], [100.0]]])
+    q = tf.constant([[0.0, 0.0, 1.0]])
+    feats, loc, scale = ContextStandardizer()(x, y, q)
+    np.testing.assert_allclose(loc.numpy().ravel(), [2.0])
+    np.testing.assert_allclose(scale.numpy().ravel(), [1.0], atol=1e-5)
+    assert feats.numpy()[0, 2, 1] == 0.0  # the query's y is zeroed
+    assert feats.numpy()[0, 2, 2] == 1.0  # and flagged
+
+
+def test_masked_loss_counts_only_queries_and_splits_exactly():
+    y = tf.constant(np.arange(24, dtype=np.float32).reshape(4, 3, 2))
+    pred = y + tf.constant([[[1.0, 1.0], [0.0, 0.0], [5.0, 5.0]]] * 4)
+    q = tf.constant([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    full = float(masked_query_mse(y, pred, q))
+    np.testing.assert_allclose(full, (4 * 25.0 + 1.0) / 7.0, rtol=1e-6)
+    # Replicas with different query counts: local sums over the global count add up.
+    total = sum(float(masked_query_mse(y[i:i + 2], pred[i:i + 2], q[i:i + 2], 7.0))
+                for i in (0, 2))
+    np.testing.assert_allclose(total, full, rtol=1e-6)
+    sse, count = query_sse_and_count(y, pred, q)
+    assert float(count) == 7.0
+
+
+def _roundtrip(layer, *inputs):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    return clone
+
+
+def test_layers_round_trip_config():
+    assert _roundtrip(ContextStandardizer(eps=1e-4)).eps == 1e-4
+    _roundtrip(ContextAttentionMask())
+    _roundtrip(Destandardize())
+    blk = _roundtrip(TransformerBlock(32, 2, 16, 64, residual_scale=0.5))
+    assert (blk.d_model, blk.n_heads, blk.key_dim, blk.mlp_dim) == (32, 2, 16, 64)
+
+
+def test_model_round_trips_through_get_config_and_keras_file(model, tmp_path):
+    x, y, q = _task()
+    base = _pred(model, x, y, q)
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(_pred(clone, x, y, q), base, atol=1e-6)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(_pred(loaded, x, y, q), base, atol=1e-6)
+    assert sorted(i.name for i in loaded.inputs) == ["is_query", "x", "y"]
+
+
+def test_model_output_shape_for_multi_dim_tasks():
+    from gpicl_tf.config import apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "task.y_dim=2"])
+    m = build_model(cfg)
+    b = data_lib.sample_batch(cfg.task, 0, 4, n_context=5)
+    assert m({k: b[k] for k in ("x", "y", "is_query")}).shape == (4, 16, 2)
