@@ -8,7 +8,9 @@ Runs resume: the same command after an interruption continues from the last
 checkpoint in --logdir. All logic lives in gpicl_tf.cli.
 """
 
+import sys
+
 from gpicl_tf.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -84,7 +84,13 @@ def main(argv=None) -> int:
         print(f"SavedModel: {path}  (serve: docker run -p 8501:8501 -v "
               f"{os.path.abspath(os.path.dirname(path))}:/models/{cfg.name} -e MODEL_NAME={cfg.name} "
               "tensorflow/serving)")
-    if not args.no_report and cfg.task.x_dim >= 1:
+    if cfg.task.x_dim == 1:
+        from gpicl_tf.summaries import prediction_figure
+
+        fig_path = os.path.join(logdir, "predictions.png")
+        prediction_figure(trainer.model, cfg, n_tasks=4).savefig(fig_path, dpi=100)
+        print(f"picture of predictions on unseen tasks: {fig_path}")
+    if not args.no_report:
         rows = report.quick_report(report.keras_predict_fn(trainer.model), cfg)
         print(f"\nMSE on 128 unseen {cfg.task.family} tasks (16 queries each):")
         print(report.format_report(rows))

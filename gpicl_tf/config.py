@@ -224,8 +224,8 @@ class TrainConfig:
                    "checkpoint_every", "eval_tasks", "keep_checkpoints"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
-        _require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps, o,
-                 "warmup_steps", self.warmup_steps, f"an integer in [0, steps={self.steps}]")
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, o,
+                 "warmup_steps", self.warmup_steps, "an integer >= 0 (capped at steps)")
         _require(_is_num(self.learning_rate) and 0 < self.learning_rate < 1, o,
                  "learning_rate", self.learning_rate, "a number in (0, 1)")
         _require(_is_num(self.end_lr_fraction) and 0 <= self.end_lr_fraction <= 1, o,

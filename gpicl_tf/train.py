@@ -73,11 +73,11 @@ def is_chief(strategy) -> bool:
 def learning_rate_schedule(cfg: ExperimentConfig):
     """Linear warmup to the peak rate, then cosine decay to end_lr_fraction of it."""
     t = cfg.train
+    warmup = min(t.warmup_steps, t.steps)
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if t.warmup_steps else t.learning_rate,
-        decay_steps=max(t.steps - t.warmup_steps, 1), alpha=t.end_lr_fraction,
-        warmup_target=t.learning_rate if t.warmup_steps else None,
-        warmup_steps=t.warmup_steps)
+        initial_learning_rate=0.0 if warmup else t.learning_rate,
+        decay_steps=max(t.steps - warmup, 1), alpha=t.end_lr_fraction,
+        warmup_target=t.learning_rate if warmup else None, warmup_steps=warmup)
 
 
 class Trainer:
@@ -158,7 +158,11 @@ class Trainer:
         normalize = cfg.train.loss == "normalized_mse"
         clip = cfg.train.clip_norm
 
-        @tf.function(jit_compile=cfg.train.jit_compile)
+        single = strategy.num_replicas_in_sync == 1
+        # On one replica the whole step (loss, gradients, Adam) is one XLA
+        # cluster; with several, the all-reduces stay outside the compiled part.
+        jit_grads = cfg.train.jit_compile and not single
+
         def loss_and_grads(batch, global_count):
             with tf.GradientTape() as tape:
                 pred = model(batch, training=True)
@@ -166,19 +170,33 @@ class Trainer:
                 loss = sse / global_count
             return loss, tape.gradient(loss, model.trainable_variables)
 
+        if jit_grads:
+            loss_and_grads = tf.function(loss_and_grads, jit_compile=True)
+
+        def update(grads, n_replicas):
+            if clip:
+                grads, _ = tf.clip_by_global_norm(grads, clip)
+            # The Keras optimiser sums gradients over replicas again; hand it
+            # 1/R of the global gradient from each so the sum is exact.
+            opt.apply([g * (1.0 / n_replicas) for g in grads], model.trainable_variables)
+
+        @tf.function(jit_compile=True)
+        def fused_step(batch):  # one replica: everything in one XLA cluster
+            count = tf.reduce_sum(tf.cast(batch["is_query"], tf.float32))
+            loss, grads = loss_and_grads(batch, tf.maximum(count, 1.0))
+            update(grads, 1)
+            return loss
+
         def replica_step(batch):
+            if single and cfg.train.jit_compile:
+                return fused_step(batch)
             ctx = tf.distribute.get_replica_context()
             count = tf.reduce_sum(tf.cast(batch["is_query"], tf.float32))
             global_count = tf.maximum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, count), 1.0)
             loss, grads = loss_and_grads(batch, global_count)
             # The exact global gradient on every replica, clipped by its global norm.
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            if clip:
-                grads, _ = tf.clip_by_global_norm(grads, clip)
-            # The Keras optimiser sums gradients over replicas again; hand it
-            # 1/R of the global gradient from each so the sum is exact.
-            inv = 1.0 / ctx.num_replicas_in_sync
-            opt.apply([g * inv for g in grads], model.trainable_variables)
+            update(grads, ctx.num_replicas_in_sync)
             return loss
 
         @tf.function

@@ -39,7 +39,7 @@ def test_unknown_preset_lists_known():
     ("task.mlp_activations=softmax", "mlp_activations"),
     ("train.learning_rate=0", "learning_rate"),
     ("train.batch_size=0", "batch_size"),
-    ("train.warmup_steps=999999", "warmup_steps"),
+    ("train.warmup_steps=-1", "warmup_steps"),
     ("train.precision=float16", "precision"),
     ("train.loss=l1", "loss"),
 ])

@@ -1,0 +1,35 @@
+"""Shared helpers of the benchmarks: a matmul peak and model FLOP counts."""
+
+import time
+
+import tensorflow as tf
+
+
+def matmul_peak_gflops(n: int = 2048, dtype=tf.float32, repeats: int = 20) -> float:
+    """Achieved GFLOP/s of an n x n matmul in `dtype` on the default device (the reference)."""
+    a = tf.random.normal([n, n], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+
+    best = float("inf")
+    for jit in (False, True):  # the better of the two runtimes is the reference
+        mm = tf.function(lambda x: tf.matmul(x, x), jit_compile=jit)
+        mm(a).numpy()
+        for _ in range(3):
+            tic = time.perf_counter()
+            for _ in range(repeats):
+                out = mm(a)
+            out.numpy()
+            best = min(best, (time.perf_counter() - tic) / repeats)
+    return 2 * n**3 / best / 1e9
+
+
+def train_flops_per_step(cfg) -> float:
+    """Model FLOPs of one train step (forward + backward = 3x forward), matmuls only."""
+    m, t = cfg.model, cfg.task
+    b, n, d = cfg.train.batch_size, t.n_points, m.d_model
+    hk = m.n_heads * m.head_dim
+    per_token_layer = 2 * (3 * d * hk + hk * d)          # q, k, v, output projections
+    per_token_layer += 2 * 2 * n * hk                    # scores and weighted values
+    per_token_layer += 2 * 2 * d * m.mlp_ratio * d       # MLP in and out
+    per_token = m.n_layers * per_token_layer + 2 * (t.x_dim + t.y_dim + 1) * d + 2 * d * t.y_dim
+    return 3.0 * per_token * b * n

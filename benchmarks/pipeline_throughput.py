@@ -1,0 +1,73 @@
+"""Task-stream throughput against what training consumes.
+
+    python benchmarks/pipeline_throughput.py [--preset default] [--batches 200]
+
+Prints tasks/s of the tf.data stream alone, tasks/s a train step of the
+preset's model consumes (fed one fixed batch, so input costs nothing), and
+their ratio. Target: the stream at least 10x faster than training consumes it.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # noqa: E402
+
+from gpicl_tf import data as data_lib  # noqa: E402
+from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
+from gpicl_tf.train import Trainer  # noqa: E402
+
+
+def stream_tasks_per_sec(cfg, n_batches: int) -> float:
+    it = iter(data_lib.make_dataset(cfg.task, 0, cfg.train.batch_size))
+    for _ in range(10):
+        next(it)
+    tic = time.perf_counter()
+    for _ in range(n_batches):
+        b = next(it)
+    b["y"].numpy()
+    return n_batches * cfg.train.batch_size / (time.perf_counter() - tic)
+
+
+def train_tasks_per_sec(cfg, n_calls: int = 10) -> float:
+    import tempfile
+
+    batch = data_lib.make_dataset(cfg.task, 0, cfg.train.batch_size)
+    fixed = next(iter(batch))
+    trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy(),
+                      dataset_fn=lambda ctx, start: tf.data.Dataset.from_tensors(fixed).repeat())
+    call = trainer._build_train_call()
+    it = trainer._distributed_iterator(0)
+    k = tf.constant(cfg.train.steps_per_call)
+    float(call(it, k))
+    tic = time.perf_counter()
+    for _ in range(n_calls):
+        float(call(it, k))
+    steps = n_calls * cfg.train.steps_per_call
+    return steps * cfg.train.batch_size / (time.perf_counter() - tic)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="default")
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args()
+    cfg = apply_overrides(get_preset(a.preset), a.set)
+    stream = stream_tasks_per_sec(cfg, a.batches)
+    train = train_tasks_per_sec(cfg)
+    print(f"preset={a.preset} batch={cfg.train.batch_size} n_points={cfg.task.n_points} "
+          f"block_size={cfg.task.block_size}")
+    print(f"stream alone:      {stream:10.0f} tasks/s")
+    print(f"training consumes: {train:10.0f} tasks/s")
+    print(f"ratio stream/train: {stream / train:.1f}x  (target >= 10x)")
+    pool = apply_overrides(cfg, ["task.n_tasks=1024"])
+    print(f"stream with n_tasks=1024 pool: {stream_tasks_per_sec(pool, a.batches // 2):.0f} tasks/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_python
+from gpicl_tf.config import apply_overrides, get_preset
+from gpicl_tf.report import context_batch, keras_predict_fn, model_mse
+
+
+def _unseen_loss(model, cfg, k=12):
+    x, y, _ = context_batch(cfg, k, 128, 4, seed=99)
+    return float(model_mse(keras_predict_fn(model), x, y, k).mean())
+
+
+def test_tiny_training_halves_the_loss_on_unseen_tasks(tiny, tmp_path):
+    from gpicl_tf.train import Trainer
+
+    trainer = Trainer(tiny, str(tmp_path / "run"))
+    before = _unseen_loss(trainer.model, tiny)
+    result = trainer.train(verbose=False)
+    after = _unseen_loss(trainer.model, tiny)
+    assert result.step == tiny.train.steps
+    assert after < 0.5 * before, (before, after)
+
+
+def test_nan_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path):
+    from gpicl_tf import data as data_lib
+    from gpicl_tf.train import Trainer, TrainingDiverged
+
+    cfg = apply_overrides(tiny, ["train.steps=60", "train.checkpoint_every=20",
+                                 "train.steps_per_call=5"])
+
+    def poisoned(ctx, start):  # the stream turns to NaN from step 30 on
+        ds = data_lib.make_dataset(cfg.task, 0, cfg.train.batch_size, start, ctx)
+        steps = tf.data.Dataset.counter(start)
+        return tf.data.Dataset.zip(ds, steps).map(
+            lambda b, s: {**b, "y": b["y"] + tf.where(s >= 30, np.nan, 0.0)})
+
+    logdir = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"at step 35"):
+        Trainer(cfg, logdir, dataset_fn=poisoned).train(verbose=False)
+    again = Trainer(cfg, logdir)
+    assert again.restore() == 20
+    assert all(np.isfinite(w).all() for w in again.model.get_weights())
+
+
+def test_event_files_hold_scalars_hparams_and_an_image(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gpicl_tf.train import Trainer
+
+    cfg = apply_overrides(tiny, ["train.steps=40", "train.eval_every=20", "train.log_every=10"])
+    Trainer(cfg, str(tmp_path / "run")).train(verbose=False)
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/learning_rate", "train/steps_per_sec",
+                "eval/loss_unseen_tasks"):
+        assert tag in tags["tensors"], tags
+    assert "eval/predictions_unseen_tasks" in tags["tensors"]
+    assert len(acc.Tensors("train/loss")) == 4
+    lr = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/learning_rate")]
+    assert lr[0] < lr[1]  # warmup
+    assert "_hparams_/session_start_info" in tags["tensors"]
+
+
+def test_mirrored_strategy_on_two_devices_matches_one_device():
+    code = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from gpicl_tf.config import apply_overrides, get_preset
+from gpicl_tf.train import Trainer, run_steps
+import tempfile, json
+cfg = apply_overrides(get_preset("tiny"), ["train.jit_compile=false"])
+d = tempfile.mkdtemp()
+one = Trainer(cfg, d + "/a", strategy=tf.distribute.get_strategy())
+two = Trainer(cfg, d + "/b", strategy=tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+assert two.strategy.num_replicas_in_sync == 2
+a, b = run_steps(one, 8), run_steps(two, 8)
+wa = [w.ravel().tolist()[:50] for w in one.model.get_weights()]
+wb = [w.ravel().tolist()[:50] for w in two.model.get_weights()]
+print("RESULT", json.dumps({"a": a, "b": b, "wa": wa, "wb": wb}))
+"""
+    import json
+    out = run_python(code).stdout
+    res = json.loads(out.split("RESULT", 1)[1])
+    np.testing.assert_allclose(res["a"], res["b"], rtol=1e-4, atol=1e-5)
+    for u, v in zip(res["wa"], res["wb"]):
+        np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-5)
+
+
+def _train_cmd(logdir, export_dir, steps=200):
+    return [sys.executable, os.path.join(REPO, "train_keras.py"), "--preset", "tiny",
+            "--steps", str(steps), "--logdir", logdir, "--export-dir", export_dir,
+            "--no-report", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=100"]
+
+
+def _final_weights(logdir):
+    from gpicl_tf.config import ExperimentConfig
+    from gpicl_tf.train import Trainer
+
+    with open(os.path.join(logdir, "config.json")) as f:
+        cfg = ExperimentConfig.from_json(f.read())
+    t = Trainer(cfg, logdir, strategy=tf.distribute.get_strategy())
+    step = t.restore()
+    return step, t.model.get_weights()
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    ref = str(tmp_path / "ref")
+    subprocess.run(_train_cmd(ref, str(tmp_path / "ex")), env=env, check=True,
+                   capture_output=True, timeout=600)
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen(_train_cmd(run, str(tmp_path / "ex2")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a mid-run checkpoint, then kill -9
+        steps = [int(p.rsplit("-", 1)[1].split(".")[0])
+                 for p in glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index"))]
+        if steps and max(steps) >= 60:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _final_weights(run)[0]
+    assert 60 <= killed_at < 200, killed_at
+    out = subprocess.run(_train_cmd(run, str(tmp_path / "ex2")), env=env, check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    assert f"resumed from {killed_at}" in out
+    step_a, wa = _final_weights(ref)
+    step_b, wb = _final_weights(run)
+    assert step_a == step_b == 200
+    for u, v in zip(wa, wb):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
