@@ -81,7 +81,7 @@ def mlp(x_ctx, y_ctx, x_query, steps: int = 300):
     """A small MLP (2 x 32, tanh) trained per task by Adam for a fixed budget."""
     if len(x_ctx) == 0:
         return _empty(x_query, y_ctx.shape[1])
-    net = MLPRegressor((32, 32), activation="tanh", solver="adam", learning_rate_init=1e-2,
+    net = MLPRegressor(hidden_layer_sizes=(32, 32), activation="tanh", solver="adam", learning_rate_init=1e-2,
                        max_iter=steps, tol=0.0, n_iter_no_change=steps, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -55,6 +54,29 @@ def resolve_config(args):
     return apply_overrides(get_preset(args.preset), overrides + list(args.set))
 
 
+def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
+    """The main job's report: the evaluation of gpicl-eval on a few suites.
+
+    Runs through the export's serving_default when there is one (what TF
+    Serving runs), else through the Keras model.
+    """
+    from gpicl_tf import evaluate
+    from gpicl_tf.report import keras_predict_fn
+
+    predict = (evaluate.saved_model_predict_fn(export_path) if export_path
+               else keras_predict_fn(trainer.model))
+    wanted = {cfg.task.family, "sine", "gp_rbf_l0.5"}
+    suites = [s for s in evaluate.default_suites(cfg) if s.name in wanted]
+    ks = [k for k in (4, 16, 32) if k <= cfg.task.context_max]
+    print(f"\nShort evaluation on unseen tasks (full suite: gpicl-eval --model "
+          f"{os.path.dirname(export_path) if export_path else 'exports/NAME'} --out {out}):")
+    results = evaluate.evaluate(predict, cfg, suites, ks, baselines=("knn", "gp"),
+                                n_tasks=128, slow_tasks=128)
+    evaluate.write_outputs(results, out, predict, cfg, suites, logdir=os.path.join(logdir, "eval"))
+    print(evaluate.markdown(results))
+    print(f"report: {out}/results.md, {out}/mse_vs_k.png")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -65,7 +87,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    from gpicl_tf import export, report
+    from gpicl_tf import export
     from gpicl_tf.train import Trainer, TrainingDiverged
 
     logdir = args.logdir or os.path.join("runs", cfg.name)
@@ -91,11 +113,8 @@ def main(argv=None) -> int:
         prediction_figure(trainer.model, cfg, n_tasks=4).savefig(fig_path, dpi=100)
         print(f"picture of predictions on unseen tasks: {fig_path}")
     if not args.no_report:
-        rows = report.quick_report(report.keras_predict_fn(trainer.model), cfg)
-        print(f"\nMSE on 128 unseen {cfg.task.family} tasks (16 queries each):")
-        print(report.format_report(rows))
-        with open(os.path.join(logdir, "report.json"), "w") as f:
-            json.dump({str(k): v for k, v in rows.items()}, f, indent=2)
+        short_evaluation(trainer, cfg, path if not args.no_export else None,
+                         os.path.join("reports", cfg.name), logdir)
     print(f"\nTensorBoard: tensorboard --logdir {logdir}")
     return 0
 

@@ -21,7 +21,7 @@ from typing import Any, Optional, Tuple
 
 ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
-LOSSES = ("normalized_mse", "mse")
+LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy")
 
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
@@ -67,6 +67,8 @@ class TaskConfig:
         std 1, before noise), so every task has the same scale and the loss
         is the normalised MSE; evaluation families set it False to keep
         their natural scale.
+      dataset, data_dir, split: base dataset of the `projected_labels`
+        classification family (tfds name or `digits`, which ships offline).
       block_size: examples drawn together from one seed (vectorised
         generation); a replica's batch must be a multiple of it.
     """
@@ -88,6 +90,9 @@ class TaskConfig:
     mix: Tuple[Tuple[str, float], ...] = ()
     block_size: int = 8
     standardize_y: bool = True
+    dataset: str = "digits"
+    data_dir: str = "~/tensorflow_datasets"
+    split: str = "train"
 
     def __post_init__(self):
         o = "task"
@@ -133,8 +138,19 @@ class TaskConfig:
                      and item[1] > 0, o, "mix", self.mix,
                      f"(family, weight > 0) pairs with family in {known}")
         tasks.get_family(self.family).check_config(self)
+        kinds = set()
         for fam, _ in self.mix:
             tasks.get_family(fam).check_config(self)
+            kinds.add(tasks.get_family(fam).kind)
+        _require(len(kinds) <= 1, o, "mix", self.mix,
+                 "families of one kind (all regression or all classification)")
+
+    @property
+    def kind(self) -> str:
+        """"regression" or "classification", from the family."""
+        from gpicl_tf import tasks
+
+        return tasks.get_family(self.mix[0][0] if self.mix else self.family).kind
 
     @property
     def context_max(self) -> int:
@@ -197,8 +213,9 @@ class TrainConfig:
       log_every, eval_every, checkpoint_every: intervals in steps.
       eval_tasks: unseen tasks in each evaluation.
       keep_checkpoints: how many checkpoints the manager keeps.
-      loss: "normalized_mse" (each task's errors divided by the variance of
-        its y, so tasks of every scale count alike) or "mse" (raw scale).
+      loss: "auto" (mse for regression, cross_entropy for classification),
+        "mse", "normalized_mse" (each task's errors divided by the variance
+        of its y) or "cross_entropy".
     """
 
     steps: int = 3000
@@ -216,7 +233,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_tasks: int = 256
     keep_checkpoints: int = 3
-    loss: str = "mse"
+    loss: str = "auto"
 
     def __post_init__(self):
         o = "train"
@@ -252,9 +269,21 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        loss, kind = self.train.loss, self.task.kind
+        if loss != "auto":
+            _require((loss == "cross_entropy") == (kind == "classification"), "train", "loss",
+                     loss, f"a loss for {kind} tasks ('auto', or "
+                     f"{'cross_entropy' if kind == 'classification' else 'mse or normalized_mse'})")
         _require(isinstance(self.name, str) and self.name.replace("-", "").replace(
             "_", "").isalnum(), "experiment", "name", self.name,
             "a non-empty name of letters, digits, '-' and '_'")
+
+    @property
+    def loss(self) -> str:
+        """The resolved training loss."""
+        if self.train.loss != "auto":
+            return self.train.loss
+        return "cross_entropy" if self.task.kind == "classification" else "mse"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -364,8 +393,17 @@ def _tiny() -> ExperimentConfig:
 
 
 def _default() -> ExperimentConfig:
-    # The CPU main job: a few minutes on 2 cores.
-    return ExperimentConfig(name="gpicl")
+    # The CPU main job: about 6 minutes of training on 2 cores.
+    return ExperimentConfig(name="gpicl", train=TrainConfig(steps=4000))
+
+
+def _mix() -> ExperimentConfig:
+    # `default` trained on half random-MLP, half GP (RBF) tasks: for GP transfer.
+    cfg = _default()
+    return dataclasses.replace(
+        cfg, name="gpicl-mix",
+        task=dataclasses.replace(cfg.task, mix=(("random_mlp", 0.5), ("gp_rbf", 0.5)),
+                                 gp_length_scale=0.25))
 
 
 def _paper() -> ExperimentConfig:
@@ -380,7 +418,7 @@ def _paper() -> ExperimentConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "default": _default, "paper": _paper}
+PRESETS = {"tiny": _tiny, "default": _default, "mix": _mix, "paper": _paper}
 
 
 def get_preset(name: str) -> ExperimentConfig:

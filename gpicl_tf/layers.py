@@ -19,14 +19,17 @@ class ContextStandardizer(keras.layers.Layer):
     influences another query through them. With fewer than two context points
     the scale falls back to 1 (and with none the location to 0).
 
+    With standardize_y=False (classification) y is passed through unscaled.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1] = (x std., y std. zeroed on queries,
       query flag), y_loc [B, 1, dy], y_scale [B, 1, dy].
     """
 
-    def __init__(self, eps: float = 1e-6, **kwargs):
+    def __init__(self, eps: float = 1e-6, standardize_y: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.eps = eps
+        self.standardize_y = standardize_y
 
     def _stats(self, v, w, n):
         # v (B, N, d), w (B, N, 1) context weights, n (B, 1, 1) context count.
@@ -42,6 +45,8 @@ class ContextStandardizer(keras.layers.Layer):
         n = ops.sum(w, axis=1, keepdims=True)  # (B, 1, 1)
         x_loc, x_scale = self._stats(x, w, n)
         y_loc, y_scale = self._stats(y, w, n)
+        if not self.standardize_y:  # classification: y is one-hot, used as is
+            y_loc, y_scale = ops.zeros_like(y_loc), ops.ones_like(y_scale)
         xs = (x - x_loc) / x_scale
         ys = (y - y_loc) / y_scale * w  # queries' y never enters the model
         return ops.concatenate([xs, ys, q], axis=-1), y_loc, y_scale
@@ -54,7 +59,7 @@ class ContextStandardizer(keras.layers.Layer):
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
 
     def get_config(self):
-        return {**super().get_config(), "eps": self.eps}
+        return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

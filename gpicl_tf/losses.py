@@ -37,6 +37,26 @@ def query_sse_and_count(y, y_pred, is_query, normalize: bool = False):
     return tf.reduce_sum(err * q), tf.reduce_sum(q)
 
 
+def query_loss_and_count(y, y_pred, is_query, loss: str):
+    """Summed per-point loss over query points and the query count.
+
+    loss: "mse", "normalized_mse" or "cross_entropy" (y one-hot, y_pred logits).
+    """
+    if loss != "cross_entropy":
+        return query_sse_and_count(y, y_pred, is_query, loss == "normalized_mse")
+    q = tf.cast(is_query, tf.float32)
+    ce = tf.nn.softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.float32),
+                                                 logits=tf.cast(y_pred, tf.float32))  # (B, N)
+    return tf.reduce_sum(ce * q), tf.reduce_sum(q)
+
+
+def query_accuracy(y, y_pred, is_query):
+    """Fraction of query points whose arg-max class is right (classification)."""
+    q = tf.cast(is_query, tf.float32)
+    hit = tf.cast(tf.equal(tf.argmax(y, -1), tf.argmax(y_pred, -1)), tf.float32)
+    return tf.reduce_sum(hit * q) / tf.maximum(tf.reduce_sum(q), 1.0)
+
+
 def masked_query_mse(y, y_pred, is_query, global_count=None, normalize: bool = False):
     """Mean squared error over query points, normalised by `global_count`.
 

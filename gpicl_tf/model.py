@@ -1,7 +1,8 @@
 """The in-context transformer as a Keras functional model.
 
 Inputs (named): x [B, N, dx], y [B, N, dy], is_query [B, N] (1 = query).
-Output: y_pred [B, N, dy] on the raw scale of y; only query rows are meaningful.
+Output: y_pred [B, N, dy] on the raw scale of y (classification: class logits);
+only query rows are meaningful.
 
 Each point is one token built from (standardised x, standardised y zeroed on
 queries, query flag). No positional encoding: a task is a set of points.
@@ -23,13 +24,14 @@ from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destanda
 def build_model(cfg: ExperimentConfig) -> keras.Model:
     """Builds the functional in-context transformer for `cfg`."""
     t, m = cfg.task, cfg.model
+    classify = t.kind == "classification"
     x = keras.Input((None, t.x_dim), name="x")
     y = keras.Input((None, t.y_dim), name="y")
     is_query = keras.Input((None,), name="is_query")
 
     # Statistics and the output map stay in float32 under mixed precision.
-    feats, y_loc, y_scale = ContextStandardizer(eps=m.std_eps, dtype="float32",
-                                                name="standardize")(x, y, is_query)
+    feats, y_loc, y_scale = ContextStandardizer(eps=m.std_eps, standardize_y=not classify,
+                                                dtype="float32", name="standardize")(x, y, is_query)
     mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
     h = keras.layers.Dense(m.d_model, name="embed")(feats)  # (B, N, D)
     res_scale = 1.0 / math.sqrt(2 * m.n_layers)
@@ -37,9 +39,11 @@ def build_model(cfg: ExperimentConfig) -> keras.Model:
         h = TransformerBlock(m.d_model, m.n_heads, m.head_dim, m.mlp_ratio * m.d_model,
                              residual_scale=res_scale, name=f"block_{i}")(h, mask)
     h = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_final")(h)
-    out = keras.layers.Dense(t.y_dim, kernel_initializer="zeros", dtype="float32",
-                             name="head")(h)  # (B, N, dy), standardised units
-    y_pred = Destandardize(dtype="float32", name="y_pred")(out, y_loc, y_scale)
+    head = keras.layers.Dense(t.y_dim, kernel_initializer="zeros", dtype="float32",
+                              name="y_pred" if classify else "head")
+    y_pred = head(h)  # (B, N, dy): logits, or standardised units
+    if not classify:
+        y_pred = Destandardize(dtype="float32", name="y_pred")(y_pred, y_loc, y_scale)
     return keras.Model({"x": x, "y": y, "is_query": is_query}, y_pred, name=cfg.name.replace("-", "_"))
 
 

@@ -1,13 +1,10 @@
-"""The main job's short report: MSE on unseen tasks beside classical baselines."""
+"""Batches of unseen tasks with their context first, and model errors on them."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
-
 import numpy as np
 
-from gpicl_tf import baselines as baselines_lib
 from gpicl_tf import data as data_lib
 from gpicl_tf.config import ExperimentConfig
 
@@ -37,14 +34,6 @@ def model_mse(predict_fn, x, y, k: int):
     return np.mean((pred - y[:, k:]) ** 2, axis=(1, 2))
 
 
-def baseline_mse(name: str, x, y, k: int):
-    """Per-task MSE of a baseline fitted to each task's k context points; seconds/task."""
-    fn = baselines_lib.get_baseline(name)
-    tic = time.perf_counter()
-    errs = [np.mean((fn(x[i, :k], y[i, :k], x[i, k:]) - y[i, k:]) ** 2) for i in range(len(x))]
-    return np.asarray(errs), (time.perf_counter() - tic) / len(x)
-
-
 def keras_predict_fn(model):
     """predict_fn over a Keras model with the masked-input interface."""
 
@@ -56,30 +45,3 @@ def keras_predict_fn(model):
         return model({"x": x, "y": y, "is_query": q}, training=False).numpy()[:, k:]
 
     return predict
-
-
-def quick_report(predict_fn, cfg: ExperimentConfig, ks=(4, 16, 32), n_tasks: int = 128,
-                 n_queries: int = 16, baselines=("knn", "gp"), seed: int = 1234) -> dict:
-    """{k: {method: mean MSE}} on unseen tasks of the training family."""
-    out = {}
-    for k in ks:
-        if k > cfg.task.context_max:
-            continue
-        x, y, _ = context_batch(cfg, k, n_tasks, n_queries, seed)
-        row = {"model": float(model_mse(predict_fn, x, y, k).mean())}
-        for b in baselines:
-            row[b] = float(baseline_mse(b, x, y, k)[0].mean())
-        out[k] = row
-    return out
-
-
-def format_report(rows: dict) -> str:
-    """A Markdown table of quick_report's rows."""
-    methods = list(next(iter(rows.values())).keys()) if rows else []
-    lines = ["| context points | " + " | ".join(methods) + " |",
-             "|---:|" + "---:|" * len(methods)]
-    for k, row in rows.items():
-        best = min(row.values())
-        cells = [(f"**{v:.4f}**" if v == best else f"{v:.4f}") for v in row.values()]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

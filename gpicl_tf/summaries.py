@@ -86,7 +86,7 @@ class Writer:
                 tf.summary.scalar(k, v)
 
     def predictions(self, step: int, model, cfg: ExperimentConfig) -> None:
-        if self.writer is None or cfg.task.x_dim != 1:
+        if self.writer is None or cfg.task.x_dim != 1 or cfg.task.kind != "regression":
             return
         img = figure_to_image(prediction_figure(model, cfg))
         with self.writer.as_default(step=step):

@@ -62,6 +62,7 @@ class TaskFamily:
     """
 
     name = "base"
+    kind = "regression"
     # Whether a function, once drawn, can be evaluated at any new input, which
     # a fixed pool of functions (n_tasks=T) needs.
     supports_pool = True
@@ -98,9 +99,24 @@ class TaskFamily:
 
     def sample_y_from_seeds(self, seeds, x):
         """Function i drawn from its own seeds[i] (the task pool): [U, N, y_dim]."""
-        parts = [self.sample_function(seeds[i], 1) for i in range(x.shape[0])]
-        params = tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *parts)
-        return self.evaluate(params, x)
+        return self.evaluate(self.params_from_seeds(seeds), x)
+
+    def params_from_seeds(self, seeds):
+        """Parameters of len(seeds) functions, function i drawn from seeds[i]."""
+        parts = [self.sample_function(s, 1) for s in seeds]
+        return tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *parts)
+
+    def sample_xy(self, x_seed, u: int, n: int, fn_seed=None, fn_seeds=None, x_low=None,
+                  x_high=None):
+        """A block of u examples: x [U, N, dx], y [U, N, dy].
+
+        The functions come from one seed (fresh tasks) or one seed each
+        (`fn_seeds`, the task pool); the inputs from x_seed.
+        """
+        x = self.sample_x(x_seed, u, n, x_low, x_high)
+        if fn_seeds is not None:
+            return x, self.sample_y_from_seeds(fn_seeds, x)
+        return x, self.sample_y(fn_seed, x)
 
 
 @register_family("random_mlp")
@@ -215,6 +231,62 @@ class GPRBF(TaskFamily):
         chol = tf.linalg.cholesky(k)  # (U, N, N)
         z = tf.random.stateless_normal([u, n, self.y_dim], seed, dtype=tf.float64)
         return tf.cast(tf.matmul(chol, z), tf.float32)  # (U, N, dy)
+
+
+@register_family("projected_labels")
+class ProjectedLabels(TaskFamily):
+    """Classification tasks from a base dataset (the paper's task augmentation).
+
+    A task is a random linear projection A (entries ~ N(0, 1/d), d the flattened
+    input size) of the base inputs to x_dim, and a random permutation of the
+    labels. Examples are drawn uniformly from the base split; y is the one-hot
+    permuted label (y_dim = number of classes).
+    """
+
+    kind = "classification"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from gpicl_tf.datasets import load_base
+
+        x, labels = load_base(cfg.dataset, cfg.data_dir, cfg.split)
+        self.base_x = tf.constant(x)  # (M, d)
+        self.base_y = tf.constant(labels)  # (M,)
+        self.d_in = x.shape[1]
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from gpicl_tf.datasets import N_CLASSES
+
+        super().check_config(cfg)
+        n_cls = N_CLASSES.get(cfg.dataset)
+        if n_cls is None:
+            raise ValueError(f"task.dataset={cfg.dataset!r} is unknown: expected one of "
+                             f"{sorted(N_CLASSES)}")
+        if cfg.y_dim != n_cls:
+            raise ValueError(f"task.y_dim={cfg.y_dim} is invalid for dataset {cfg.dataset!r}: "
+                             f"expected its number of classes, {n_cls}")
+        if cfg.standardize_y:
+            raise ValueError("task.standardize_y=True is invalid for classification: expected "
+                             "false (y is one-hot)")
+
+    def sample_function(self, seed, u):
+        s = split(seed, 2)
+        proj = tf.random.stateless_normal([u, self.d_in, self.x_dim], s[0],
+                                          stddev=self.d_in**-0.5)  # (U, d, dx)
+        keys = tf.random.stateless_uniform([u, self.y_dim], s[1])
+        perm = tf.argsort(keys, axis=-1)  # (U, C): a bijection of the labels
+        return proj, perm
+
+    def sample_xy(self, x_seed, u, n, fn_seed=None, fn_seeds=None, x_low=None, x_high=None):
+        proj, perm = (self.params_from_seeds(fn_seeds) if fn_seeds is not None
+                      else self.sample_function(fn_seed, u))
+        idx = tf.random.stateless_uniform([u, n], x_seed, 0, tf.shape(self.base_x)[0],
+                                          dtype=tf.int32)
+        raw = tf.gather(self.base_x, idx)  # (U, N, d)
+        x = tf.matmul(raw, proj)  # (U, N, dx)
+        label = tf.gather(perm, tf.gather(self.base_y, idx), batch_dims=1)  # (U, N)
+        return x, tf.one_hot(label, self.y_dim)
 
 
 def gp_posterior_mean(x_ctx, y_ctx, x_query, length_scale, noise_var):

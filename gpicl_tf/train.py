@@ -24,7 +24,7 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
 from gpicl_tf.config import ExperimentConfig
-from gpicl_tf.losses import query_sse_and_count
+from gpicl_tf.losses import query_loss_and_count
 from gpicl_tf.model import build_model, model_inputs
 
 
@@ -155,7 +155,7 @@ class Trainer:
     # ------------------------------------------------------------ update step
     def _build_train_call(self):
         cfg, model, opt, strategy = self.cfg, self.model, self.optimizer, self.strategy
-        normalize = cfg.train.loss == "normalized_mse"
+        loss_name = cfg.loss
         clip = cfg.train.clip_norm
 
         single = strategy.num_replicas_in_sync == 1
@@ -166,8 +166,8 @@ class Trainer:
         def loss_and_grads(batch, global_count):
             with tf.GradientTape() as tape:
                 pred = model(batch, training=True)
-                sse, _ = query_sse_and_count(batch["y"], pred, batch["is_query"], normalize)
-                loss = sse / global_count
+                total, _ = query_loss_and_count(batch["y"], pred, batch["is_query"], loss_name)
+                loss = total / global_count
             return loss, tape.gradient(loss, model.trainable_variables)
 
         if jit_grads:
@@ -221,9 +221,8 @@ class Trainer:
     def evaluate(self, batch) -> float:
         """Loss (the training loss) on a batch, outside the strategy."""
         pred = self.model(model_inputs(batch), training=False)
-        sse, count = query_sse_and_count(batch["y"], pred, batch["is_query"],
-                                         self.cfg.train.loss == "normalized_mse")
-        return float(sse / tf.maximum(count, 1.0))
+        total, count = query_loss_and_count(batch["y"], pred, batch["is_query"], self.cfg.loss)
+        return float(total / tf.maximum(count, 1.0))
 
     # ------------------------------------------------------------------- loop
     def train(self, verbose: bool = True) -> TrainResult:

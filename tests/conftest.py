@@ -27,3 +27,33 @@ def run_python(code_or_args, timeout=600, env=None, cwd=None, check=True):
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc
+
+
+def _export(tmp_path_factory, overrides, name):
+    import keras
+    import tensorflow as tf
+
+    from gpicl_tf.config import apply_overrides, get_preset
+    from gpicl_tf.export import export_model
+    from gpicl_tf.model import build_model
+
+    cfg = apply_overrides(get_preset("tiny"), overrides)
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg)
+    for w in model.get_layer("head").weights:  # non-trivial predictions
+        w.assign(tf.random.normal(w.shape, seed=5))
+    base = str(tmp_path_factory.mktemp(name))
+    export_model(model, cfg, base, "gpicl")
+    return f"{base}/gpicl"
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tmp_path_factory):
+    """exports/gpicl with version 1 of an untrained tiny model (x_dim=1, y_dim=1)."""
+    return _export(tmp_path_factory, [], "ex1d")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_2d(tmp_path_factory):
+    """An untrained tiny model with x_dim=2, y_dim=2."""
+    return _export(tmp_path_factory, ["task.x_dim=2", "task.y_dim=2"], "ex2d")

@@ -134,3 +134,14 @@ def test_gpicl_export_re_exports_a_checkpoint(tmp_path):
     assert export_lib.versions(os.path.join(ex, "gpicl")) == [1, 2]
     with pytest.raises(ValueError, match="expected a run directory"):
         export_lib.export_checkpoint(str(tmp_path / "missing"))
+
+
+def test_xla_export_gives_the_same_numbers_and_keeps_its_checks(exported, tmp_path):
+    model, cfg, _, _ = exported
+    path = export_lib.export_model(model, cfg, str(tmp_path), "xla", jit_compile=True)
+    f = tf.saved_model.load(path).signatures["serving_default"]
+    cx, cy, qx = _request(2)
+    out = f(context_x=cx, context_y=cy, query_x=qx)["mean"].numpy()
+    np.testing.assert_allclose(out, _keras_mean(model, cx, cy, qx), rtol=1e-4, atol=1e-3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query_x: expected finite"):
+        f(context_x=cx, context_y=cy, query_x=np.full_like(qx, np.nan))

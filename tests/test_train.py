@@ -79,7 +79,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 from gpicl_tf.config import apply_overrides, get_preset
 from gpicl_tf.train import Trainer, run_steps
 import tempfile, json
-cfg = apply_overrides(get_preset("tiny"), ["train.jit_compile=false"])
+cfg = get_preset("tiny")  # XLA on, as in real runs
 d = tempfile.mkdtemp()
 one = Trainer(cfg, d + "/a", strategy=tf.distribute.get_strategy())
 two = Trainer(cfg, d + "/b", strategy=tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))

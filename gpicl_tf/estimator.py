@@ -1,0 +1,198 @@
+"""`InContextRegressor`: a scikit-learn regressor backed by an exported in-context learner.
+
+    from gpicl_tf import InContextRegressor
+    reg = InContextRegressor("exports/gpicl").fit(X_train, y_train)   # stores the context
+    reg.predict(X_test)
+
+`fit` stores the training points as the context; `predict` runs the model (a
+SavedModel folder, or a TF Serving URL such as
+"http://localhost:8501/v1/models/gpicl") on them. Queries are independent, so
+any number of them is sent in batches of `batch_size`.
+
+More context points than the model was trained on (`max_context`, from the
+export's config): with `context_strategy="nearest"` every query gets its own
+context of the `max_context` training points nearest to it (in standardised
+x); with `"subsets"` the prediction is the average over `n_subsets` random
+subsets of `max_context` points.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+_URL = re.compile(r"^(https?://[^/]+)/v1/models/([^/:]+)(?:/versions/(\d+))?/?$")
+
+
+class _SavedModelBackend:
+    def __init__(self, path: str, version: Optional[int]):
+        import tensorflow as tf
+
+        from gpicl_tf.export import load_config, resolve_version, versions
+
+        vdir = path if os.path.exists(os.path.join(path, "saved_model.pb")) else None
+        if vdir is None:
+            if not versions(path):
+                raise ValueError(f"model={path!r}: expected an export folder "
+                                 "(exports/<name> with integer versions, or one version "
+                                 "folder), or a TF Serving URL http://host:port/v1/models/<name>")
+            vdir = resolve_version(path, version)
+        self.cfg = load_config(vdir)
+        self.sig = tf.saved_model.load(vdir).signatures["serving_default"]
+
+    def __call__(self, cx, cy, qx):
+        import tensorflow as tf
+
+        out = self.sig(context_x=tf.constant(cx, tf.float32),
+                       context_y=tf.constant(cy, tf.float32),
+                       query_x=tf.constant(qx, tf.float32))
+        return out["mean"].numpy()
+
+
+class _ServingBackend:
+    def __init__(self, url: str, version: Optional[int], timeout: float):
+        from gpicl_tf.serving import TFServingClient
+
+        m = _URL.match(url)
+        base, name, v = m.group(1), m.group(2), m.group(3)
+        self.client = TFServingClient(base, name, int(v) if v else version, timeout=timeout)
+        self.cfg = None  # widths are checked by the server's signature
+
+    def __call__(self, cx, cy, qx):
+        return self.client.predict(cx, cy, qx)
+
+
+class InContextRegressor(RegressorMixin, BaseEstimator):
+    """A regressor that learns in context: fit stores points, predict runs the model.
+
+    Args:
+      model: export folder (exports/<name>), version folder, or TF Serving URL
+        "http://host:port/v1/models/<name>[/versions/<v>]".
+      version: export version (default: the highest).
+      max_context: most context points per call (default: the model's trained maximum).
+      context_strategy: "nearest" or "subsets", for larger training sets.
+      n_subsets: random subsets averaged with context_strategy="subsets".
+      batch_size: queries per model call.
+      random_state: seed of the random subsets.
+      timeout: seconds per request to TF Serving.
+    """
+
+    def __init__(self, model: str = "exports/gpicl", version: Optional[int] = None,
+                 max_context: Optional[int] = None, context_strategy: str = "nearest",
+                 n_subsets: int = 8, batch_size: int = 256, random_state: int = 0,
+                 timeout: float = 10.0):
+        self.model = model
+        self.version = version
+        self.max_context = max_context
+        self.context_strategy = context_strategy
+        self.n_subsets = n_subsets
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.timeout = timeout
+
+    # -------------------------------------------------------------- backend
+    def _backend(self):
+        backend = getattr(self, "_backend_obj", None)
+        if backend is None:
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError(f"model={self.model!r}: expected an export path or a TF "
+                                 "Serving URL")
+            if self.model.startswith(("http://", "https://")):
+                if not _URL.match(self.model):
+                    raise ValueError(f"model={self.model!r}: expected a URL of the form "
+                                     "http://host:port/v1/models/<name>[/versions/<v>]")
+                backend = _ServingBackend(self.model, self.version, self.timeout)
+            else:
+                backend = _SavedModelBackend(self.model, self.version)
+            self._backend_obj = backend
+        return backend
+
+    def __getstate__(self):  # a loaded TF function does not pickle; reload lazily
+        state = dict(self.__dict__)
+        state.pop("_backend_obj", None)
+        return state
+
+    def _check_params(self):
+        if self.context_strategy not in ("nearest", "subsets"):
+            raise ValueError(f"context_strategy={self.context_strategy!r}: expected 'nearest' "
+                             "or 'subsets'")
+        for name in ("n_subsets", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+        if self.max_context is not None and (not isinstance(self.max_context, (int, np.integer))
+                                             or self.max_context < 1):
+            raise ValueError(f"max_context={self.max_context!r}: expected None or an integer >= 1")
+
+    # ------------------------------------------------------------------ API
+    def fit(self, X, y):
+        """Stores (X, y) as the context. X: [n, d] (or [n]); y: [n] or [n, dy]."""
+        self._check_params()
+        X = _as_2d(X)
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
+                             dtype=np.float64, ensure_min_samples=1)
+        self._y_1d = y.ndim == 1
+        Y = y.reshape(len(y), -1)
+        cfg = self._backend().cfg
+        if cfg is not None:
+            if X.shape[1] != cfg.task.x_dim:
+                raise ValueError(f"X has {X.shape[1]} features, but the model {self.model!r} "
+                                 f"expects {cfg.task.x_dim}")
+            if Y.shape[1] != cfg.task.y_dim:
+                raise ValueError(f"y has {Y.shape[1]} outputs, but the model {self.model!r} "
+                                 f"expects {cfg.task.y_dim}")
+        self.X_context_, self.y_context_ = X, Y
+        limit = cfg.task.context_max if cfg is not None else 10**9
+        self.max_context_ = min(self.max_context or limit, limit)
+        self._scale = X.std(0) + 1e-12
+        return self
+
+    def predict(self, X, return_std: bool = False):
+        """Predicted y for X: [m] (1-D y at fit) or [m, dy]."""
+        if return_std:
+            raise ValueError("return_std=True: this model predicts a mean only (it has no "
+                             "variance head); expected return_std=False")
+        check_is_fitted(self, "X_context_")
+        X = _as_2d(X)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        out = np.concatenate([self._predict_chunk(X[i:i + self.batch_size])
+                              for i in range(0, len(X), self.batch_size)]) if len(X) else \
+            np.zeros((0, self.y_context_.shape[1]))
+        return out[:, 0] if self._y_1d else out
+
+    def _predict_chunk(self, Xq):
+        cx, cy, m = self.X_context_, self.y_context_, self.max_context_
+        run = self._backend()
+        if len(cx) <= m:  # one shared context for every query
+            return run(cx[None], cy[None], Xq[None])[0]
+        if self.context_strategy == "nearest":
+            d = np.sum(((Xq[:, None, :] - cx[None]) / self._scale) ** 2, -1)  # (q, n)
+            idx = np.argpartition(d, m - 1, axis=1)[:, :m]  # (q, m)
+            return run(cx[idx], cy[idx], Xq[:, None, :])[:, 0]
+        rng = np.random.default_rng(self.random_state)
+        preds = [run(cx[s][None], cy[s][None], Xq[None])[0]
+                 for s in (rng.choice(len(cx), m, replace=False) for _ in range(self.n_subsets))]
+        return np.mean(preds, 0)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
+
+
+def _as_2d(X):
+    """Accepts 1-D X as one feature; leaves everything else to check_array's messages."""
+    if isinstance(X, (list, tuple)) or hasattr(X, "__array__"):
+        a = np.asarray(X) if not hasattr(X, "iloc") else X
+        if getattr(a, "ndim", 2) == 1:
+            return np.asarray(a).reshape(-1, 1)
+    return X
+
+
+__all__ = ["InContextRegressor"]

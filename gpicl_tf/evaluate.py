@@ -1,0 +1,350 @@
+"""Transfer evaluation of an exported model against classical baselines.
+
+    gpicl-eval --model exports/gpicl [--version N] --out reports/gpicl [--logdir runs/eval]
+
+The model is evaluated through its SavedModel `serving_default` signature, the
+function TF Serving runs, not the Keras object. Every suite is a fixed, seeded
+set of tasks the model never saw; each task gets k context points and
+`--queries` query points, for every k in --ks. Baselines are fitted per task on
+the same k context points. On `gp_rbf` suites the exact GP posterior mean with
+the true kernel (the Bayes-optimal predictor) is added as `bayes_optimal`.
+
+Output in --out:
+  results.json   {"suites": {suite: {"family", "overrides", "methods":
+                   {method: {k: {"mse", "ci95": [lo, hi], "n_tasks", "sec_per_task"}}}}}, ...}
+  results.md     one table per suite (MSE at every k, best in bold)
+  mse_vs_k.png   MSE against k per suite, all methods
+  fits_<suite>.png  example fits: context, truth, model, best baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpicl_tf import baselines as baselines_lib
+from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.report import context_batch
+
+EVAL_SEED = 20221208  # suites are fixed: this seed is never a training stream
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_BASELINES = ("mean", "knn", "ridge", "poly_ridge", "gp", "mlp")
+SLOW_BASELINES = ("gp", "mlp")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A family of unseen tasks with task-config overrides."""
+
+    name: str
+    family: str
+    overrides: dict = field(default_factory=dict)
+    kind: str = "transfer"
+
+
+def default_suites(cfg: ExperimentConfig) -> list:
+    """Unseen random-MLP tasks, transfer families, and distribution shifts."""
+    t = cfg.task
+    mlp = {"standardize_y": t.standardize_y}
+    raw = {"standardize_y": False}
+    wide = {"x_low": 2 * t.x_low, "x_high": 2 * t.x_high}
+    deeper = tuple(t.mlp_hidden) + (t.mlp_hidden[-1], t.mlp_hidden[-1])
+    wider = tuple(4 * h for h in t.mlp_hidden)
+    return [
+        Suite("random_mlp", "random_mlp", mlp, "in-distribution"),
+        Suite("sine", "sine", raw),
+        Suite("linear", "linear", raw),
+        Suite("polynomial", "polynomial", raw),
+        Suite("step", "step", raw),
+        Suite("gp_rbf_l0.1", "gp_rbf", {**raw, "gp_length_scale": 0.1}),
+        Suite("gp_rbf_l0.5", "gp_rbf", {**raw, "gp_length_scale": 0.5}),
+        Suite("shift_wide_x", "random_mlp", {**mlp, **wide}, "shift"),
+        Suite("shift_noisy", "random_mlp", {**mlp, "noise_std": 0.1}, "shift"),
+        Suite("shift_deeper_mlp", "random_mlp", {**mlp, "mlp_hidden": deeper}, "shift"),
+        Suite("shift_wider_mlp", "random_mlp", {**mlp, "mlp_hidden": wider}, "shift"),
+    ]
+
+
+def mean_ci95(errors) -> tuple:
+    """Mean and normal-approximation 95% confidence interval of per-task errors."""
+    e = np.asarray(errors, np.float64)
+    m = float(e.mean())
+    half = 1.96 * float(e.std(ddof=1)) / np.sqrt(len(e)) if len(e) > 1 else 0.0
+    return m, [m - half, m + half]
+
+
+def saved_model_predict_fn(version_dir: str):
+    """predict_fn(cx, cy, qx) -> [T, Nq, dy] through the export's serving_default."""
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(version_dir).signatures["serving_default"]
+
+    def predict(cx, cy, qx):
+        out = sig(context_x=tf.constant(cx, tf.float32), context_y=tf.constant(cy, tf.float32),
+                  query_x=tf.constant(qx, tf.float32))
+        return out["mean"].numpy()
+
+    return predict
+
+
+def bayes_optimal(suite_cfg_task, x, y, k):
+    """Per-task MSE of the exact GP posterior mean with the true kernel."""
+    from gpicl_tf.tasks import GPRBF, gp_posterior_mean
+
+    noise = GPRBF.jitter + suite_cfg_task.noise_std**2
+    errs = []
+    tic = time.perf_counter()
+    for i in range(len(x)):
+        if k == 0:
+            pred = np.zeros_like(y[i, k:])
+        else:
+            pred = gp_posterior_mean(x[i, :k], y[i, :k], x[i, k:],
+                                     suite_cfg_task.gp_length_scale, noise).numpy()
+        errs.append(np.mean((pred - y[i, k:]) ** 2))
+    return np.asarray(errs), (time.perf_counter() - tic) / len(x)
+
+
+def check_request(cfg: ExperimentConfig, suites: list, ks, baselines) -> None:
+    """Fails before any work on an unknown family or baseline, or a k the model cannot take."""
+    from gpicl_tf.tasks import get_family
+
+    for s in suites:
+        get_family(s.family)
+    for b in baselines:
+        baselines_lib.get_baseline(b)
+    too_big = [k for k in ks if k > cfg.task.context_max or k < 0]
+    if too_big:
+        raise ValueError(f"--ks {too_big}: the model was trained on at most "
+                         f"{cfg.task.context_max} context points; expected k in "
+                         f"[0, {cfg.task.context_max}]")
+
+
+def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
+             baselines=DEFAULT_BASELINES, n_tasks: int = 256, n_queries: int = 16,
+             slow_tasks: int = 64, seed: int = EVAL_SEED, progress: bool = True) -> dict:
+    """Runs every suite at every k; returns the results.json dictionary.
+
+    Args:
+      predict_fn: (context_x, context_y, query_x) -> mean, batched numpy.
+      cfg: the model's experiment config.
+      suites: Suites to run.
+      ks: context sizes.
+      baselines: names from gpicl_tf.baselines.BASELINES.
+      n_tasks: tasks per suite and k.
+      n_queries: query points per task.
+      slow_tasks: GP regression and the per-task MLP run on the first
+        `slow_tasks` tasks only (recorded as n_tasks in their entries).
+      seed: the suites' seed.
+    """
+    import keras
+
+    check_request(cfg, suites, ks, baselines)
+    bar = keras.utils.Progbar(len(suites) * len(ks), verbose=1 if progress else 0,
+                              unit_name="suite x k")
+    out = {"config": cfg.to_dict(), "n_queries": n_queries, "seed": seed, "suites": {}}
+    for s in suites:
+        methods = {}
+        for k in ks:
+            x, y, _ = context_batch(cfg, k, n_tasks, n_queries, seed, family=s.family,
+                                    **s.overrides)
+            tic = time.perf_counter()
+            pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
+            sec = (time.perf_counter() - tic) / len(x)
+            _put(methods, "model", k, np.mean((pred - y[:, k:]) ** 2, axis=(1, 2)), sec)
+            for b in baselines:
+                m = slow_tasks if b in SLOW_BASELINES else n_tasks
+                fn = baselines_lib.get_baseline(b)
+                tic = time.perf_counter()
+                errs = [np.mean((fn(x[i, :k], y[i, :k], x[i, k:]) - y[i, k:]) ** 2)
+                        for i in range(min(m, len(x)))]
+                _put(methods, b, k, errs, (time.perf_counter() - tic) / len(errs))
+            if s.family == "gp_rbf":
+                import dataclasses
+                task = dataclasses.replace(cfg.task, family="gp_rbf", n_tasks=None, mix=(),
+                                           **s.overrides)
+                errs, sec = bayes_optimal(task, x, y, k)
+                _put(methods, "bayes_optimal", k, errs, sec)
+            bar.add(1)
+        out["suites"][s.name] = {"family": s.family, "kind": s.kind,
+                                 "overrides": {a: list(v) if isinstance(v, tuple) else v
+                                               for a, v in s.overrides.items()},
+                                 "methods": methods}
+    return out
+
+
+def _put(methods, name, k, errs, sec):
+    mse, ci = mean_ci95(errs)
+    methods.setdefault(name, {})[str(k)] = {"mse": mse, "ci95": ci, "n_tasks": len(errs),
+                                            "sec_per_task": sec}
+
+
+def markdown(results: dict) -> str:
+    """One Markdown table per suite: methods x k, the best MSE in bold."""
+    lines = []
+    for name, suite in results["suites"].items():
+        methods = suite["methods"]
+        ks = list(methods["model"].keys())
+        lines += [f"### {name} ({suite['kind']})", "",
+                  "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|" + "---:|" * len(ks)]
+        best = {k: min(m[k]["mse"] for n, m in methods.items() if n != "bayes_optimal")
+                for k in ks}
+        for meth, row in methods.items():
+            cells = []
+            for k in ks:
+                v = row[k]["mse"]
+                cells.append(f"**{v:.4g}**" if v == best[k] else f"{v:.4g}")
+            lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_mse_vs_k(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = results["suites"]
+    cols = 4
+    rows = -(-len(suites) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, s) in zip(axes.ravel(), suites.items()):
+        for meth, row in s["methods"].items():
+            ks = [int(k) for k in row]
+            style = dict(lw=2.5, color="C1") if meth == "model" else dict(lw=1)
+            if meth == "bayes_optimal":
+                style = dict(lw=1.5, color="k", ls="--")
+            ax.plot(ks, [row[str(k)]["mse"] for k in ks], marker="o", ms=3, label=meth, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("context points k")
+    for ax in axes.ravel()[len(suites):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("MSE")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 8,
+              n: int = 3, seed: int = EVAL_SEED) -> None:
+    """Context points, truth, model and best baseline on n tasks of a 1-D suite."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["suites"][suite.name]["methods"]
+    kk = str(k) if str(k) in methods["model"] else list(methods["model"])[-1]
+    k = int(kk)
+    base = min((m for m in methods if m not in ("model", "bayes_optimal")),
+               key=lambda m: methods[m][kk]["mse"])
+    x, y, _ = context_batch(cfg, k, n, 200, seed + 1, family=suite.family, **suite.overrides)
+    pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        order = np.argsort(x[i, k:, 0])
+        qx = x[i, k:, 0][order]
+        bpred = baselines_lib.get_baseline(base)(x[i, :k], y[i, :k], x[i, k:])
+        ax.plot(qx, y[i, k:, 0][order], color="0.4", lw=1.5, label="truth")
+        ax.plot(qx, pred[i, :, 0][order], color="C1", lw=1.5, label="model")
+        ax.plot(qx, np.asarray(bpred)[:, 0][order], color="C2", lw=1, ls="--",
+                label=f"{base} (best baseline)")
+        ax.scatter(x[i, :k, 0], y[i, :k, 0], color="C0", zorder=3, s=18, label="context")
+        ax.set_title(f"{suite.name}, k={k}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None) -> None:
+    """results.json, results.md, PNG plots and (with logdir) TensorBoard summaries."""
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f".results.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(results))
+    plot_mse_vs_k(results, os.path.join(out, "mse_vs_k.png"))
+    pictures = []
+    if cfg.task.x_dim == 1:
+        for s in suites:
+            if s.name in ("sine", "linear", "gp_rbf_l0.5", "random_mlp"):
+                p = os.path.join(out, f"fits_{s.name}.png")
+                plot_fits(predict_fn, cfg, s, results, p)
+                pictures.append(p)
+    if logdir:
+        _to_tensorboard(results, [os.path.join(out, "mse_vs_k.png")] + pictures, logdir)
+
+
+def _to_tensorboard(results, pictures, logdir):
+    import tensorflow as tf
+
+    w = tf.summary.create_file_writer(logdir)
+    with w.as_default():
+        for name, s in results["suites"].items():
+            for meth, row in s["methods"].items():
+                for k, v in row.items():
+                    tf.summary.scalar(f"eval/{name}/{meth}", v["mse"], step=int(k))
+        for p in pictures:
+            img = tf.image.decode_png(tf.io.read_file(p), channels=4)[None]
+            tf.summary.image(os.path.basename(p)[:-4], img, step=0)
+    w.flush()
+
+
+def main(argv=None) -> int:
+    from gpicl_tf.export import load_config, resolve_version
+
+    p = argparse.ArgumentParser(prog="gpicl-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="export base folder, e.g. exports/gpicl")
+    p.add_argument("--version", type=int, help="version to evaluate (default: the highest)")
+    p.add_argument("--out", required=True, help="output folder, e.g. reports/gpicl")
+    p.add_argument("--suites", default="all",
+                   help="comma-separated suite names (default: all)")
+    p.add_argument("--ks", default=None, help="context sizes, e.g. 1,2,4,8 "
+                                              "(default: 1..64 up to what the model supports)")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
+    p.add_argument("--tasks", type=int, default=256, help="tasks per suite and k")
+    p.add_argument("--slow-tasks", type=int, default=64,
+                   help="tasks for the slow baselines (gp, mlp)")
+    p.add_argument("--queries", type=int, default=16, help="query points per task")
+    p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
+    a = p.parse_args(argv)
+    try:
+        version_dir = resolve_version(a.model, a.version)
+        cfg = load_config(version_dir)
+        suites = default_suites(cfg)
+        if a.suites != "all":
+            known = {s.name: s for s in suites}
+            names = a.suites.split(",")
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(f"--suites {unknown}: unknown; expected some of {sorted(known)}")
+            suites = [known[n] for n in names]
+        ks = ([int(k) for k in a.ks.split(",")] if a.ks else
+              [k for k in DEFAULT_KS if k <= cfg.task.context_max])
+        baselines = [b for b in a.baselines.split(",") if b]
+        check_request(cfg, suites, ks, baselines)
+    except ValueError as e:
+        print(f"gpicl-eval: error: {e}", file=sys.stderr)
+        return 2
+    predict_fn = saved_model_predict_fn(version_dir)
+    results = evaluate(predict_fn, cfg, suites, ks, baselines, a.tasks, a.queries, a.slow_tasks)
+    results["model"] = os.path.abspath(version_dir)
+    write_outputs(results, a.out, predict_fn, cfg, suites, a.logdir)
+    print(markdown(results))
+    print(f"wrote {a.out}/results.json, results.md, mse_vs_k.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

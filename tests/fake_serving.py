@@ -1,0 +1,146 @@
+"""A stand-in for TensorFlow Serving's REST API on 127.0.0.1, for tests.
+
+It decodes :predict requests by TF Serving's documented JSON rules (row format:
+"instances" batched along dimension 0, one object of named inputs per
+instance; columnar format: "inputs" maps names to whole tensors), runs the
+SavedModel signature, and answers {"predictions": ...} / {"outputs": ...},
+or {"error": ...} with status 400 when the signature rejects the input.
+Scripted faults (status codes, dropped connections, delays) test the client.
+"""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+
+def decode_request(body: dict, input_names) -> dict:
+    """Tensors of a :predict body, as TF Serving decodes them."""
+    if "instances" in body:
+        inst = body["instances"]
+        if not isinstance(inst, list) or not inst:
+            raise ValueError("'instances' must be a non-empty list")
+        if len(input_names) == 1 and not isinstance(inst[0], dict):
+            return {input_names[0]: np.asarray(inst, np.float32)}
+        return {n: np.stack([np.asarray(i[n], np.float32) for i in inst]) for n in input_names}
+    if "inputs" in body:
+        inp = body["inputs"]
+        if not isinstance(inp, dict):
+            return {input_names[0]: np.asarray(inp, np.float32)}
+        return {n: np.asarray(inp[n], np.float32) for n in input_names}
+    raise ValueError("missing 'instances' or 'inputs'")
+
+
+def encode_reply(outputs: dict, row: bool) -> dict:
+    names = sorted(outputs)
+    if row:
+        n = len(next(iter(outputs.values())))
+        if len(names) == 1:
+            return {"predictions": outputs[names[0]].tolist()}
+        return {"predictions": [{k: outputs[k][i].tolist() for k in names} for i in range(n)]}
+    if len(names) == 1:
+        return {"outputs": outputs[names[0]].tolist()}
+    return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+
+
+class FakeServing:
+    """Serves one model (name, version -> SavedModel dir) or scripted faults."""
+
+    def __init__(self, name="gpicl", versions=None):
+        self.name = name
+        self.versions = versions or {}
+        self.requests = 0
+        self.drop_next = 0        # drop this many connections before answering
+        self.delay = 0.0          # seconds to wait before answering
+        self.force = None         # (status, body) to answer instead of the model
+        self._loaded = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer._handle(self, None)
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", 0))
+                outer._handle(self, self.rfile.read(n))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _sig(self, version):
+        import tensorflow as tf
+
+        if version not in self._loaded:
+            self._loaded[version] = tf.saved_model.load(self.versions[version])
+        return self._loaded[version].signatures["serving_default"]
+
+    def _reply(self, h, status, body):
+        data = json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _handle(self, h, raw):
+        import tensorflow as tf
+
+        self.requests += 1
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            h.close_connection = True
+            h.connection.close()  # the client sees the connection dropped
+            return
+        if self.delay:
+            time.sleep(self.delay)
+        if self.force:
+            return self._reply(h, *self.force)
+        path = h.path
+        prefix = f"/v1/models/{self.name}"
+        if not path.startswith(prefix):
+            return self._reply(h, 404, {"error": f"Servable not found for request: {path}"})
+        rest = path[len(prefix):]
+        version = max(self.versions)
+        if rest.startswith("/versions/"):
+            v = rest[len("/versions/"):].split("/")[0].split(":")[0]
+            rest = rest[len("/versions/") + len(v):]
+            version = int(v)
+            if version not in self.versions:
+                return self._reply(h, 404, {"error": f"Servable not found for request: "
+                                                     f"Specific({self.name}, {version})"})
+        if raw is None and rest == "":
+            return self._reply(h, 200, {"model_version_status": [
+                {"version": str(v), "state": "AVAILABLE", "status": {"error_code": "OK"}}
+                for v in sorted(self.versions)]})
+        if raw is None and rest == "/metadata":
+            sig = self._sig(version)
+            return self._reply(h, 200, {"model_spec": {"name": self.name, "version": str(version)},
+                                        "metadata": {"signature_def": {"inputs": sorted(
+                                            sig.structured_input_signature[1])}}})
+        if raw is not None and rest == ":predict":
+            body = json.loads(raw)
+            sig = self._sig(version)
+            names = sorted(sig.structured_input_signature[1])
+            try:
+                tensors = decode_request(body, names)
+                out = sig(**{k: tf.constant(v) for k, v in tensors.items()})
+            except (ValueError, KeyError, tf.errors.InvalidArgumentError) as e:
+                msg = getattr(e, "message", str(e))
+                return self._reply(h, 400, {"error": msg})
+            return self._reply(h, 200, encode_reply({k: v.numpy() for k, v in out.items()},
+                                                    "instances" in body))
+        return self._reply(h, 404, {"error": f"unknown path {path}"})

@@ -1,0 +1,197 @@
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from fake_serving import FakeServing
+from gpicl_tf import InContextRegressor
+
+
+def _data(n=10, seed=0, d=1):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (n, d))
+    return X, np.sin(3 * X[:, 0]) + 0.1 * X.sum(1)
+
+
+def test_fit_predict_score_and_params(tiny_export_dir):
+    X, y = _data()
+    est = InContextRegressor(tiny_export_dir, batch_size=4)
+    assert est.get_params()["batch_size"] == 4
+    est.set_params(batch_size=3)
+    pred = est.fit(X, y).predict(X[:7])
+    assert pred.shape == (7,) and np.isfinite(pred).all()
+    assert np.isfinite(est.score(X, y))
+    # Batching queries changes nothing: queries are independent.
+    one = InContextRegressor(tiny_export_dir, batch_size=1000).fit(X, y).predict(X[:7])
+    np.testing.assert_allclose(pred, one, rtol=1e-5, atol=1e-6)
+
+
+def test_one_dimensional_X_and_multi_output_y(tiny_export_dir, tiny_export_2d):
+    X, y = _data()
+    a = InContextRegressor(tiny_export_dir).fit(X[:, 0], y).predict(X[:4, 0])
+    b = InContextRegressor(tiny_export_dir).fit(X, y).predict(X[:4])
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    X2, _ = _data(d=2)
+    Y2 = np.stack([X2[:, 0] ** 2, X2[:, 1]], 1)
+    out = InContextRegressor(tiny_export_2d).fit(X2, Y2).predict(X2[:5])
+    assert out.shape == (5, 2)
+
+
+@pytest.mark.parametrize("strategy", ["nearest", "subsets"])
+def test_more_context_than_trained_on(tiny_export_dir, strategy):
+    X, y = _data(n=200)
+    est = InContextRegressor(tiny_export_dir, context_strategy=strategy, n_subsets=3,
+                             batch_size=16).fit(X, y)
+    assert est.max_context_ == 15  # tiny: 16 points, at most 15 context
+    pred = est.predict(X[:40])
+    assert pred.shape == (40,) and np.isfinite(pred).all()
+    # Nearest: a query's prediction equals the model on its 15 nearest context points.
+    if strategy == "nearest":
+        q = X[3:4]
+        idx = np.argsort(np.abs(X[:, 0] - q[0, 0]))[:15]
+        ref = InContextRegressor(tiny_export_dir).fit(X[idx], y[idx]).predict(q)
+        np.testing.assert_allclose(pred[3], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_serving_url_backend_matches_the_saved_model(tiny_export_dir):
+    X, y = _data()
+    local = InContextRegressor(tiny_export_dir).fit(X, y).predict(X[:5])
+    with FakeServing(versions={1: f"{tiny_export_dir}/1"}) as srv:
+        remote = InContextRegressor(f"{srv.url}/v1/models/gpicl").fit(X, y).predict(X[:5])
+    np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_and_cross_val_score(tiny_export_dir):
+    X, y = _data(n=40)
+    pipe = make_pipeline(FunctionTransformer(lambda a: a * 0.5), InContextRegressor(tiny_export_dir))
+    scores = cross_val_score(pipe, X, y, cv=4, scoring="neg_mean_squared_error")
+    assert scores.shape == (4,) and np.isfinite(scores).all()
+
+
+def test_pickles_without_the_loaded_model(tiny_export_dir):
+    import pickle
+
+    X, y = _data()
+    est = InContextRegressor(tiny_export_dir).fit(X, y)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(again.predict(X[:3]), est.predict(X[:3]))
+
+
+BAD = [
+    ("fit", lambda X, y: (X.reshape(5, 2, 1), y[:5]), "3"),                   # rank 3 X
+    ("fit", lambda X, y: (np.hstack([X, X]), y), "expects 1"),                # wrong width
+    ("fit", lambda X, y: (np.where(X > 0.5, np.nan, X), y), "NaN"),           # NaN in X
+    ("fit", lambda X, y: (X, np.where(y > 0, np.inf, y)), "Input y contains infinity"),  # inf in y
+    ("fit", lambda X, y: (X[:0], y[:0]), "0 sample"),                         # empty context
+    ("fit", lambda X, y: (X, y[:7]), "inconsistent numbers of samples"),      # lengths differ
+    ("fit", lambda X, y: (X, np.stack([y, y], 1)), "y has 2 outputs"),        # y width
+    ("fit", lambda X, y: (X.astype(str).astype(object) + "a", y), "could not convert"),
+    ("predict", lambda X, y: np.hstack([X, X]), "features"),                   # predict width
+    ("predict", lambda X, y: np.full_like(X, np.inf), "infinity"),             # inf queries
+    ("predict_std", lambda X, y: X, "return_std=True"),
+]
+
+
+@pytest.mark.parametrize("where,make,match", BAD)
+def test_malformed_inputs_raise_value_errors_saying_what_was_expected(
+        tiny_export_dir, where, make, match):
+    X, y = _data()
+    est = InContextRegressor(tiny_export_dir)
+    if where == "fit":
+        with pytest.raises(ValueError, match=match):
+            est.fit(*make(X, y))
+        return
+    est.fit(X, y)
+    with pytest.raises(ValueError, match=match):
+        if where == "predict":
+            est.predict(make(X, y))
+        else:
+            est.predict(make(X, y), return_std=True)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"version": 4}, "--version 4 does not exist"),
+    ({"context_strategy": "all"}, "context_strategy='all'"),
+    ({"model": "http://localhost:8501/models/x"}, "expected a URL of the form"),
+    ({"model": "/no/such/export"}, "expected an export folder"),
+    ({"batch_size": 0}, "batch_size=0"),
+])
+def test_bad_parameters(tiny_export_dir, params, match):
+    X, y = _data()
+    with pytest.raises(ValueError, match=match):
+        InContextRegressor(**{"model": tiny_export_dir, **params}).fit(X, y)
+
+
+def test_predict_before_fit():
+    with pytest.raises(NotFittedError):
+        InContextRegressor("unused").predict(np.zeros((2, 1)))
+
+
+# scikit-learn's checks that cannot apply to a model with a fixed input width,
+# or to a learner whose "fit" only stores its context.
+EXPECTED_FAILURES = {
+    "check_fit2d_1sample": "a single context point is valid context; we accept it",
+    "check_fit1d": "1-D X is accepted as one feature (documented)",
+    "check_regressor_data_not_an_array": "fixed-width model; sklearn feeds 5 features",
+    "check_regressors_train": "sklearn's data has widths the 1-feature model cannot take",
+    "check_regressors_no_decision_function": "fixed input width",
+    "check_supervised_y_2d": "fixed input width",
+    "check_regressors_int": "fixed input width",
+    "check_estimators_dtypes": "fixed input width",
+    "check_fit_score_takes_y": "fixed input width",
+    "check_estimators_fit_returns_self": "fixed input width",
+    "check_pipeline_consistency": "fixed input width",
+    "check_estimators_overwrite_params": "fixed input width",
+    "check_estimators_pickle": "fixed input width",
+    "check_fit_idempotent": "fixed input width",
+    "check_fit_check_is_fitted": "fixed input width",
+    "check_n_features_in": "fixed input width",
+    "check_n_features_in_after_fitting": "fixed input width",
+    "check_dict_unchanged": "fixed input width",
+    "check_dont_overwrite_parameters": "fixed input width",
+    "check_estimators_unfitted": "fixed input width",
+    "check_methods_subset_invariance": "fixed input width",
+    "check_methods_sample_order_invariance": "fixed input width",
+    "check_estimators_empty_data_messages": "fixed input width",
+    "check_estimators_nan_inf": "fixed input width",
+    "check_regressor_multioutput": "fixed input and output width",
+    "check_readonly_memmap_input": "fixed input width",
+    "check_positive_only_tag_during_fit": "fixed input width",
+    "check_f_contiguous_array_estimator": "fixed input width",
+    "check_requires_y_none": "fixed input width",
+    "check_dtype_object": "fixed input width",
+    "check_fit2d_predict1d": "fixed input width",
+}
+
+
+def test_what_the_width_bound_checks_would_test_holds_at_width_1(tiny_export_dir):
+    # The properties behind the checks listed above, on data the model can take.
+    X, y = _data(n=12)
+    est = InContextRegressor(tiny_export_dir)
+    assert est.fit(X, y) is est and est.n_features_in_ == 1
+    full = est.predict(X)
+    parts = np.concatenate([est.predict(X[i:i + 5]) for i in range(0, 12, 5)])
+    np.testing.assert_allclose(parts, full, rtol=1e-5, atol=1e-6)  # subset invariance
+    perm = np.random.default_rng(0).permutation(12)
+    np.testing.assert_allclose(est.predict(X[perm]), full[perm], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(est.fit(X, y).predict(X), full)  # idempotent fit
+    # Context order does not matter either (a set).
+    np.testing.assert_allclose(InContextRegressor(tiny_export_dir).fit(X[perm], y[perm])
+                               .predict(X), full, rtol=1e-4, atol=1e-5)
+
+
+def test_scikit_learn_estimator_checks(tiny_export_dir):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(InContextRegressor(tiny_export_dir), on_fail=None,
+                                  expected_failed_checks=EXPECTED_FAILURES)
+    failed = [r["check_name"] for r in results if r["status"] == "failed"]
+    passed = [r["check_name"] for r in results if r["status"] == "passed"]
+    assert not failed, failed
+    assert len(passed) >= 10, passed  # the checks that apply do run and pass

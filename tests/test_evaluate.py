@@ -1,0 +1,111 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_python
+from gpicl_tf import evaluate as ev
+from gpicl_tf.baselines import BASELINES
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    import keras
+
+    from gpicl_tf.config import get_preset
+    from gpicl_tf.export import export_model
+    from gpicl_tf.model import build_model
+
+    cfg = get_preset("tiny")
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg)
+    base = str(tmp_path_factory.mktemp("ex"))
+    export_model(model, cfg, base, "tiny")
+    return os.path.join(base, "tiny"), cfg
+
+
+@pytest.fixture(scope="module")
+def results(tiny_export, tmp_path_factory):
+    model_dir, cfg = tiny_export
+    out = str(tmp_path_factory.mktemp("report"))
+    logdir = str(tmp_path_factory.mktemp("tb"))
+    code = ev.main(["--model", model_dir, "--out", out, "--ks", "1,4,8", "--tasks", "24",
+                    "--slow-tasks", "6", "--queries", "8", "--logdir", logdir])
+    assert code == 0
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f), out, logdir, cfg
+
+
+def test_every_suite_and_baseline_runs_with_the_documented_schema(results):
+    res, out, _, cfg = results
+    names = {s.name for s in ev.default_suites(cfg)}
+    assert set(res["suites"]) == names
+    for name, suite in res["suites"].items():
+        assert {"family", "kind", "overrides", "methods"} <= set(suite)
+        expected = {"model", *BASELINES} | ({"bayes_optimal"} if suite["family"] == "gp_rbf"
+                                            else set())
+        assert set(suite["methods"]) == expected, name
+        for meth, row in suite["methods"].items():
+            assert set(row) == {"1", "4", "8"}
+            for entry in row.values():
+                assert set(entry) == {"mse", "ci95", "n_tasks", "sec_per_task"}
+                lo, hi = entry["ci95"]
+                assert lo <= entry["mse"] <= hi and np.isfinite(entry["mse"])
+                assert entry["n_tasks"] == (6 if meth in ev.SLOW_BASELINES else 24)
+    for f in ("results.md", "mse_vs_k.png", "fits_sine.png", "fits_linear.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+
+
+def test_bayes_optimal_beats_every_baseline_on_gp_tasks(tiny_export):
+    _, cfg = tiny_export
+    suites = [s for s in ev.default_suites(cfg) if s.family == "gp_rbf"]
+    res = ev.evaluate(lambda cx, cy, qx: np.zeros(qx.shape[:2] + (1,)), cfg, suites, ks=(8,),
+                      baselines=tuple(BASELINES), n_tasks=64, slow_tasks=64, progress=False)
+    for name, suite in res["suites"].items():
+        m = suite["methods"]
+        opt = m["bayes_optimal"]["8"]["mse"]
+        for b in BASELINES:
+            assert opt < m[b]["8"]["mse"], (name, b, opt, m[b]["8"]["mse"])
+
+
+def test_mean_predictor_on_a_constant_task_has_a_zero_width_ci():
+    x = np.random.default_rng(0).uniform(-1, 1, (10, 12, 1))
+    y = np.full((10, 12, 1), 3.5)
+    errs = [np.mean((BASELINES["mean"](x[i, :4], y[i, :4], x[i, 4:]) - y[i, 4:]) ** 2)
+            for i in range(10)]
+    mse, ci = ev.mean_ci95(errs)
+    assert mse == 0.0 and ci == [0.0, 0.0]
+    _, ci_noisy = ev.mean_ci95([0.1, 0.3, 0.2])
+    assert ci_noisy[1] - ci_noisy[0] > 0
+
+
+def test_tensorboard_gets_the_scalars_and_images(results):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, logdir, _ = results
+    acc = EventAccumulator(logdir, size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    assert "eval/sine/model" in tags and "eval/gp_rbf_l0.5/bayes_optimal" in tags
+    assert "mse_vs_k" in tags
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--suites", "sine,fourier"], "fourier"),
+    (["--ks", "4,99"], "at most 15 context points"),
+    (["--baselines", "mean,xgboost"], "xgboost"),
+    (["--version", "7"], "--version 7 does not exist"),
+])
+def test_bad_requests_fail_before_any_work(tiny_export, tmp_path, capsys, args, message):
+    model_dir, _ = tiny_export
+    out = str(tmp_path / "out")
+    assert ev.main(["--model", model_dir, "--out", out, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_unknown_family_suite_fails_before_any_work(tiny_export):
+    _, cfg = tiny_export
+    with pytest.raises(ValueError, match="unknown"):
+        ev.evaluate(None, cfg, [ev.Suite("x", "fourier")], ks=(1,), progress=False)
