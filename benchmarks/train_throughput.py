@@ -1,6 +1,7 @@
 """Training throughput: steps/s, tasks/s, tokens/s and model FLOP utilisation.
 
     python benchmarks/train_throughput.py [--preset default] [--calls 10] [--set K=V ...]
+    python benchmarks/train_throughput.py --preset tiny --scaling   # 2 workers vs 1, localhost
 
 Trains from the real task stream and reports achieved model GFLOP/s (matmul
 FLOPs of forward + backward) as a fraction of an fp32 (or bf16 with
@@ -25,8 +26,8 @@ from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 from gpicl_tf.train import Trainer, run_steps  # noqa: E402
 
 
-def measure(cfg, calls: int):
-    trainer = Trainer(cfg, tempfile.mkdtemp())
+def measure(cfg, calls: int, strategy=None):
+    trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=strategy)
     k = cfg.train.steps_per_call
     run_steps(trainer, 2, k)  # compile and warm up
     tic = time.perf_counter()
@@ -36,13 +37,56 @@ def measure(cfg, calls: int):
     return steps / secs, trainer.strategy.num_replicas_in_sync
 
 
+def scaling(a, cfg):
+    """tasks/s of two MultiWorkerMirrored workers on this machine over one process."""
+    import json
+    import socket
+    import subprocess
+
+    one, _ = measure(cfg, a.calls)
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):  # each worker keeps the per-worker batch; the global batch doubles
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                      "task": {"type": "worker", "index": i}})}
+        cmd = [sys.executable, __file__, "--preset", a.preset, "--calls", str(a.calls),
+               "--child"] + [x for kv in a.set for x in ("--set", kv)] + [
+               "--set", f"train.batch_size={2 * cfg.train.batch_size}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    two = float(outs[0].strip().splitlines()[-1].split()[-1])
+    b = cfg.train.batch_size
+    print(f"one process: {one * b:.0f} tasks/s; two workers (MultiWorkerMirrored, localhost): "
+          f"{two * 2 * b:.0f} tasks/s; ratio {two * 2 / one:.2f}x "
+          f"(scaling efficiency {two / one:.0%})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--scaling", action="store_true",
+                   help="measure two MultiWorkerMirrored workers on localhost against one")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child:  # a worker of --scaling: the strategy comes before any other TF op
+        from gpicl_tf.train import make_multiworker_strategy
+
+        strategy = make_multiworker_strategy()
+        rate, _ = measure(apply_overrides(get_preset(a.preset), a.set), a.calls, strategy)
+        print(f"steps/s {rate}")
+        return
     cfg = apply_overrides(get_preset(a.preset), a.set)
+    if a.scaling:
+        scaling(a, cfg)
+        return
     bf16 = cfg.train.precision == "mixed_bfloat16"
     peak = matmul_peak_gflops(dtype=tf.bfloat16 if bf16 else tf.float32)
     rate, replicas = measure(cfg, a.calls)

@@ -88,13 +88,13 @@ def main(argv=None) -> int:
         print(cfg.to_json())
         return 0
     from gpicl_tf import export
-    from gpicl_tf.train import Trainer, TrainingDiverged
+    from gpicl_tf.train import Trainer, TrainingDiverged, WorkerFailure
 
     logdir = args.logdir or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, logdir)
     try:
         result = trainer.train()
-    except TrainingDiverged as e:
+    except (TrainingDiverged, WorkerFailure) as e:
         print(f"train_keras.py: error: {e}", file=sys.stderr)
         return 1
     print(f"\ntrained {result.step} steps (resumed from {result.resumed_from}); "

@@ -67,6 +67,8 @@ class TaskConfig:
         std 1, before noise), so every task has the same scale and the loss
         is the normalised MSE; evaluation families set it False to keep
         their natural scale.
+      biased_fraction: fraction of each block drawn from one fixed task (the
+        paper's biased data distribution, which shortens loss plateaus).
       dataset, data_dir, split: base dataset of the `projected_labels`
         classification family (tfds name or `digits`, which ships offline).
       block_size: examples drawn together from one seed (vectorised
@@ -90,6 +92,7 @@ class TaskConfig:
     mix: Tuple[Tuple[str, float], ...] = ()
     block_size: int = 8
     standardize_y: bool = True
+    biased_fraction: float = 0.0
     dataset: str = "digits"
     data_dir: str = "~/tensorflow_datasets"
     split: str = "train"
@@ -138,6 +141,8 @@ class TaskConfig:
                      and item[1] > 0, o, "mix", self.mix,
                      f"(family, weight > 0) pairs with family in {known}")
         tasks.get_family(self.family).check_config(self)
+        _require(_is_num(self.biased_fraction) and 0 <= self.biased_fraction < 1, o,
+                 "biased_fraction", self.biased_fraction, "a number in [0, 1)")
         kinds = set()
         for fam, _ in self.mix:
             tasks.get_family(fam).check_config(self)

@@ -27,6 +27,7 @@ from gpicl_tf.config import TaskConfig
 TRAIN_STREAM = 0x7A1
 EVAL_STREAM = 0xE7A1
 POOL = 0x9001
+BIAS = 0xB1A5
 
 
 def fold(seed, data):
@@ -51,6 +52,7 @@ class TaskSampler:
         self.families = [tasks.get_family(n)(cfg) for n in names]
         weights = [float(m[1]) for m in cfg.mix] or [1.0]
         self.logits = tf.math.log(tf.constant([weights], tf.float32))  # (1, F)
+        self.seed = seed
         self.stream_seed = tf.constant([seed, stream], tf.int64)
         self.pool_seed = tf.constant([seed, POOL], tf.int64)
 
@@ -98,6 +100,13 @@ class TaskSampler:
                                                   dtype=tf.int64)
             fn_seed, fn_seeds = None, [fold(self.pool_seed, task_id[i]) for i in range(u)]
         x, y = self._xy(fold(blk, 3), u, n, fn_seed, fn_seeds, x_low, x_high)
+        n_fixed = int(round(cfg.biased_fraction * u))
+        if n_fixed:  # the first n_fixed examples of the block share one fixed task
+            fixed = [tf.constant([self.seed, BIAS], tf.int64)] * u
+            xf, yf = self._xy(fold(blk, 3), u, n, None, fixed, x_low, x_high)
+            m = tf.reshape(tf.range(u) < n_fixed, [u, 1, 1])
+            x, y = tf.where(m, xf, x), tf.where(m, yf, y)
+            task_id = tf.where(tf.range(u) < n_fixed, tf.constant(-2, tf.int64), task_id)
         if cfg.standardize_y:
             mean, var = tf.nn.moments(y, axes=[1], keepdims=True)  # (U, 1, dy)
             y = (y - mean) * tf.math.rsqrt(var + 1e-8)

@@ -32,6 +32,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class WorkerFailure(RuntimeError):
+    """A collective operation failed or timed out: a peer worker is gone."""
+
+
+def collective_timeout() -> float:
+    """Seconds a collective op waits for its peers (GPICL_COLLECTIVE_TIMEOUT, default 120)."""
+    return float(os.environ.get("GPICL_COLLECTIVE_TIMEOUT", "120"))
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -56,8 +65,11 @@ def select_strategy() -> tf.distribute.Strategy:
 
 
 def make_multiworker_strategy(timeout_seconds: Optional[float] = None):
-    """MultiWorkerMirroredStrategy with a collective timeout (GPICL_COLLECTIVE_TIMEOUT)."""
-    timeout = timeout_seconds or float(os.environ.get("GPICL_COLLECTIVE_TIMEOUT", "120"))
+    """MultiWorkerMirroredStrategy with a collective timeout (GPICL_COLLECTIVE_TIMEOUT).
+
+    It must be created before any other TensorFlow op of the process.
+    """
+    timeout = timeout_seconds or collective_timeout()
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
@@ -97,6 +109,9 @@ class Trainer:
         self.cfg = cfg
         self.strategy = strategy or select_strategy()
         self.chief = is_chief(self.strategy)
+        # Non-chief workers take part in saving (it is collective) but write to a
+        # scratch folder of their own; they resume from the chief's checkpoints.
+        self.chief_ckpt_dir = os.path.join(logdir, "checkpoints")
         self.logdir = logdir if self.chief else os.path.join(
             logdir, "workers", f"worker_{self.strategy.cluster_resolver.task_id}")
         self.ckpt_dir = os.path.join(self.logdir, "checkpoints")
@@ -120,6 +135,9 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def _check_config(self):
+        if not self.chief:
+            os.makedirs(self.logdir, exist_ok=True)
+            return
         path = os.path.join(self.logdir, "config.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -135,7 +153,7 @@ class Trainer:
 
     def restore(self) -> int:
         """Restores the latest checkpoint if any; returns the step it resumes from."""
-        latest = self.manager.latest_checkpoint
+        latest = tf.train.latest_checkpoint(self.chief_ckpt_dir)
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         return int(self.step.numpy())
@@ -246,7 +264,21 @@ class Trainer:
             n = min(t.steps_per_call, t.steps - step,
                     *[b - step % b for b in boundaries])
             tic = time.perf_counter()
-            loss = float(self._train_call(iterator, tf.constant(n)))
+            try:
+                loss = float(self._train_call(iterator, tf.constant(n)))
+            except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                    tf.errors.AbortedError) as e:
+                if self.strategy.num_replicas_in_sync == 1 and self.chief:
+                    raise
+                lines = [ln.strip() for ln in (e.message or str(e)).splitlines() if ln.strip()]
+                keys = ("unhealthy", "heartbeat", "timed out", "timeout", "Collective", "abort")
+                first = next((ln for ln in lines if any(k in ln for k in keys)), lines[0])[:300]
+                raise WorkerFailure(
+                    f"a collective operation failed in steps {step + 1}..{step + n}: a peer "
+                    f"worker died or is unreachable (collective timeout "
+                    f"{collective_timeout():g} s, set by GPICL_COLLECTIVE_TIMEOUT). The last "
+                    f"checkpoint is {self.manager.latest_checkpoint}; restart every worker "
+                    f"with the same command to resume. TensorFlow said: {first}") from None
             rate = n / max(time.perf_counter() - tic, 1e-9)
             step += n
             if not math.isfinite(loss):

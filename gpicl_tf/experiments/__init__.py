@@ -1,0 +1,1 @@
+"""The paper's experiments (phase transition, batch size, biased tasks, model size)."""
