@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "command resumes from the last checkpoint.")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="named config: tiny (tests, seconds), default (CPU main job, "
-                        "minutes), paper (GPUs, the paper's model size)")
+                        "minutes), mix (default on half random-MLP, half GP tasks), "
+                        "paper (GPUs, the paper's model size)")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--batch-size", type=int,
                    help="global batch in tasks per step, split over replicas (train.batch_size)")

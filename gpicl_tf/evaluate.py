@@ -205,6 +205,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+STYLES = {  # one color per method across every plot
+    "model": {"lw": 2.5, "color": "C3"}, "mean": {"lw": 1, "color": "C7"},
+    "knn": {"lw": 1, "color": "C2"}, "ridge": {"lw": 1, "color": "C8"},
+    "poly_ridge": {"lw": 1, "color": "C5"}, "gp": {"lw": 1, "color": "C0"},
+    "mlp": {"lw": 1, "color": "C4"}, "bayes_optimal": {"lw": 1.5, "color": "k", "ls": "--"},
+}
+
+
 def plot_mse_vs_k(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -217,10 +225,8 @@ def plot_mse_vs_k(results: dict, path: str) -> None:
     for ax, (name, s) in zip(axes.ravel(), suites.items()):
         for meth, row in s["methods"].items():
             ks = [int(k) for k in row]
-            style = dict(lw=2.5, color="C1") if meth == "model" else dict(lw=1)
-            if meth == "bayes_optimal":
-                style = dict(lw=1.5, color="k", ls="--")
-            ax.plot(ks, [row[str(k)]["mse"] for k in ks], marker="o", ms=3, label=meth, **style)
+            ax.plot(ks, [row[str(k)]["mse"] for k in ks], marker="o", ms=3, label=meth,
+                    **STYLES.get(meth, {"lw": 1}))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(name, fontsize=9)

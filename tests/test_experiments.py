@@ -10,6 +10,7 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf import datasets
 from gpicl_tf import tasks
+from gpicl_tf.config import apply_overrides
 from gpicl_tf.experiments import runner
 from gpicl_tf.experiments.presets import base_config
 
@@ -131,6 +132,19 @@ def test_hparams_view_sees_every_setting(tmp_path):
     acc.Reload()
     tags = acc.Tags()["tensors"]
     assert "_hparams_/session_start_info" in tags and "final/unseen_loss" in tags
+
+
+def test_every_experiment_builds_valid_settings():
+    import argparse
+
+    base = base_config("digits", "tiny")
+    args = argparse.Namespace(n_tasks="2^0..2^4:2", batch_sizes="16,32", fractions="0,0.25",
+                              sizes="32x1,64x2")
+    for exp in runner.EXPERIMENTS:
+        for name, overrides in runner.settings(exp, args):
+            cfg = apply_overrides(base, overrides + [f"name={name}"])
+            assert cfg.name == name
+    assert [n for n, _ in runner.settings("biased-tasks", args)] == ["biased_0pct", "biased_25pct"]
 
 
 def test_bad_experiment_arguments_fail_early(capsys):

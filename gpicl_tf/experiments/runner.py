@@ -61,7 +61,7 @@ def settings(experiment: str, args) -> list:
         return [(f"batch_{b}", [f"train.batch_size={b}"])
                 for b in _ints(args.batch_sizes, "--batch-sizes")]
     if experiment == "biased-tasks":
-        return [(f"biased_{f:g}", [f"task.biased_fraction={f}"])
+        return [(f"biased_{round(100 * f)}pct", [f"task.biased_fraction={f}"])
                 for f in (float(v) for v in args.fractions.split(","))]
     if experiment == "model-size":
         out = []
@@ -186,7 +186,10 @@ def summarize(experiment: str, results: list) -> dict:
 
 def markdown(experiment: str, results: list, summary: dict) -> str:
     cls = any("seen_accuracy" in r["metrics"] for r in results)
-    cols = ["seen_loss", "unseen_loss"] + (["seen_accuracy", "unseen_accuracy"] if cls else [])
+    base = ["seen_loss", "unseen_loss"] + (["seen_accuracy", "unseen_accuracy"] if cls else [])
+    # Averages over context sizes 0..N-1, then the same at a fixed k = N/2.
+    fixed = [c for c in (results[0]["metrics"] if results else {}) if "_k" in c]
+    cols = base + sorted(fixed, key=lambda c: (base.index(c.split("_k")[0]), c))
     lines = [f"## {experiment}", "",
              "| setting | params | state | " + " | ".join(cols) + " | plateau exit step |",
              "|---|---:|---:|" + "---:|" * (len(cols) + 1)]
@@ -298,6 +301,8 @@ def main(argv=None) -> int:
     try:
         base = base_config(a.family, a.preset, a.data_dir, a.set)
         setting_list = settings(a.experiment, a)
+        for name, overrides in setting_list:  # every setting valid before any work
+            apply_overrides(base, overrides + [f"name={name}"])
     except ValueError as e:
         print(f"gpicl-experiment: error: {e}", file=sys.stderr)
         return 2
