@@ -20,17 +20,22 @@ Output in --out:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from gpicl_tf import baselines as baselines_lib
 from gpicl_tf.config import ExperimentConfig
 from gpicl_tf.report import context_batch
+from gpicl_tf.summaries import pyplot
+from gpicl_tf.tasks import GPRBF, get_family, gp_posterior_mean
 
 EVAL_SEED = 20221208  # suites are fixed: this seed is never a training stream
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
@@ -81,8 +86,6 @@ def mean_ci95(errors) -> tuple:
 
 def saved_model_predict_fn(version_dir: str):
     """predict_fn(cx, cy, qx) -> [T, Nq, dy] through the export's serving_default."""
-    import tensorflow as tf
-
     sig = tf.saved_model.load(version_dir).signatures["serving_default"]
 
     def predict(cx, cy, qx):
@@ -95,8 +98,6 @@ def saved_model_predict_fn(version_dir: str):
 
 def bayes_optimal(suite_cfg_task, x, y, k):
     """Per-task MSE of the exact GP posterior mean with the true kernel."""
-    from gpicl_tf.tasks import GPRBF, gp_posterior_mean
-
     noise = GPRBF.jitter + suite_cfg_task.noise_std**2
     errs = []
     tic = time.perf_counter()
@@ -112,8 +113,6 @@ def bayes_optimal(suite_cfg_task, x, y, k):
 
 def check_request(cfg: ExperimentConfig, suites: list, ks, baselines) -> None:
     """Fails before any work on an unknown family or baseline, or a k the model cannot take."""
-    from gpicl_tf.tasks import get_family
-
     for s in suites:
         get_family(s.family)
     for b in baselines:
@@ -142,8 +141,6 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
         `slow_tasks` tasks only (recorded as n_tasks in their entries).
       seed: the suites' seed.
     """
-    import keras
-
     check_request(cfg, suites, ks, baselines)
     bar = keras.utils.Progbar(len(suites) * len(ks), verbose=1 if progress else 0,
                               unit_name="suite x k")
@@ -165,7 +162,6 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
                         for i in range(min(m, len(x)))]
                 _put(methods, b, k, errs, (time.perf_counter() - tic) / len(errs))
             if s.family == "gp_rbf":
-                import dataclasses
                 task = dataclasses.replace(cfg.task, family="gp_rbf", n_tasks=None, mix=(),
                                            **s.overrides)
                 errs, sec = bayes_optimal(task, x, y, k)
@@ -214,10 +210,7 @@ STYLES = {  # one color per method across every plot
 
 
 def plot_mse_vs_k(results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     suites = results["suites"]
     cols = 4
     rows = -(-len(suites) // cols)
@@ -243,10 +236,7 @@ def plot_mse_vs_k(results: dict, path: str) -> None:
 def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 8,
               n: int = 3, seed: int = EVAL_SEED) -> None:
     """Context points, truth, model and best baseline on n tasks of a 1-D suite."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = results["suites"][suite.name]["methods"]
     kk = str(k) if str(k) in methods["model"] else list(methods["model"])[-1]
     k = int(kk)
@@ -293,8 +283,6 @@ def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None)
 
 
 def _to_tensorboard(results, pictures, logdir):
-    import tensorflow as tf
-
     w = tf.summary.create_file_writer(logdir)
     with w.as_default():
         for name, s in results["suites"].items():

@@ -25,14 +25,22 @@ def flat_hparams(cfg: ExperimentConfig) -> dict:
     return out
 
 
-def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
-                      seed: Optional[int] = None):
-    """A matplotlib figure of in-context predictions on unseen 1-D tasks."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display on servers and CI)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
+                      seed: Optional[int] = None):
+    """A matplotlib figure of in-context predictions on unseen 1-D tasks."""
     from gpicl_tf import data as data_lib
+
+    plt = pyplot()
 
     grid = 200
     task = dataclasses.replace(cfg.task, n_tasks=None, n_points=n_context + grid,
@@ -55,8 +63,7 @@ def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context:
 
 def figure_to_image(fig) -> tf.Tensor:
     """Renders a figure to a [1, H, W, 4] uint8 tensor for tf.summary.image."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)

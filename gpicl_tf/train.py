@@ -11,11 +11,11 @@ MultiWorkerMirroredStrategy (../shared/PITFALLS.md), so the loop is a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import keras
@@ -41,7 +41,7 @@ def collective_timeout() -> float:
     return float(os.environ.get("GPICL_COLLECTIVE_TIMEOUT", "120"))
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainResult:
     step: int
     final_loss: float
@@ -231,7 +231,6 @@ class Trainer:
     # ------------------------------------------------------------------- eval
     def eval_batch(self):
         """A fixed batch of unseen tasks (evaluation stream, fresh functions)."""
-        import dataclasses
         task = dataclasses.replace(self.cfg.task, n_tasks=None)
         return data_lib.sample_batch(task, self.cfg.train.seed, self.cfg.train.eval_tasks,
                                      stream=data_lib.EVAL_STREAM)

@@ -4,7 +4,6 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO, run_python
 from gpicl_tf import evaluate as ev
 from gpicl_tf.baselines import BASELINES
 

@@ -1,4 +1,3 @@
-import glob
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, run_python
-from gpicl_tf.config import apply_overrides, get_preset
+from gpicl_tf.config import apply_overrides
 from gpicl_tf.report import context_batch, keras_predict_fn, model_mse
 
 
@@ -76,7 +75,7 @@ def test_mirrored_strategy_on_two_devices_matches_one_device():
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from gpicl_tf.config import apply_overrides, get_preset
+from gpicl_tf.config import get_preset
 from gpicl_tf.train import Trainer, run_steps
 import tempfile, json
 cfg = get_preset("tiny")  # XLA on, as in real runs
@@ -124,10 +123,9 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_pa
     proc = subprocess.Popen(_train_cmd(run, str(tmp_path / "ex2")), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait for a mid-run checkpoint, then kill -9
-        steps = [int(p.rsplit("-", 1)[1].split(".")[0])
-                 for p in glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index"))]
-        if steps and max(steps) >= 60:
+    while time.time() < deadline:  # wait for a recorded mid-run checkpoint, then kill -9
+        latest = tf.train.latest_checkpoint(os.path.join(run, "checkpoints"))
+        if latest and int(latest.rsplit("-", 1)[1]) >= 60:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

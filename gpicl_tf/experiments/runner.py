@@ -203,10 +203,9 @@ def markdown(experiment: str, results: list, summary: dict) -> str:
 
 
 def plot(experiment: str, results: list, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gpicl_tf.summaries import pyplot
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if experiment == "phase-transition":
         pool = [r for r in results if r["config"]["task"]["n_tasks"] is not None]
