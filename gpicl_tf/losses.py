@@ -57,12 +57,12 @@ def query_accuracy(y, y_pred, is_query):
     return tf.reduce_sum(hit * q) / tf.maximum(tf.reduce_sum(q), 1.0)
 
 
-def masked_query_mse(y, y_pred, is_query, global_count=None, normalize: bool = False):
-    """Mean squared error over query points, normalised by `global_count`.
+def masked_query_loss(y, y_pred, is_query, loss: str = "mse", global_count=None):
+    """The loss over query points, divided by `global_count` (the training loss).
 
     Inside a replica context, pass the all-reduced query count of the global
-    batch; without it the local count is used (single device).
+    batch; without it the local count is used (single device, evaluation).
     """
-    sse, count = query_sse_and_count(y, y_pred, is_query, normalize)
+    total, count = query_loss_and_count(y, y_pred, is_query, loss)
     denom = count if global_count is None else global_count
-    return sse / tf.maximum(denom, 1.0)
+    return total / tf.maximum(denom, 1.0)

@@ -24,7 +24,7 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
 from gpicl_tf.config import ExperimentConfig
-from gpicl_tf.losses import query_loss_and_count
+from gpicl_tf.losses import masked_query_loss
 from gpicl_tf.model import build_model, model_inputs
 
 
@@ -184,8 +184,8 @@ class Trainer:
         def loss_and_grads(batch, global_count):
             with tf.GradientTape() as tape:
                 pred = model(batch, training=True)
-                total, _ = query_loss_and_count(batch["y"], pred, batch["is_query"], loss_name)
-                loss = total / global_count
+                loss = masked_query_loss(batch["y"], pred, batch["is_query"], loss_name,
+                                         global_count)
             return loss, tape.gradient(loss, model.trainable_variables)
 
         if jit_grads:
@@ -238,8 +238,7 @@ class Trainer:
     def evaluate(self, batch) -> float:
         """Loss (the training loss) on a batch, outside the strategy."""
         pred = self.model(model_inputs(batch), training=False)
-        total, count = query_loss_and_count(batch["y"], pred, batch["is_query"], self.cfg.loss)
-        return float(total / tf.maximum(count, 1.0))
+        return float(masked_query_loss(batch["y"], pred, batch["is_query"], self.cfg.loss))
 
     # ------------------------------------------------------------------- loop
     def train(self, verbose: bool = True) -> TrainResult:

@@ -6,7 +6,7 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destandardize,
                              TransformerBlock)
-from gpicl_tf.losses import masked_query_mse, query_sse_and_count
+from gpicl_tf.losses import masked_query_loss, query_sse_and_count
 from gpicl_tf.model import build_model
 
 ATOL = 2e-5
@@ -97,10 +97,10 @@ def test_masked_loss_counts_only_queries_and_splits_exactly():
     y = tf.constant(np.arange(24, dtype=np.float32).reshape(4, 3, 2))
     pred = y + tf.constant([[[1.0, 1.0], [0.0, 0.0], [5.0, 5.0]]] * 4)
     q = tf.constant([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    full = float(masked_query_mse(y, pred, q))
+    full = float(masked_query_loss(y, pred, q))
     np.testing.assert_allclose(full, (4 * 25.0 + 1.0) / 7.0, rtol=1e-6)
     # Replicas with different query counts: local sums over the global count add up.
-    total = sum(float(masked_query_mse(y[i:i + 2], pred[i:i + 2], q[i:i + 2], 7.0))
+    total = sum(float(masked_query_loss(y[i:i + 2], pred[i:i + 2], q[i:i + 2], "mse", 7.0))
                 for i in (0, 2))
     np.testing.assert_allclose(total, full, rtol=1e-6)
     sse, count = query_sse_and_count(y, pred, q)
@@ -141,3 +141,17 @@ def test_model_output_shape_for_multi_dim_tasks():
     m = build_model(cfg)
     b = data_lib.sample_batch(cfg.task, 0, 4, n_context=5)
     assert m({k: b[k] for k in ("x", "y", "is_query")}).shape == (4, 16, 2)
+
+
+def test_cross_entropy_query_loss_splits_exactly_over_replicas():
+    rng = np.random.default_rng(0)
+    y = tf.one_hot(rng.integers(0, 5, (4, 6)), 5)
+    logits = tf.constant(rng.normal(size=(4, 6, 5)), tf.float32)
+    q = tf.constant((rng.uniform(size=(4, 6)) > 0.4).astype(np.float32))
+    full = float(masked_query_loss(y, logits, q, "cross_entropy"))
+    ce = tf.nn.softmax_cross_entropy_with_logits(y, logits).numpy()
+    np.testing.assert_allclose(full, (ce * q.numpy()).sum() / q.numpy().sum(), rtol=1e-6)
+    n = float(tf.reduce_sum(q))
+    total = sum(float(masked_query_loss(y[i:i + 2], logits[i:i + 2], q[i:i + 2],
+                                        "cross_entropy", n)) for i in (0, 2))
+    np.testing.assert_allclose(total, full, rtol=1e-6)

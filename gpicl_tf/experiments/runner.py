@@ -92,7 +92,7 @@ def trivial_loss(cfg: ExperimentConfig) -> float:
 def evaluate_setting(trainer, cfg: ExperimentConfig) -> dict:
     """Loss (and accuracy) on seen tasks (the pool, new inputs) and on unseen tasks."""
     from gpicl_tf import data as data_lib
-    from gpicl_tf.losses import query_accuracy, query_loss_and_count
+    from gpicl_tf.losses import masked_query_loss, query_accuracy
     from gpicl_tf.model import model_inputs
 
     n = cfg.train.eval_tasks
@@ -104,8 +104,8 @@ def evaluate_setting(trainer, cfg: ExperimentConfig) -> dict:
             b = data_lib.sample_batch(task, cfg.train.seed, n, n_context=k,
                                       stream=data_lib.EVAL_STREAM + 11)
             pred = trainer.model(model_inputs(b), training=False)
-            total, count = query_loss_and_count(b["y"], pred, b["is_query"], cfg.loss)
-            out[f"{which}_loss{tag}"] = float(total / count)
+            out[f"{which}_loss{tag}"] = float(masked_query_loss(b["y"], pred, b["is_query"],
+                                                                cfg.loss))
             if cfg.task.kind == "classification":
                 out[f"{which}_accuracy{tag}"] = float(query_accuracy(b["y"], pred, b["is_query"]))
     return out
