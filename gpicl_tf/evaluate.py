@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from gpicl_tf import baselines as baselines_lib
 from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.files import write_atomic
 from gpicl_tf.report import context_batch
 from gpicl_tf.summaries import pyplot
 from gpicl_tf.tasks import GPRBF, get_family, gp_posterior_mean
@@ -264,10 +265,7 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
 def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None) -> None:
     """results.json, results.md, PNG plots and (with logdir) TensorBoard summaries."""
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f".results.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, os.path.join(out, "results.json"))
+    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(results))
     plot_mse_vs_k(results, os.path.join(out, "mse_vs_k.png"))

@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.model import masked_inputs
 
 CONFIG_ASSET = "gpicl_config.json"
 
@@ -71,13 +72,9 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig,
 
     def serve(context_x, context_y, query_x):
         with tf.control_dependencies(_check_inputs(dx, dy, context_x, context_y, query_x)):
-            nc, nq = tf.shape(context_x)[1], tf.shape(query_x)[1]
-            b = tf.shape(query_x)[0]
-            x = tf.concat([context_x, query_x], axis=1)  # (B, Nc+Nq, dx)
-            y = tf.concat([context_y, tf.zeros([b, nq, dy])], axis=1)
-            is_query = tf.concat([tf.zeros([b, nc]), tf.ones([b, nq])], axis=1)
-        pred = run(x, y, is_query)
-        return {"mean": tf.cast(pred[:, nc:, :], tf.float32)}
+            inputs = masked_inputs(context_x, context_y, query_x)
+        pred = run(inputs["x"], inputs["y"], inputs["is_query"])
+        return {"mean": tf.cast(pred[:, tf.shape(context_x)[1]:, :], tf.float32)}
 
     def masked(x, y, is_query):
         checks = [

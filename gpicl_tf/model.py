@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 
 from gpicl_tf.config import ExperimentConfig
 from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destandardize,
@@ -48,6 +49,23 @@ def build_model(cfg: ExperimentConfig) -> keras.Model:
 
 
 INPUT_NAMES = ("x", "y", "is_query")
+
+
+def masked_inputs(context_x, context_y, query_x) -> dict:
+    """The model's inputs for context points followed by query points.
+
+    Args: context_x [B, Nc, dx], context_y [B, Nc, dy], query_x [B, Nq, dx].
+    Returns: {"x": [B, Nc+Nq, dx], "y": (queries zeroed), "is_query": [B, Nc+Nq]};
+      predictions for the queries are rows Nc: of the output.
+    """
+    context_x = tf.convert_to_tensor(context_x, tf.float32)
+    context_y = tf.convert_to_tensor(context_y, tf.float32)
+    query_x = tf.convert_to_tensor(query_x, tf.float32)
+    b, nc, nq = tf.shape(query_x)[0], tf.shape(context_x)[1], tf.shape(query_x)[1]
+    dy = tf.shape(context_y)[2]
+    return {"x": tf.concat([context_x, query_x], axis=1),
+            "y": tf.concat([context_y, tf.zeros([b, nq, dy])], axis=1),
+            "is_query": tf.concat([tf.zeros([b, nc]), tf.ones([b, nq])], axis=1)}
 
 
 def model_inputs(batch: dict) -> dict:

@@ -7,6 +7,7 @@ import numpy as np
 
 from gpicl_tf import data as data_lib
 from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.model import masked_inputs
 
 REPORT_STREAM = data_lib.EVAL_STREAM + 7  # tasks no training run draws
 
@@ -38,10 +39,7 @@ def keras_predict_fn(model):
     """predict_fn over a Keras model with the masked-input interface."""
 
     def predict(cx, cy, qx):
-        t, k, nq = cx.shape[0], cx.shape[1], qx.shape[1]
-        x = np.concatenate([cx, qx], 1).astype(np.float32)
-        y = np.concatenate([cy, np.zeros((t, nq, cy.shape[2]))], 1).astype(np.float32)
-        q = np.concatenate([np.zeros((t, k)), np.ones((t, nq))], 1).astype(np.float32)
-        return model({"x": x, "y": y, "is_query": q}, training=False).numpy()[:, k:]
+        pred = model(masked_inputs(cx, cy, qx), training=False)
+        return pred.numpy()[:, cx.shape[1]:]
 
     return predict

@@ -24,6 +24,7 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
 from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.files import write_atomic
 from gpicl_tf.losses import masked_query_loss
 from gpicl_tf.model import build_model, model_inputs
 
@@ -149,7 +150,7 @@ class Trainer:
                         f"mix two experiments. Expected {getattr(old, part)}, got "
                         f"{getattr(self.cfg, part)}. Use another --logdir.")
         os.makedirs(self.logdir, exist_ok=True)
-        _write_atomic(path, self.cfg.to_json())
+        write_atomic(path, self.cfg.to_json())
 
     def restore(self) -> int:
         """Restores the latest checkpoint if any; returns the step it resumes from."""
@@ -309,13 +310,6 @@ def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1) -> list:
     it = trainer._distributed_iterator(int(trainer.step.numpy()))
     n = tf.constant(steps_per_call)
     return [float(trainer._train_call(it, n)) for _ in range(n_calls)]
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "select_strategy"]

@@ -21,6 +21,7 @@ import os
 import sys
 
 from gpicl_tf.config import ExperimentConfig, apply_overrides
+from gpicl_tf.files import write_atomic
 from gpicl_tf.experiments.presets import FAMILIES, SIZES, base_config
 
 EXPERIMENTS = ("phase-transition", "batch-size", "biased-tasks", "model-size")
@@ -161,10 +162,8 @@ def run_setting(name, cfg, out_dir, verbose=True) -> dict:
     w = Writer(logdir, cfg)
     w.scalars(cfg.train.steps, {f"final/{k}": v for k, v in metrics.items()})
     w.flush()
-    tmp = f"{done}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, done)  # the setting counts as finished only once this exists
+    # The setting counts as finished only once this file exists, whole.
+    write_atomic(done, json.dumps(result, indent=1))
     return result
 
 

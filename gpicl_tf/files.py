@@ -1,0 +1,17 @@
+"""Small file helpers shared by training, evaluation and the experiment runner."""
+
+from __future__ import annotations
+
+import os
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes text to a temporary file beside `path` and renames it into place.
+
+    A reader (or a resumed run) sees the old file or the whole new one, never a
+    half-written one.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
