@@ -40,7 +40,7 @@ def train_tasks_per_sec(cfg, n_calls: int = 10) -> float:
     fixed = next(iter(batch))
     trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy(),
                       dataset_fn=lambda ctx, start: tf.data.Dataset.from_tensors(fixed).repeat())
-    call = trainer._build_train_call()
+    call = trainer.build_train_call()
     it = trainer._distributed_iterator(0)
     k = tf.constant(cfg.train.steps_per_call)
     float(call(it, k))

@@ -1,4 +1,11 @@
-"""Command line of train_keras.py: flags -> config -> train -> export -> report."""
+"""Command lines: train_keras.py (gpicl-train), gpicl-export, gpicl-eval.
+
+Each parses its flags and validates what it can before importing TensorFlow,
+so `--help` and `--print-config` answer at once. A user error (a bad flag,
+path, config or checkpoint) ends in one line `PROG: error: ...` and exit
+status 2, before any file is written. TensorFlow's C++ start-up log is
+silenced (set GPICL_TF_LOGS=1 to see it).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,86 @@ import argparse
 import os
 import sys
 
-from gpicl_tf.config import PRESETS, apply_overrides, get_preset
+from gpicl_tf.config import PRESETS, apply_overrides, check_name, get_preset
+
+EVAL_SUITES_HELP = "comma-separated suite names (default: all)"
 
 
+class UsageError(ValueError):
+    """A user error detected by a command line; printed as one line, exit 2."""
+
+
+def quiet_tensorflow() -> None:
+    """Imports TensorFlow with its C++ start-up log (oneDNN, CUDA probes) silenced."""
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # also hides the CUDA probe's cuInit error
+    if "tensorflow" in sys.modules or os.environ.get("GPICL_TF_LOGS"):
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        # Import only: initialising devices here would be too early for
+        # MultiWorkerMirroredStrategy, which must configure them itself.
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def run(prog: str, fn, argv) -> int:
+    """Runs fn(argv); a ValueError (user error) becomes `prog: error: ...`, exit 2."""
+    try:
+        return fn(argv) or 0
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_dir_arg(flag: str, path: str) -> None:
+    """A directory flag must not name an existing file (checked before any work)."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file: expected a directory (or a path that "
+                         "does not exist yet)")
+
+
+def int_list(flag: str, text: str, low: int = 0) -> list:
+    """"1,2,4" -> [1, 2, 4]; anything else is a UsageError naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < low:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers >= {low}")
+    return values
+
+
+def positive_int(flag: str):
+    """argparse type: an integer >= 1, named in the error."""
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+        return v
+
+    parse.__name__ = flag
+    return parse
+
+
+# ---------------------------------------------------------------- training
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_keras.py",
         description="Meta-train a transformer to learn in context (Kirsch et al. 2022), "
                     "export it as a SavedModel for TF Serving, and report its MSE on "
                     "unseen tasks beside k-NN and GP regression. Rerunning the same "
-                    "command resumes from the last checkpoint.")
+                    "command resumes from the last checkpoint; rerunning a finished run "
+                    "prints its figures and trains nothing.")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="named config: tiny (tests, seconds), default (CPU main job, "
                         "minutes), mix (default on half random-MLP, half GP tasks), "
@@ -28,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tasks", type=str,
                    help="number of distinct training functions: an integer T, or 'none' "
                         "for a fresh function per example (task.n_tasks)")
-    p.add_argument("--model-name", default="gpicl",
-                   help="run and export name (default: gpicl)")
+    p.add_argument("--model-name", default=None,
+                   help="run and export name (default: the preset's name: gpicl for "
+                        "default, tiny, gpicl-mix, gpicl-paper)")
     p.add_argument("--logdir", help="TensorBoard + checkpoint directory "
                                     "(default: runs/<model-name>)")
     p.add_argument("--export-dir", default="exports",
@@ -38,14 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config field, e.g. --set model.d_model=128 "
                         "--set task.mlp_hidden=32,32 (repeatable)")
     p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
-    p.add_argument("--no-report", action="store_true", help="skip the baseline report")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the short evaluation against k-NN and GP regression "
+                        "(about a minute for tiny, a few for default)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
     return p
 
 
 def resolve_config(args):
-    overrides = [f"name={args.model_name}"]
+    overrides = [f"name={args.model_name}"] if args.model_name is not None else []
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"),
                       ("learning_rate", "train.learning_rate"), ("seed", "train.seed"),
                       ("n_tasks", "task.n_tasks")):
@@ -71,53 +151,146 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
     ks = [k for k in (4, 16, 32) if k <= cfg.task.context_max]
     print(f"\nShort evaluation on unseen tasks (full suite: gpicl-eval --model "
           f"{os.path.dirname(export_path) if export_path else 'exports/NAME'} --out {out}):")
-    results = evaluate.evaluate(predict, cfg, suites, ks, baselines=("knn", "gp"),
-                                n_tasks=128, slow_tasks=128)
+    results = evaluate.evaluate(predict, cfg, suites, ks, baselines=("knn", "gp"), n_tasks=128)
     evaluate.write_outputs(results, out, predict, cfg, suites, logdir=os.path.join(logdir, "eval"))
     print(evaluate.markdown(results))
     print(f"report: {out}/results.md, {out}/mse_vs_k.png")
 
 
-def main(argv=None) -> int:
+def _train(argv) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve_config(args)
-    except ValueError as e:
-        print(f"train_keras.py: error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(args)
     if args.print_config:
         print(cfg.to_json())
         return 0
+    logdir = args.logdir or os.path.join("runs", cfg.name)
+    check_dir_arg("--logdir", logdir)
+    check_dir_arg("--export-dir", args.export_dir)
+    check_dir_arg("--export-dir/--model-name", os.path.join(args.export_dir, cfg.name))
+    quiet_tensorflow()
     from gpicl_tf import export
     from gpicl_tf.train import Trainer, TrainingDiverged, WorkerFailure
 
-    logdir = args.logdir or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, logdir)
     try:
         result = trainer.train()
     except (TrainingDiverged, WorkerFailure) as e:
         print(f"train_keras.py: error: {e}", file=sys.stderr)
         return 1
-    print(f"\ntrained {result.step} steps (resumed from {result.resumed_from}); "
-          f"loss {result.final_loss:.4f}, unseen-task loss {result.eval_loss:.4f}")
+    if result.complete:
+        print(f"\nthe run in {logdir} is complete: {result.step} steps; final loss "
+              f"{result.final_loss:.4f}, unseen-task loss {result.eval_loss:.4f} "
+              "(nothing trained; use another --logdir or --model-name to train anew)")
+    else:
+        print(f"\ntrained {result.step} steps (resumed from {result.resumed_from}); "
+              f"loss {result.final_loss:.4f}, unseen-task loss {result.eval_loss:.4f}")
     if not trainer.chief:
         return 0
+    path = None
     if not args.no_export:
-        path = export.export_model(trainer.model, cfg, args.export_dir, cfg.name)
+        path = export.export_if_changed(trainer.model, cfg, args.export_dir, result.step,
+                                        os.path.abspath(logdir))
         print(f"SavedModel: {path}  (serve: docker run -p 8501:8501 -v "
-              f"{os.path.abspath(os.path.dirname(path))}:/models/{cfg.name} -e MODEL_NAME={cfg.name} "
-              "tensorflow/serving)")
-    if cfg.task.x_dim == 1:
-        from gpicl_tf.summaries import prediction_figure
+              f"{os.path.abspath(os.path.dirname(path))}:/models/{cfg.name} -e "
+              f"MODEL_NAME={cfg.name} tensorflow/serving)")
+    report_dir = os.path.join("reports", cfg.name)
+    if result.complete and os.path.exists(os.path.join(report_dir, "results.md")):
+        print(f"report (unchanged): {report_dir}/results.md")
+    elif not args.no_report:
+        if cfg.task.x_dim == 1:
+            from gpicl_tf.summaries import prediction_figure
 
-        fig_path = os.path.join(logdir, "predictions.png")
-        prediction_figure(trainer.model, cfg, n_tasks=4).savefig(fig_path, dpi=100)
-        print(f"picture of predictions on unseen tasks: {fig_path}")
-    if not args.no_report:
-        short_evaluation(trainer, cfg, path if not args.no_export else None,
-                         os.path.join("reports", cfg.name), logdir)
+            fig_path = os.path.join(logdir, "predictions.png")
+            prediction_figure(trainer.model, cfg, n_tasks=4).savefig(fig_path, dpi=100)
+            print(f"picture of predictions on unseen tasks: {fig_path}")
+        short_evaluation(trainer, cfg, path, report_dir, logdir)
     print(f"\nTensorBoard: tensorboard --logdir {logdir}")
     return 0
+
+
+def main(argv=None) -> int:
+    """train_keras.py / gpicl-train."""
+    return run("train_keras.py", _train, argv)
+
+
+# ------------------------------------------------------------------ export
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpicl-export",
+                                description="Export a training checkpoint as a SavedModel "
+                                            "in TF Serving's layout.")
+    p.add_argument("--logdir", required=True, help="run directory (config.json, checkpoints/)")
+    p.add_argument("--export-dir", default="exports", help="parent of the model base folder")
+    p.add_argument("--model-name", default=None,
+                   help="model folder name: letters, digits, '-' and '_' (default: the "
+                        "run's config name)")
+    p.add_argument("--xla", action="store_true",
+                   help="XLA-compile the signatures (lower CPU latency; TF Serving on CPU "
+                        "then needs --xla_cpu_compilation_enabled=true)")
+    return p
+
+
+def _export(argv) -> int:
+    a = export_parser().parse_args(argv)
+    if a.model_name is not None:
+        check_name(a.model_name, "--model-name")
+    check_dir_arg("--export-dir", a.export_dir)
+    check_dir_arg("--logdir", a.logdir)
+    quiet_tensorflow()
+    from gpicl_tf.export import export_checkpoint
+
+    export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla)
+    return 0
+
+
+def export_main(argv=None) -> int:
+    """gpicl-export."""
+    return run("gpicl-export", _export, argv)
+
+
+# -------------------------------------------------------------- evaluation
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpicl-eval",
+        description="Transfer evaluation of an exported model against per-task learners, "
+                    "every method on the same tasks.")
+    p.add_argument("--model", required=True, help="export base folder, e.g. exports/gpicl")
+    p.add_argument("--version", type=int, help="version to evaluate (default: the highest)")
+    p.add_argument("--out", required=True, help="output folder, e.g. reports/gpicl")
+    p.add_argument("--suites", default="all", help=EVAL_SUITES_HELP)
+    p.add_argument("--ks", default=None, help="context sizes, e.g. 1,2,4,8 "
+                                              "(default: 1..64 up to what the model supports)")
+    p.add_argument("--baselines", default=None,
+                   help="comma-separated per-task learners (default: mean,knn,ridge,"
+                        "poly_ridge,gp; add mlp for the slow per-task MLP)")
+    p.add_argument("--tasks", type=positive_int("--tasks"), default=128,
+                   help="tasks per suite and k; every method runs on the same tasks")
+    p.add_argument("--queries", type=positive_int("--queries"), default=16,
+                   help="query points per task")
+    p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
+    return p
+
+
+def eval_main(argv=None) -> int:
+    """gpicl-eval."""
+    return run("gpicl-eval", _eval, argv)
+
+
+def _eval(argv) -> int:
+    a = eval_parser().parse_args(argv)
+    check_dir_arg("--out", a.out)
+    ks = int_list("--ks", a.ks) if a.ks else None
+    quiet_tensorflow()
+    from gpicl_tf import evaluate
+
+    return evaluate.run_cli(a, ks)
+
+
+# -------------------------------------------------------------- experiments
+def experiment_main(argv=None) -> int:
+    """gpicl-experiment."""
+    from gpicl_tf.experiments import runner
+
+    return runner.main(argv)
 
 
 if __name__ == "__main__":

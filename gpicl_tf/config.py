@@ -22,6 +22,13 @@ from typing import Any, Optional, Tuple
 ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy")
+# Classes of the base datasets of classification tasks (gpicl_tf.datasets).
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "kmnist": 10, "cifar10": 10,
+                   "svhn_cropped": 10}
+# Largest input magnitude the float32 model handles: differences of two such
+# values and the output map stay finite. Exports and the estimator refuse more.
+MAX_ABS_VALUE = 1e36
+MAX_COUNT = 10**9  # steps, batch sizes, intervals: beyond this a run cannot finish
 
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
@@ -31,6 +38,16 @@ def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
 def _require(cond: bool, owner: str, name: str, value: Any, allowed: str) -> None:
     if not cond:
         _fail(owner, name, value, allowed)
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """A run or export name: letters, digits, '-' and '_' (it becomes a folder name)."""
+    if not (isinstance(name, str) and name and name.replace("-", "").replace("_", "").isalnum()
+            and name.isascii()):
+        raise ValueError(f"{what}={name!r} is invalid: expected a non-empty name of letters, "
+                         "digits, '-' and '_' (it names a folder under the run and export "
+                         "directories)")
+    return name
 
 
 def _is_int(v: Any) -> bool:
@@ -143,6 +160,17 @@ class TaskConfig:
         tasks.get_family(self.family).check_config(self)
         _require(_is_num(self.biased_fraction) and 0 <= self.biased_fraction < 1, o,
                  "biased_fraction", self.biased_fraction, "a number in [0, 1)")
+        # Applied as a whole number of examples per block of block_size.
+        per_block = self.biased_fraction * self.block_size
+        _require(abs(per_block - round(per_block)) < 1e-9, o, "biased_fraction",
+                 self.biased_fraction, f"a multiple of 1/block_size = 1/{self.block_size} (it is "
+                 "applied as a whole number of examples per block)")
+        if self.biased_fraction > 0:
+            fams = [m[0] for m in self.mix] or [self.family]
+            unpooled = [f for f in fams if not tasks.get_family(f).supports_pool]
+            _require(not unpooled, o, "biased_fraction", self.biased_fraction,
+                     f"0 for families {unpooled}: their functions are drawn jointly on the "
+                     "inputs, so one fixed task cannot be evaluated at new inputs")
         kinds = set()
         for fam, _ in self.mix:
             tasks.get_family(fam).check_config(self)
@@ -172,7 +200,8 @@ class ModelConfig:
       n_heads: attention heads; must divide d_model unless key_dim is given.
       key_dim: per-head query/key/value size; None means d_model // n_heads.
       mlp_ratio: hidden width of each block's MLP as a multiple of d_model.
-      std_eps: variance floor of the per-task standardisation.
+      std_eps: relative spread floor of the per-task standardisation: context
+        values whose spread is below std_eps x their magnitude count as constant.
     """
 
     d_model: int = 64
@@ -180,7 +209,7 @@ class ModelConfig:
     n_heads: int = 4
     key_dim: Optional[int] = None
     mlp_ratio: int = 4
-    std_eps: float = 1e-6
+    std_eps: float = 1e-7
 
     def __post_init__(self):
         o = "model"
@@ -245,7 +274,8 @@ class TrainConfig:
         for nm in ("steps", "batch_size", "steps_per_call", "log_every", "eval_every",
                    "checkpoint_every", "eval_tasks", "keep_checkpoints"):
             v = getattr(self, nm)
-            _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
+            _require(_is_int(v) and 1 <= v <= MAX_COUNT, o, nm, v,
+                     f"an integer in [1, {MAX_COUNT:,}]")
         _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, o,
                  "warmup_steps", self.warmup_steps, "an integer >= 0 (capped at steps)")
         _require(_is_num(self.learning_rate) and 0 < self.learning_rate < 1, o,
@@ -274,14 +304,15 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        _require(self.train.batch_size % self.task.block_size == 0, "train", "batch_size",
+                 self.train.batch_size, f"a multiple of task.block_size={self.task.block_size} "
+                 "(tasks are generated in blocks; with R replicas, a multiple of R x block_size)")
         loss, kind = self.train.loss, self.task.kind
         if loss != "auto":
             _require((loss == "cross_entropy") == (kind == "classification"), "train", "loss",
                      loss, f"a loss for {kind} tasks ('auto', or "
                      f"{'cross_entropy' if kind == 'classification' else 'mse or normalized_mse'})")
-        _require(isinstance(self.name, str) and self.name.replace("-", "").replace(
-            "_", "").isalnum(), "experiment", "name", self.name,
-            "a non-empty name of letters, digits, '-' and '_'")
+        check_name(self.name, "name")
 
     @property
     def loss(self) -> str:
@@ -311,6 +342,13 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":
         return cls.from_dict(json.loads(text))
+
+
+def unseen_task_config(task: TaskConfig) -> TaskConfig:
+    """The task config of unseen-task evaluation: fresh functions (no pool), no biased
+    fixed task. Every evaluation path (training's eval loss, gpicl-eval, reports,
+    pictures, sweeps) derives its tasks through this one function."""
+    return dataclasses.replace(task, n_tasks=None, biased_fraction=0.0)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -19,8 +19,7 @@ import tensorflow_datasets as tfds
 
 TFDS_IMAGE_DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10", "svhn_cropped")
 OFFLINE_DATASETS = ("digits",)
-N_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "kmnist": 10, "cifar10": 10,
-             "svhn_cropped": 10}
+from gpicl_tf.config import DATASET_CLASSES as N_CLASSES  # noqa: E402  (one table)
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
 

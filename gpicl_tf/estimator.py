@@ -26,14 +26,14 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from gpicl_tf.config import MAX_ABS_VALUE
+
 _URL = re.compile(r"^(https?://[^/]+)/v1/models/([^/:]+)(?:/versions/(\d+))?/?$")
 
 
 class _SavedModelBackend:
     def __init__(self, path: str, version: Optional[int]):
-        import tensorflow as tf
-
-        from gpicl_tf.export import load_config, resolve_version, versions
+        from gpicl_tf.export import load_config, load_signature, resolve_version, versions
 
         vdir = path if os.path.exists(os.path.join(path, "saved_model.pb")) else None
         if vdir is None:
@@ -43,7 +43,7 @@ class _SavedModelBackend:
                                  "folder), or a TF Serving URL http://host:port/v1/models/<name>")
             vdir = resolve_version(path, version)
         self.cfg = load_config(vdir)
-        self.sig = tf.saved_model.load(vdir).signatures["serving_default"]
+        self.sig = load_signature(vdir)
 
     def __call__(self, cx, cy, qx):
         import tensorflow as tf
@@ -58,13 +58,23 @@ class _ServingBackend:
     def __init__(self, url: str, version: Optional[int], timeout: float):
         from gpicl_tf.serving import TFServingClient
 
+        from gpicl_tf.config import ExperimentConfig
+
         m = _URL.match(url)
         base, name, v = m.group(1), m.group(2), m.group(3)
         self.client = TFServingClient(base, name, int(v) if v else version, timeout=timeout)
-        self.cfg = None  # widths are checked by the server's signature
+        # Widths and the context limit come from the served model itself.
+        self.cfg = ExperimentConfig.from_json(self.client.model_config())
 
     def __call__(self, cx, cy, qx):
-        return self.client.predict(cx, cy, qx)
+        from gpicl_tf.serving import ServingError
+
+        try:
+            return self.client.predict(cx, cy, qx)
+        except ServingError as e:
+            if e.status == 400:  # the signature refused the input: a data error
+                raise ValueError(f"the served model refused the input: {e}") from None
+            raise
 
 
 class InContextRegressor(RegressorMixin, BaseEstimator):
@@ -97,24 +107,28 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
 
     # -------------------------------------------------------------- backend
     def _backend(self):
+        """The loaded model; reloaded when model, version or timeout changed (set_params)."""
+        key = (self.model, self.version, self.timeout)
         backend = getattr(self, "_backend_obj", None)
-        if backend is None:
-            if not isinstance(self.model, str) or not self.model:
+        if backend is None or getattr(self, "_backend_key", None) != key:
+            model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
+            if not isinstance(model, str) or not model:
                 raise ValueError(f"model={self.model!r}: expected an export path or a TF "
                                  "Serving URL")
-            if self.model.startswith(("http://", "https://")):
-                if not _URL.match(self.model):
+            if model.startswith(("http://", "https://")):
+                if not _URL.match(model):
                     raise ValueError(f"model={self.model!r}: expected a URL of the form "
                                      "http://host:port/v1/models/<name>[/versions/<v>]")
-                backend = _ServingBackend(self.model, self.version, self.timeout)
+                backend = _ServingBackend(model, self.version, self.timeout)
             else:
-                backend = _SavedModelBackend(self.model, self.version)
-            self._backend_obj = backend
+                backend = _SavedModelBackend(model, self.version)
+            self._backend_obj, self._backend_key = backend, key
         return backend
 
     def __getstate__(self):  # a loaded TF function does not pickle; reload lazily
         state = dict(self.__dict__)
         state.pop("_backend_obj", None)
+        state.pop("_backend_key", None)
         return state
 
     def _check_params(self):
@@ -133,23 +147,31 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
     def fit(self, X, y):
         """Stores (X, y) as the context. X: [n, d] (or [n]); y: [n] or [n, dy]."""
         self._check_params()
+        if np.asarray(y).dtype.kind in "USO" and not _all_numbers(y):
+            raise ValueError("y: expected numeric regression targets, got strings or objects "
+                             f"(dtype {np.asarray(y).dtype}); encode them as numbers")
         X = _as_2d(X)
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
                              dtype=np.float64, ensure_min_samples=1)
         self._y_1d = y.ndim == 1
         Y = y.reshape(len(y), -1)
         cfg = self._backend().cfg
-        if cfg is not None:
-            if X.shape[1] != cfg.task.x_dim:
-                raise ValueError(f"X has {X.shape[1]} features, but the model {self.model!r} "
-                                 f"expects {cfg.task.x_dim}")
-            if Y.shape[1] != cfg.task.y_dim:
-                raise ValueError(f"y has {Y.shape[1]} outputs, but the model {self.model!r} "
-                                 f"expects {cfg.task.y_dim}")
+        if X.shape[1] != cfg.task.x_dim:
+            raise ValueError(f"X has {X.shape[1]} features, but the model {self.model!r} "
+                             f"expects {cfg.task.x_dim}")
+        if Y.shape[1] != cfg.task.y_dim:
+            raise ValueError(f"y has {Y.shape[1]} outputs, but the model {self.model!r} "
+                             f"expects {cfg.task.y_dim}")
+        # The model is equivariant to affine maps of x and y, so the data are
+        # standardised here in float64 and predictions mapped back: any scale
+        # and offset float64 holds reaches the float32 model intact.
+        self._x_loc, self._x_scale = _loc_scale(X)
+        self._y_loc, self._y_scale = _loc_scale(Y)
         self.X_context_, self.y_context_ = X, Y
-        limit = cfg.task.context_max if cfg is not None else 10**9
+        self._cx = (X - self._x_loc) / self._x_scale
+        self._cy = (Y - self._y_loc) / self._y_scale
+        limit = cfg.task.context_max
         self.max_context_ = min(self.max_context or limit, limit)
-        self._scale = X.std(0) + 1e-12
         return self
 
     def predict(self, X, return_std: bool = False):
@@ -160,18 +182,24 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         check_is_fitted(self, "X_context_")
         X = _as_2d(X)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        out = np.concatenate([self._predict_chunk(X[i:i + self.batch_size])
+        Xs = (X - self._x_loc) / self._x_scale
+        if len(X) and np.abs(Xs).max() > MAX_ABS_VALUE:
+            raise ValueError("X: a query lies more than 1e36 context spreads from the context; "
+                             "expected inputs on the scale of the fitted data")
+        out = np.concatenate([self._predict_chunk(Xs[i:i + self.batch_size])
                               for i in range(0, len(X), self.batch_size)]) if len(X) else \
             np.zeros((0, self.y_context_.shape[1]))
+        out = out * self._y_scale + self._y_loc
         return out[:, 0] if self._y_1d else out
 
     def _predict_chunk(self, Xq):
-        cx, cy, m = self.X_context_, self.y_context_, self.max_context_
+        """Predictions for standardised queries Xq, in standardised units of y."""
+        cx, cy, m = self._cx, self._cy, self.max_context_
         run = self._backend()
         if len(cx) <= m:  # one shared context for every query
             return run(cx[None], cy[None], Xq[None])[0]
         if self.context_strategy == "nearest":
-            d = np.sum(((Xq[:, None, :] - cx[None]) / self._scale) ** 2, -1)  # (q, n)
+            d = np.sum((Xq[:, None, :] - cx[None]) ** 2, -1)  # (q, n), standardised x
             idx = np.argpartition(d, m - 1, axis=1)[:, :m]  # (q, m)
             return run(cx[idx], cy[idx], Xq[:, None, :])[:, 0]
         rng = np.random.default_rng(self.random_state)
@@ -184,6 +212,21 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
+
+
+def _loc_scale(a):
+    """Per-column mean and std (1 where a column is constant), in float64."""
+    loc = a.mean(0)
+    scale = a.std(0)
+    return loc, np.where(scale > 0, scale, 1.0)
+
+
+def _all_numbers(y) -> bool:
+    try:
+        np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return np.asarray(y).dtype.kind == "O"  # objects that are numbers pass; strings never
 
 
 def _as_2d(X):

@@ -9,17 +9,19 @@ set of tasks the model never saw; each task gets k context points and
 the same k context points. On `gp_rbf` suites the exact GP posterior mean with
 the true kernel (the Bayes-optimal predictor) is added as `bayes_optimal`.
 
+Every method runs on the same tasks (paired): --tasks tasks per suite and k.
+
 Output in --out:
-  results.json   {"suites": {suite: {"family", "overrides", "methods":
-                   {method: {k: {"mse", "ci95": [lo, hi], "n_tasks", "sec_per_task"}}}}}, ...}
-  results.md     one table per suite (MSE at every k, best in bold)
-  mse_vs_k.png   MSE against k per suite, all methods
+  results.json   {"suites": {suite: {"family", "overrides", "methods": {method: {k:
+                   {"mse", "ci95": [lo, hi], "nmse", "nmse_ci95", "n_tasks",
+                   "sec_per_task"}}}}}, ...}
+  results.md     one table per suite (normalised MSE at every k, best in bold)
+  mse_vs_k.png   normalised MSE against k per suite, all methods
   fits_<suite>.png  example fits: context, truth, model, best baseline
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -27,21 +29,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from gpicl_tf import baselines as baselines_lib
-from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.config import ExperimentConfig, unseen_task_config
 from gpicl_tf.files import write_atomic
+from gpicl_tf.progress import progress_bar
 from gpicl_tf.report import context_batch
 from gpicl_tf.summaries import pyplot
 from gpicl_tf.tasks import GPRBF, get_family, gp_posterior_mean
 
 EVAL_SEED = 20221208  # suites are fixed: this seed is never a training stream
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
-DEFAULT_BASELINES = ("mean", "knn", "ridge", "poly_ridge", "gp", "mlp")
-SLOW_BASELINES = ("gp", "mlp")
+DEFAULT_BASELINES = ("mean", "knn", "ridge", "poly_ridge", "gp")  # "mlp": opt-in, slow
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def mean_ci95(errors) -> tuple:
 
 def saved_model_predict_fn(version_dir: str):
     """predict_fn(cx, cy, qx) -> [T, Nq, dy] through the export's serving_default."""
-    sig = tf.saved_model.load(version_dir).signatures["serving_default"]
+    from gpicl_tf.export import load_signature
+
+    sig = load_signature(version_dir)
 
     def predict(cx, cy, qx):
         out = sig(context_x=tf.constant(cx, tf.float32), context_y=tf.constant(cy, tf.float32),
@@ -126,9 +129,15 @@ def check_request(cfg: ExperimentConfig, suites: list, ks, baselines) -> None:
 
 
 def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
-             baselines=DEFAULT_BASELINES, n_tasks: int = 256, n_queries: int = 16,
-             slow_tasks: int = 64, seed: int = EVAL_SEED, progress: bool = True) -> dict:
+             baselines=DEFAULT_BASELINES, n_tasks: int = 128, n_queries: int = 16,
+             seed: int = EVAL_SEED, progress: bool = True) -> dict:
     """Runs every suite at every k; returns the results.json dictionary.
+
+    Every method (the model, each baseline, the Bayes-optimal predictor) is
+    scored on the same n_tasks tasks with the same context and queries
+    (paired), by MSE and by normalised MSE (each task's squared error over the
+    variance of its y, so suites of every scale read on one scale: 1.0 is
+    about the error of predicting the task's mean).
 
     Args:
       predict_fn: (context_x, context_y, query_x) -> mean, batched numpy.
@@ -136,38 +145,37 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
       suites: Suites to run.
       ks: context sizes.
       baselines: names from gpicl_tf.baselines.BASELINES.
-      n_tasks: tasks per suite and k.
+      n_tasks: tasks per suite and k, the same for every method.
       n_queries: query points per task.
-      slow_tasks: GP regression and the per-task MLP run on the first
-        `slow_tasks` tasks only (recorded as n_tasks in their entries).
       seed: the suites' seed.
     """
     check_request(cfg, suites, ks, baselines)
-    bar = keras.utils.Progbar(len(suites) * len(ks), verbose=1 if progress else 0,
-                              unit_name="suite x k")
-    out = {"config": cfg.to_dict(), "n_queries": n_queries, "seed": seed, "suites": {}}
+    bar = progress_bar(len(suites) * len(ks), progress, label="suite x k")
+    out = {"config": cfg.to_dict(), "n_queries": n_queries, "n_tasks": n_tasks, "seed": seed,
+           "suites": {}}
     for s in suites:
         methods = {}
         for k in ks:
             x, y, _ = context_batch(cfg, k, n_tasks, n_queries, seed, family=s.family,
                                     **s.overrides)
+            var = np.maximum(y.var(axis=1).mean(-1), 1e-30)  # (T,) each task's y variance
             tic = time.perf_counter()
             pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
             sec = (time.perf_counter() - tic) / len(x)
-            _put(methods, "model", k, np.mean((pred - y[:, k:]) ** 2, axis=(1, 2)), sec)
+            _put(methods, "model", k, np.mean((pred - y[:, k:]) ** 2, axis=(1, 2)), var, sec)
             for b in baselines:
-                m = slow_tasks if b in SLOW_BASELINES else n_tasks
                 fn = baselines_lib.get_baseline(b)
                 tic = time.perf_counter()
                 errs = [np.mean((fn(x[i, :k], y[i, :k], x[i, k:]) - y[i, k:]) ** 2)
-                        for i in range(min(m, len(x)))]
-                _put(methods, b, k, errs, (time.perf_counter() - tic) / len(errs))
+                        for i in range(len(x))]
+                _put(methods, b, k, errs, var, (time.perf_counter() - tic) / len(x))
             if s.family == "gp_rbf":
-                task = dataclasses.replace(cfg.task, family="gp_rbf", n_tasks=None, mix=(),
+                task = dataclasses.replace(unseen_task_config(cfg.task), family="gp_rbf", mix=(),
                                            **s.overrides)
                 errs, sec = bayes_optimal(task, x, y, k)
-                _put(methods, "bayes_optimal", k, errs, sec)
-            bar.add(1)
+                _put(methods, "bayes_optimal", k, errs, var, sec)
+            if bar is not None:
+                bar.add(1)
         out["suites"][s.name] = {"family": s.family, "kind": s.kind,
                                  "overrides": {a: list(v) if isinstance(v, tuple) else v
                                                for a, v in s.overrides.items()},
@@ -175,27 +183,35 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
     return out
 
 
-def _put(methods, name, k, errs, sec):
+def _put(methods, name, k, errs, var, sec):
+    errs = np.asarray(errs, np.float64)
     mse, ci = mean_ci95(errs)
-    methods.setdefault(name, {})[str(k)] = {"mse": mse, "ci95": ci, "n_tasks": len(errs),
+    nmse, nci = mean_ci95(errs / var)
+    methods.setdefault(name, {})[str(k)] = {"mse": mse, "ci95": ci, "nmse": nmse,
+                                            "nmse_ci95": nci, "n_tasks": len(errs),
                                             "sec_per_task": sec}
 
 
-def markdown(results: dict) -> str:
-    """One Markdown table per suite: methods x k, the best MSE in bold."""
-    lines = []
+def markdown(results: dict, metric: str = "nmse") -> str:
+    """One Markdown table per suite: methods x k of `metric`, the best in bold.
+
+    Every row of a table was measured on the same tasks (paired).
+    """
+    lines = [f"{metric.upper()} on {results.get('n_tasks', '?')} tasks per suite and k, the "
+             "same tasks for every method" + (" (normalised: squared error / the task's y "
+                                              "variance)" if metric == "nmse" else ""), ""]
     for name, suite in results["suites"].items():
         methods = suite["methods"]
         ks = list(methods["model"].keys())
         lines += [f"### {name} ({suite['kind']})", "",
                   "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
-        best = {k: min(m[k]["mse"] for n, m in methods.items() if n != "bayes_optimal")
+        best = {k: min(m[k][metric] for n, m in methods.items() if n != "bayes_optimal")
                 for k in ks}
         for meth, row in methods.items():
             cells = []
             for k in ks:
-                v = row[k]["mse"]
+                v = row[k][metric]
                 cells.append(f"**{v:.4g}**" if v == best[k] else f"{v:.4g}")
             lines.append(f"| {meth} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -219,7 +235,7 @@ def plot_mse_vs_k(results: dict, path: str) -> None:
     for ax, (name, s) in zip(axes.ravel(), suites.items()):
         for meth, row in s["methods"].items():
             ks = [int(k) for k in row]
-            ax.plot(ks, [row[str(k)]["mse"] for k in ks], marker="o", ms=3, label=meth,
+            ax.plot(ks, [row[str(k)]["nmse"] for k in ks], marker="o", ms=3, label=meth,
                     **STYLES.get(meth, {"lw": 1}))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -227,7 +243,7 @@ def plot_mse_vs_k(results: dict, path: str) -> None:
         ax.set_xlabel("context points k")
     for ax in axes.ravel()[len(suites):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("MSE")
+    axes[0][0].set_ylabel("normalised MSE")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -293,49 +309,39 @@ def _to_tensorboard(results, pictures, logdir):
     w.flush()
 
 
-def main(argv=None) -> int:
+def run_cli(a, ks) -> int:
+    """gpicl-eval after its flags are parsed (gpicl_tf.cli.eval_parser)."""
     from gpicl_tf.export import load_config, resolve_version
 
-    p = argparse.ArgumentParser(prog="gpicl-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="export base folder, e.g. exports/gpicl")
-    p.add_argument("--version", type=int, help="version to evaluate (default: the highest)")
-    p.add_argument("--out", required=True, help="output folder, e.g. reports/gpicl")
-    p.add_argument("--suites", default="all",
-                   help="comma-separated suite names (default: all)")
-    p.add_argument("--ks", default=None, help="context sizes, e.g. 1,2,4,8 "
-                                              "(default: 1..64 up to what the model supports)")
-    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
-    p.add_argument("--tasks", type=int, default=256, help="tasks per suite and k")
-    p.add_argument("--slow-tasks", type=int, default=64,
-                   help="tasks for the slow baselines (gp, mlp)")
-    p.add_argument("--queries", type=int, default=16, help="query points per task")
-    p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
-    a = p.parse_args(argv)
-    try:
-        version_dir = resolve_version(a.model, a.version)
-        cfg = load_config(version_dir)
-        suites = default_suites(cfg)
-        if a.suites != "all":
-            known = {s.name: s for s in suites}
-            names = a.suites.split(",")
-            unknown = [n for n in names if n not in known]
-            if unknown:
-                raise ValueError(f"--suites {unknown}: unknown; expected some of {sorted(known)}")
-            suites = [known[n] for n in names]
-        ks = ([int(k) for k in a.ks.split(",")] if a.ks else
-              [k for k in DEFAULT_KS if k <= cfg.task.context_max])
-        baselines = [b for b in a.baselines.split(",") if b]
-        check_request(cfg, suites, ks, baselines)
-    except ValueError as e:
-        print(f"gpicl-eval: error: {e}", file=sys.stderr)
-        return 2
+    version_dir = resolve_version(a.model, a.version)
+    cfg = load_config(version_dir)
+    suites = default_suites(cfg)
+    if a.suites != "all":
+        known = {s.name: s for s in suites}
+        names = [n for n in a.suites.split(",") if n]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ValueError(f"--suites {unknown or a.suites!r}: unknown; expected some of "
+                             f"{sorted(known)}")
+        suites = [known[n] for n in names]
+    ks = ks or [k for k in DEFAULT_KS if k <= cfg.task.context_max]
+    baselines = ([b for b in a.baselines.split(",") if b] if a.baselines is not None
+                 else list(DEFAULT_BASELINES))
+    check_request(cfg, suites, ks, baselines)
     predict_fn = saved_model_predict_fn(version_dir)
-    results = evaluate(predict_fn, cfg, suites, ks, baselines, a.tasks, a.queries, a.slow_tasks)
+    results = evaluate(predict_fn, cfg, suites, ks, baselines, a.tasks, a.queries)
     results["model"] = os.path.abspath(version_dir)
     write_outputs(results, a.out, predict_fn, cfg, suites, a.logdir)
     print(markdown(results))
     print(f"wrote {a.out}/results.json, results.md, mse_vs_k.png")
     return 0
+
+
+def main(argv=None) -> int:
+    """gpicl-eval (see gpicl_tf.cli)."""
+    from gpicl_tf.cli import eval_main
+
+    return eval_main(argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ class ContextStandardizer(keras.layers.Layer):
 
     Only context points (is_query == 0) enter the statistics, so a query never
     influences another query through them. With fewer than two context points
-    the scale falls back to 1 (and with none the location to 0).
+    the scale falls back to 1 (and with none the location to 0). The
+    statistics are relative to the data (see `_stats`), so predictions are
+    equivariant to a*x + b and c*y + d over float32's range (|values| up to
+    gpicl_tf.config.MAX_ABS_VALUE).
 
     With standardize_y=False (classification) y is passed through unscaled.
 
@@ -26,30 +29,60 @@ class ContextStandardizer(keras.layers.Layer):
       query flag), y_loc [B, 1, dy], y_scale [B, 1, dy].
     """
 
-    def __init__(self, eps: float = 1e-6, standardize_y: bool = True, **kwargs):
+    def __init__(self, eps: float = 1e-7, standardize_y: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.eps = eps
         self.standardize_y = standardize_y
 
     def _stats(self, v, w, n):
-        # v (B, N, d), w (B, N, 1) context weights, n (B, 1, 1) context count.
-        mean = ops.sum(v * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)
-        var = ops.sum(ops.square(v - mean) * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)
-        std = ops.sqrt(var + self.eps)
-        std = ops.where(n >= 2.0, std, ops.ones_like(std))
-        return mean, std
+        """Location and scale of the context values, relative to the data.
+
+        v (B, N, d), w (B, N, 1) context weights, n (B, 1, 1) context count.
+        Returns ref, spread, mean_u, std_u, each (B, 1, d), such that the
+        standardised value is ((v - ref) / spread - mean_u) / std_u. The values
+        are first shifted by a context point (ref) and divided by their largest
+        deviation from it (spread), so squares never overflow float32 and a
+        large offset does not cancel away the spread. A spread below `eps`
+        times the offset is float32 rounding noise and counts as none: all
+        context values equal, scale 0, so the prediction is that value.
+        """
+        first = ops.argmax(w[..., 0], axis=1)  # (B,) index of the first context point
+        pick = ops.expand_dims(ops.one_hot(first, ops.shape(v)[1], dtype=v.dtype), -1)
+        ref = ops.sum(v * pick * w, axis=1, keepdims=True)  # (B, 1, d); 0 without context
+        dev = (v - ref) * w  # (B, N, d): exact for nearby float32 values
+        spread = ops.max(ops.abs(dev), axis=1, keepdims=True)  # (B, 1, d)
+        spread = ops.where(spread > self.eps * ops.abs(ref), spread, ops.zeros_like(spread))
+        safe = ops.where(spread > 0, spread, ops.ones_like(spread))
+        u = dev / safe  # (B, N, d) in [-1, 1]
+        mean_u = ops.sum(u, axis=1, keepdims=True) / ops.maximum(n, 1.0)
+        var_u = ops.sum(ops.square(u - mean_u) * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)
+        std_u = ops.where(spread > 0, ops.sqrt(var_u), ops.ones_like(var_u))
+        # Fewer than two context points carry no scale: unit scale around ref.
+        few = n < 2.0
+        mean_u = ops.where(few, ops.zeros_like(mean_u), mean_u)
+        std_u = ops.where(few, ops.ones_like(std_u), std_u)
+        safe = ops.where(few, ops.ones_like(safe), safe)
+        return ref, safe, mean_u, std_u, spread
 
     def call(self, x, y, is_query):
         q = ops.expand_dims(ops.cast(is_query, x.dtype), -1)  # (B, N, 1)
         w = 1.0 - q
         n = ops.sum(w, axis=1, keepdims=True)  # (B, 1, 1)
-        x_loc, x_scale = self._stats(x, w, n)
-        y_loc, y_scale = self._stats(y, w, n)
-        if not self.standardize_y:  # classification: y is one-hot, used as is
-            y_loc, y_scale = ops.zeros_like(y_loc), ops.ones_like(y_scale)
-        xs = (x - x_loc) / x_scale
-        ys = (y - y_loc) / y_scale * w  # queries' y never enters the model
+        xs = self._standardize(x, w, n)[0]
+        if self.standardize_y:
+            ys, y_loc, y_scale = self._standardize(y, w, n)
+        else:  # classification: y is one-hot, used as is
+            ys, y_loc, y_scale = y, ops.zeros_like(y[:, :1]), ops.ones_like(y[:, :1])
+        ys = ys * w  # queries' y never enters the model
         return ops.concatenate([xs, ys, q], axis=-1), y_loc, y_scale
+
+    def _standardize(self, v, w, n):
+        ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
+        vs = ((v - ref) / safe - mean_u) / std_u
+        loc = ref + safe * mean_u
+        # A context without spread predicts its constant value (scale 0).
+        scale = ops.where((spread > 0) | (n < 2.0), safe * std_u, ops.zeros_like(std_u))
+        return vs, loc, scale
 
     def compute_output_spec(self, x, y, is_query):
         b, n, dx = x.shape

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from gpicl_tf import data as data_lib
-from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.config import ExperimentConfig, unseen_task_config
 from gpicl_tf.model import masked_inputs
 
 REPORT_STREAM = data_lib.EVAL_STREAM + 7  # tasks no training run draws
@@ -19,7 +19,7 @@ def context_batch(cfg: ExperimentConfig, k: int, n_tasks: int, n_queries: int, s
     Returns numpy arrays x [T, k+q, dx], y [T, k+q, dy], is_query [T, k+q],
     with the context points placed first.
     """
-    task = dataclasses.replace(cfg.task, n_tasks=None, n_points=k + n_queries,
+    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=k + n_queries,
                                min_context=0, max_context=None,
                                family=family or cfg.task.family, mix=(), **task_overrides)
     b = data_lib.sample_batch(task, seed, n_tasks, n_context=k, stream=stream)

@@ -9,17 +9,21 @@ Requests use the row ("instances", one object per task) or the columnar
 ("inputs") format. Replies `{"predictions": ...}` / `{"outputs": ...}` are parsed
 to numpy; `{"error": ...}` replies raise ServingError with the server's message.
 Only connection failures (refused, reset, dropped) are retried, with
-exponential backoff; a timeout raises ServingTimeout at once.
+exponential backoff; a timeout raises ServingTimeout at once. `timeout` bounds
+the whole call, however slowly the server sends its reply. A reply that is not
+JSON, lacks its keys, is ragged or does not match the request's shape raises
+ServingError.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Optional
 
 import numpy as np
@@ -81,20 +85,40 @@ def build_request(context_x, context_y, query_x, fmt: str = "columnar",
     raise ValueError(f"fmt={fmt!r}: expected 'columnar' or 'row'")
 
 
-def parse_predict_response(body: dict, output: str = "mean") -> np.ndarray:
-    """The `output` tensor of a :predict reply in either format; errors raise ServingError."""
+def parse_predict_response(body, output: str = "mean", expected_shape=None) -> np.ndarray:
+    """The `output` tensor of a :predict reply in either format.
+
+    Args:
+      body: the decoded JSON reply.
+      output: the output's name.
+      expected_shape: (B, Nq) the request asked for; the reply must be [B, Nq, dy].
+    Raises:
+      ServingError: an error reply, missing keys, a ragged or non-numeric
+        tensor, or a shape that does not match the request.
+    """
+    if not isinstance(body, dict):
+        raise ServingError(f"unexpected reply: expected a JSON object, got "
+                           f"{type(body).__name__}")
     if "error" in body:
         raise ServingError(str(body["error"]))
-    if "outputs" in body:  # columnar
-        out = body["outputs"]
-        out = out[output] if isinstance(out, dict) else out
-    elif "predictions" in body:  # row: one entry per instance
-        preds = body["predictions"]
-        out = [p[output] if isinstance(p, dict) else p for p in preds]
-    else:
-        raise ServingError(f"unexpected reply: expected 'outputs', 'predictions' or 'error', "
-                           f"got keys {sorted(body)}")
-    return np.asarray(out, dtype=np.float32)
+    try:
+        if "outputs" in body:  # columnar
+            out = body["outputs"]
+            out = out[output] if isinstance(out, dict) else out
+        elif "predictions" in body:  # row: one entry per instance
+            out = [p[output] if isinstance(p, dict) else p for p in body["predictions"]]
+        else:
+            raise ServingError(f"unexpected reply: expected 'outputs', 'predictions' or "
+                               f"'error', got keys {sorted(body)}")
+        arr = np.asarray(out, dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ServingError(f"unexpected reply: output {output!r} is missing, ragged or not "
+                           f"numeric ({e})") from None
+    if expected_shape is not None and (arr.ndim != 3 or arr.shape[:2] != tuple(expected_shape)):
+        raise ServingError(f"unexpected reply: expected {output!r} of shape "
+                           f"[{expected_shape[0]}, {expected_shape[1]}, dy] for this request, "
+                           f"got {list(arr.shape)}")
+    return arr
 
 
 class TFServingClient:
@@ -102,9 +126,10 @@ class TFServingClient:
 
     Args:
       base_url: e.g. "http://localhost:8501".
-      model_name: the served model's name.
+      model_name: the served model's name (URL-quoted in requests).
       version: a version number, or None for the one the server prefers.
-      timeout: seconds per HTTP request.
+      timeout: seconds one call may take in all (connect, send, the whole
+        reply), per attempt.
       retries: extra attempts after a connection failure.
       backoff: seconds before the first retry; doubled each time.
     """
@@ -112,46 +137,96 @@ class TFServingClient:
     def __init__(self, base_url: str = "http://localhost:8501", model_name: str = "gpicl",
                  version: Optional[int] = None, timeout: float = 10.0, retries: int = 3,
                  backoff: float = 0.2):
+        url = urllib.parse.urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname or url.path.strip("/"):
+            raise ValueError(f"base_url={base_url!r}: expected http://host:port or "
+                             "https://host:port")
+        if not isinstance(model_name, str) or not model_name:
+            raise ValueError(f"model_name={model_name!r}: expected a non-empty string")
+        if version is not None and (not _is_int(version) or version < 1):
+            raise ValueError(f"version={version!r}: expected None or an integer >= 1")
+        if not _is_num(timeout) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout={timeout!r}: expected a number of seconds > 0")
+        if not _is_int(retries) or retries < 0:
+            raise ValueError(f"retries={retries!r}: expected an integer >= 0")
+        if not _is_num(backoff) or backoff < 0:
+            raise ValueError(f"backoff={backoff!r}: expected a number of seconds >= 0")
         self.base_url = base_url.rstrip("/")
+        self._url = url
         self.model_name = model_name
         self.version = version
-        self.timeout = timeout
+        self.timeout = float(timeout)
         self.retries = retries
         self.backoff = backoff
 
     @property
     def model_url(self) -> str:
-        url = f"{self.base_url}/v1/models/{self.model_name}"
+        url = f"{self.base_url}/v1/models/{urllib.parse.quote(self.model_name, safe='')}"
         return url if self.version is None else f"{url}/versions/{int(self.version)}"
+
+    def _once(self, path: str, data: Optional[bytes]):
+        """One HTTP exchange within self.timeout in all: (status, body bytes)."""
+        cls = (http.client.HTTPSConnection if self._url.scheme == "https"
+               else http.client.HTTPConnection)
+        conn = cls(self._url.hostname, self._url.port, timeout=self.timeout)
+        expired = threading.Event()
+
+        def abort():  # wakes a read blocked on a slow (dripping) server
+            expired.set()
+            if conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, abort)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.request("GET" if data is None else "POST", path, body=data,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            if expired.is_set():
+                raise TimeoutError
+            return resp.status, raw
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
 
     def _call(self, url: str, body: Optional[dict] = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+        path = url[len(self.base_url):] or "/"
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read().decode() or "{}")
-            except urllib.error.HTTPError as e:  # the server answered: never retried
-                raw = e.read().decode(errors="replace")
-                try:
-                    msg = json.loads(raw).get("error", raw)
-                except json.JSONDecodeError:
-                    msg = raw or e.reason
-                raise ServingError(f"{url}: HTTP {e.code}: {msg}", e.code) from None
-            except (socket.timeout, TimeoutError) as e:
-                raise ServingTimeout(f"{url}: no reply within {self.timeout} s") from e
-            except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected,
-                    http.client.BadStatusLine) as e:
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, (socket.timeout, TimeoutError)):
-                    raise ServingTimeout(f"{url}: no reply within {self.timeout} s") from e
+                status, raw = self._once(path, data)
+            except (socket.timeout, TimeoutError):
+                raise ServingTimeout(f"{url}: no reply within {self.timeout:g} s") from None
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine,
+                    OSError) as e:
                 if attempt == self.retries:
                     raise ServingError(f"{url}: connection failed after {attempt + 1} "
-                                       f"attempts: {reason}") from e
+                                       f"attempts: {e}") from e
                 time.sleep(delay)
                 delay *= 2
+                continue
+            text = raw.decode(errors="replace")
+            try:
+                reply = json.loads(text or "{}")
+            except json.JSONDecodeError:
+                if status >= 400:
+                    raise ServingError(f"{url}: HTTP {status}: {text[:300]}", status) from None
+                raise ServingError(f"{url}: unexpected reply: expected JSON, got "
+                                   f"{text[:100]!r}", status) from None
+            if status >= 400:  # the server answered: never retried
+                msg = reply.get("error", text) if isinstance(reply, dict) else text
+                raise ServingError(f"{url}: HTTP {status}: {msg}", status)
+            return reply
         raise AssertionError("unreachable")
 
     def status(self) -> dict:
@@ -162,7 +237,31 @@ class TFServingClient:
         """GET .../metadata: signatures with their input and output names."""
         return self._call(f"{self.model_url}/metadata")
 
+    def model_config(self) -> str:
+        """The served model's config JSON (its `model_config` signature)."""
+        reply = self._call(f"{self.model_url}:predict",
+                           {"signature_name": "model_config", "inputs": {"unused": [0.0]}})
+        out = reply.get("outputs") if isinstance(reply, dict) else None
+        if isinstance(out, dict):
+            out = out.get("config_json")
+        if isinstance(out, list) and len(out) == 1:
+            out = out[0]
+        if not isinstance(out, str):
+            raise ServingError(f"{self.model_url}: unexpected model_config reply: expected "
+                               "{'outputs': '<config json>'} (an export of gpicl_tf)")
+        return out
+
     def predict(self, context_x, context_y, query_x, fmt: str = "columnar") -> np.ndarray:
         """POST .../:predict on serving_default; returns mean [B, Nq, dy]."""
         body = build_request(context_x, context_y, query_x, fmt)
-        return parse_predict_response(self._call(f"{self.model_url}:predict", body))
+        qx = np.asarray(query_x)
+        return parse_predict_response(self._call(f"{self.model_url}:predict", body),
+                                      expected_shape=qx.shape[:2])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.config import ExperimentConfig, unseen_task_config
 
 
 def flat_hparams(cfg: ExperimentConfig) -> dict:
@@ -43,7 +43,7 @@ def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context:
     plt = pyplot()
 
     grid = 200
-    task = dataclasses.replace(cfg.task, n_tasks=None, n_points=n_context + grid,
+    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + grid,
                                max_context=None, min_context=0)
     b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
                               n_context=n_context, stream=data_lib.EVAL_STREAM + 1)

@@ -14,7 +14,17 @@ Families are looked up by name in `FAMILIES`:
 
 from __future__ import annotations
 
-import tensorflow as tf
+class _LazyTensorFlow:
+    """`tensorflow`, imported on first use: validating a config (and a CLI's
+    --help or --print-config) needs the registry, not TensorFlow."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        return getattr(tensorflow, name)
+
+
+tf = _LazyTensorFlow()
 
 FAMILIES: dict = {}
 
@@ -38,13 +48,13 @@ def get_family(name: str):
 
 
 _ACT = {
-    "tanh": tf.tanh,
-    "swish": tf.nn.silu,
-    "relu": tf.nn.relu,
-    "gelu": tf.nn.gelu,
-    "sigmoid": tf.sigmoid,
-    "sin": tf.sin,
-    "linear": tf.identity,
+    "tanh": lambda h: tf.tanh(h),
+    "swish": lambda h: tf.nn.silu(h),
+    "relu": lambda h: tf.nn.relu(h),
+    "gelu": lambda h: tf.nn.gelu(h),
+    "sigmoid": lambda h: tf.sigmoid(h),
+    "sin": lambda h: tf.sin(h),
+    "linear": lambda h: h,
 }
 
 
@@ -256,7 +266,7 @@ class ProjectedLabels(TaskFamily):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        from gpicl_tf.datasets import N_CLASSES
+        from gpicl_tf.config import DATASET_CLASSES as N_CLASSES
 
         super().check_config(cfg)
         n_cls = N_CLASSES.get(cfg.dataset)

@@ -23,9 +23,10 @@ import tensorflow as tf
 
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
-from gpicl_tf.config import ExperimentConfig
+from gpicl_tf.config import ExperimentConfig, unseen_task_config
 from gpicl_tf.files import write_atomic
 from gpicl_tf.losses import masked_query_loss
+from gpicl_tf.progress import progress_bar
 from gpicl_tf.model import build_model, model_inputs
 
 
@@ -50,14 +51,30 @@ class TrainResult:
     steps_per_sec: float
     logdir: str
     resumed_from: int
+    complete: bool = False  # True: the run had finished before; nothing was trained
 
 
 # ---------------------------------------------------------------- strategy
+def cluster_spec() -> dict:
+    """The cluster of TF_CONFIG ({} when unset); invalid JSON is a clear ValueError."""
+    text = os.environ.get("TF_CONFIG", "") or "{}"
+    try:
+        tf_config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}): "
+                         'expected {"cluster": {"worker": ["host:port", ...]}, "task": '
+                         '{"type": "worker", "index": 0}}') from None
+    cluster = tf_config.get("cluster", {}) if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict):
+        raise ValueError("TF_CONFIG: expected a JSON object with a 'cluster' object")
+    return cluster
+
+
 def select_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirrored with a multi-worker TF_CONFIG, Mirrored over GPUs, else default."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
-    workers = tf_config.get("cluster", {}).get("worker", [])
-    if len(workers) > 1:
+    """MultiWorkerMirrored for a TF_CONFIG cluster of more than one task (chief and
+    workers together), Mirrored over GPUs, else the default strategy."""
+    cluster = cluster_spec()
+    if sum(len(cluster.get(t, [])) for t in ("chief", "worker")) > 1:
         return make_multiworker_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
@@ -75,12 +92,30 @@ def make_multiworker_strategy(timeout_seconds: Optional[float] = None):
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
+def task_name(strategy) -> Optional[str]:
+    """"worker_1", "chief_0" in a multi-task cluster, else None."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return None
+    return f"{resolver.task_type}_{resolver.task_id}"
+
+
 def is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+    """The chief task if the cluster has one, else worker 0; any single process."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or not resolver.cluster_spec().as_dict():
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (task_type == "worker" and task_id == 0)
+    if "chief" in resolver.cluster_spec().as_dict():
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def check_fits(cfg: ExperimentConfig, strategy) -> None:
+    """The global batch splits into whole blocks on every replica."""
+    r, u = strategy.num_replicas_in_sync, cfg.task.block_size
+    if cfg.train.batch_size % (r * u):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is invalid: expected a "
+                         f"multiple of {r} replicas x task.block_size={u} = {r * u}")
 
 
 def learning_rate_schedule(cfg: ExperimentConfig):
@@ -93,6 +128,34 @@ def learning_rate_schedule(cfg: ExperimentConfig):
         warmup_target=t.learning_rate if warmup else None, warmup_steps=warmup)
 
 
+# Train fields that shape the trajectory: a resumed run must keep them. The
+# others (intervals, checkpoints kept, XLA, steps per call) may change.
+RESUME_KEEPS = ("steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_fraction",
+                "clip_norm", "seed", "precision", "loss")
+FINAL = "final.json"  # figures of a finished run, read back when it is rerun
+
+
+def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list:
+    """["model.d_model: stored 64, given 32", ...] for fields a resume must keep."""
+    out = []
+    for part in ("task", "model", "train"):
+        a, b = dataclasses.asdict(getattr(old, part)), dataclasses.asdict(getattr(new, part))
+        for k in a:
+            if a[k] != b[k] and (part != "train" or k in RESUME_KEEPS):
+                out.append(f"{part}.{k}: stored {a[k]!r}, given {b[k]!r}")
+    return out
+
+
+def read_config(path: str) -> ExperimentConfig:
+    """The config in a run's config.json; a damaged file is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            return ExperimentConfig.from_json(f.read())
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid gpicl_tf config ({e}); restore it or use "
+                         "another --logdir") from None
+
+
 class Trainer:
     """Builds everything under the strategy's scope and runs the training loop.
 
@@ -103,18 +166,23 @@ class Trainer:
       dataset_fn: optional replacement for the task stream, called as
         `dataset_fn(input_context, start_step)` and returning per-replica
         batches of {"x", "y", "is_query"} (custom data, fault injection).
+
+    Nothing is written to `logdir` until `train()` has checked that the run
+    folder holds this experiment (or nothing) and restored its checkpoint.
     """
 
     def __init__(self, cfg: ExperimentConfig, logdir: str, strategy=None,
                  dataset_fn: Optional[Callable] = None):
         self.cfg = cfg
         self.strategy = strategy or select_strategy()
+        check_fits(cfg, self.strategy)
         self.chief = is_chief(self.strategy)
         # Non-chief workers take part in saving (it is collective) but write to a
         # scratch folder of their own; they resume from the chief's checkpoints.
+        self.run_dir = logdir
         self.chief_ckpt_dir = os.path.join(logdir, "checkpoints")
         self.logdir = logdir if self.chief else os.path.join(
-            logdir, "workers", f"worker_{self.strategy.cluster_resolver.task_id}")
+            logdir, "workers", task_name(self.strategy))
         self.ckpt_dir = os.path.join(self.logdir, "checkpoints")
         self.dataset_fn = dataset_fn
         if cfg.train.precision == "mixed_bfloat16":
@@ -128,6 +196,8 @@ class Trainer:
             # Build the optimiser in scope (keras-team/keras#23085).
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        # The first step whose loss or gradient was not finite (-1: none yet).
+        self.bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="bad_step")
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir,
@@ -135,29 +205,57 @@ class Trainer:
         self._train_call = None
 
     # ------------------------------------------------------------ checkpoints
-    def _check_config(self):
-        if not self.chief:
-            os.makedirs(self.logdir, exist_ok=True)
-            return
-        path = os.path.join(self.logdir, "config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                old = ExperimentConfig.from_json(f.read())
-            for part in ("task", "model"):
-                if getattr(old, part) != getattr(self.cfg, part):
-                    raise ValueError(
-                        f"{path} holds a run with a different {part} config; resuming would "
-                        f"mix two experiments. Expected {getattr(old, part)}, got "
-                        f"{getattr(self.cfg, part)}. Use another --logdir.")
-        os.makedirs(self.logdir, exist_ok=True)
-        write_atomic(path, self.cfg.to_json())
+    def _check_config(self) -> None:
+        """Refuses a run folder that holds another experiment; writes nothing."""
+        path = os.path.join(self.run_dir, "config.json")
+        if os.path.isfile(self.run_dir):
+            raise ValueError(f"--logdir {self.run_dir!r} is a file: expected a directory")
+        if self.chief and os.path.exists(path):
+            diffs = config_differences(read_config(path), self.cfg)
+            if diffs:
+                raise ValueError(
+                    f"{self.run_dir} holds a run with another config; resuming would mix two "
+                    f"experiments. Differs: {'; '.join(diffs)}. Use another --logdir, or the "
+                    "stored values (train.steps shapes the learning-rate schedule and "
+                    "train.seed the tasks, so neither can change mid-run).")
 
     def restore(self) -> int:
-        """Restores the latest checkpoint if any; returns the step it resumes from."""
+        """Restores the latest checkpoint if any; returns the step it resumes from.
+
+        A checkpoint that cannot be read, or that holds another model, is a
+        ValueError naming it.
+        """
         latest = tf.train.latest_checkpoint(self.chief_ckpt_dir)
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except Exception as e:  # noqa: BLE001  OpError, IndexError (truncated), ...
+                first = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
+                raise ValueError(
+                    f"checkpoint {latest} cannot be restored into this model ({first}); it is "
+                    "damaged or from another config: delete it or use another --logdir"
+                    ) from None
         return int(self.step.numpy())
+
+    def _agree_on_step(self, step: int) -> None:
+        """Every worker restored the same step (an all-reduce), else a clear error."""
+        if self.strategy.num_replicas_in_sync == 1:
+            return
+
+        @tf.function
+        def gather():  # the restored step of every replica of every worker
+            def fn():
+                ctx = tf.distribute.get_replica_context()
+                return ctx.all_gather(tf.reshape(self.step, [1]), axis=0)
+            return self.strategy.experimental_local_results(self.strategy.run(fn))[0]
+
+        steps = gather().numpy()
+        lo, hi = int(steps.min()), int(steps.max())
+        if lo != hi:
+            raise WorkerFailure(
+                f"workers restored different steps (from {lo} to {hi}; this one {step}): every "
+                f"worker must read the chief's checkpoints in {self.chief_ckpt_dir} on a "
+                "filesystem they share")
 
     # ------------------------------------------------------------------ input
     def _distributed_iterator(self, start_step: int):
@@ -172,69 +270,104 @@ class Trainer:
         return iter(self.strategy.distribute_datasets_from_function(fn))
 
     # ------------------------------------------------------------ update step
-    def _build_train_call(self):
-        cfg, model, opt, strategy = self.cfg, self.model, self.optimizer, self.strategy
-        loss_name = cfg.loss
-        clip = cfg.train.clip_norm
+    def build_train_call(self):
+        """A tf.function `train_call(iterator, n_steps) -> mean loss` of n_steps steps.
 
+        Each step computes the exact global-batch loss and gradient (the
+        gradient is all-reduced once), clips it by its global norm and applies
+        it, unless the loss or the gradient norm is not finite: then no update
+        is made, `bad_step` records the step, and the remaining steps of the
+        call are skipped.
+        """
+        cfg, model, opt, strategy = self.cfg, self.model, self.optimizer, self.strategy
+        loss_name, clip = cfg.loss, cfg.train.clip_norm
+        variables = model.trainable_variables
         single = strategy.num_replicas_in_sync == 1
-        # On one replica the whole step (loss, gradients, Adam) is one XLA
-        # cluster; with several, the all-reduces stay outside the compiled part.
-        jit_grads = cfg.train.jit_compile and not single
 
         def loss_and_grads(batch, global_count):
             with tf.GradientTape() as tape:
                 pred = model(batch, training=True)
                 loss = masked_query_loss(batch["y"], pred, batch["is_query"], loss_name,
                                          global_count)
-            return loss, tape.gradient(loss, model.trainable_variables)
+            return loss, tape.gradient(loss, variables)
 
-        if jit_grads:
+        def finite_and_clipped(loss, grads):
+            norm = tf.linalg.global_norm(grads)
+            ok = tf.math.is_finite(loss) & tf.math.is_finite(norm)
+            if clip:
+                grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=norm)
+            return ok, grads
+
+        # One replica: loss, gradient and Adam in one (XLA) function.
+        @tf.function(jit_compile=cfg.train.jit_compile)
+        def single_step(batch):
+            count = tf.maximum(tf.reduce_sum(tf.cast(batch["is_query"], tf.float32)), 1.0)
+            loss, grads = loss_and_grads(batch, count)
+            ok, grads = finite_and_clipped(loss, grads)
+
+            def apply():
+                opt.apply(grads, variables)
+                return tf.constant(True)
+
+            return loss, tf.cond(ok, apply, lambda: tf.constant(False))
+
+        if cfg.train.jit_compile and not single:
             loss_and_grads = tf.function(loss_and_grads, jit_compile=True)
 
-        def update(grads, n_replicas):
-            if clip:
-                grads, _ = tf.clip_by_global_norm(grads, clip)
-            # The Keras optimiser sums gradients over replicas again; hand it
-            # 1/R of the global gradient from each so the sum is exact.
-            opt.apply([g * (1.0 / n_replicas) for g in grads], model.trainable_variables)
-
-        @tf.function(jit_compile=True)
-        def fused_step(batch):  # one replica: everything in one XLA cluster
-            count = tf.reduce_sum(tf.cast(batch["is_query"], tf.float32))
-            loss, grads = loss_and_grads(batch, tf.maximum(count, 1.0))
-            update(grads, 1)
-            return loss
-
-        def replica_step(batch):
-            if single and cfg.train.jit_compile:
-                return fused_step(batch)
+        def replica_grads(batch):  # several replicas: the all-reduce stays outside XLA
             ctx = tf.distribute.get_replica_context()
             count = tf.reduce_sum(tf.cast(batch["is_query"], tf.float32))
             global_count = tf.maximum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, count), 1.0)
             loss, grads = loss_and_grads(batch, global_count)
-            # The exact global gradient on every replica, clipped by its global norm.
-            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            update(grads, ctx.num_replicas_in_sync)
-            return loss
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)  # the global gradient
+            loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+            ok, grads = finite_and_clipped(loss, grads)
+            return loss, ok, grads
+
+        def mirrored_step(batch):
+            loss, ok, grads = strategy.run(replica_grads, args=(batch,))
+            # Every replica holds the same global loss, flag and gradient.
+            loss = strategy.experimental_local_results(loss)[0]
+            ok = strategy.experimental_local_results(ok)[0]
+
+            def apply():
+                # The optimiser's own apply() would all-reduce the gradient a second
+                # time; update each replica's copy with its (already global) gradient.
+                lr = opt.learning_rate
+                for g, v in zip(grads, variables):
+                    strategy.extended.update(
+                        v.value, lambda var, grad: opt.update_step(grad, var, lr),
+                        args=(g,), group=False)
+                opt.iterations.assign_add(1)
+                return tf.constant(True)
+
+            return loss, tf.cond(ok, apply, lambda: tf.constant(False))
 
         @tf.function
         def train_call(iterator, n_steps):
-            total = tf.constant(0.0)
+            total, done = tf.constant(0.0), tf.constant(0.0)
             for _ in tf.range(n_steps):
-                per_replica = strategy.run(replica_step, args=(next(iterator),))
-                total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            self.step.assign_add(tf.cast(n_steps, tf.int64))
-            return total / tf.cast(n_steps, tf.float32)
+                batch = next(iterator)
+                if self.bad_step < 0:
+                    if single:
+                        loss, ok = strategy.run(single_step, args=(batch,))
+                    else:
+                        loss, ok = mirrored_step(batch)
+                    if ok:
+                        self.step.assign_add(1)
+                        total += loss
+                        done += 1.0
+                    else:
+                        self.bad_step.assign(self.step + 1)
+            return total / tf.maximum(done, 1.0)
 
         return train_call
 
     # ------------------------------------------------------------------- eval
     def eval_batch(self):
         """A fixed batch of unseen tasks (evaluation stream, fresh functions)."""
-        task = dataclasses.replace(self.cfg.task, n_tasks=None)
-        return data_lib.sample_batch(task, self.cfg.train.seed, self.cfg.train.eval_tasks,
-                                     stream=data_lib.EVAL_STREAM)
+        return data_lib.sample_batch(unseen_task_config(self.cfg.task), self.cfg.train.seed,
+                                     self.cfg.train.eval_tasks, stream=data_lib.EVAL_STREAM)
 
     def evaluate(self, batch) -> float:
         """Loss (the training loss) on a batch, outside the strategy."""
@@ -243,21 +376,32 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def train(self, verbose: bool = True) -> TrainResult:
-        """Trains to cfg.train.steps, resuming from the latest checkpoint."""
+        """Trains to cfg.train.steps, resuming from the latest checkpoint.
+
+        A run that already reached cfg.train.steps is not trained again: its
+        stored figures come back with `complete=True` and nothing is written.
+        """
         cfg, t = self.cfg, self.cfg.train
         self._check_config()
         start = self.restore()
+        self._agree_on_step(start)
+        if start >= t.steps:
+            return self._finished_result(start)
+        if self.chief:
+            os.makedirs(self.logdir, exist_ok=True)
+            write_atomic(os.path.join(self.logdir, "config.json"), self.cfg.to_json())
+        else:
+            os.makedirs(self.logdir, exist_ok=True)
         if self._train_call is None:
-            self._train_call = self._build_train_call()
+            self._train_call = self.build_train_call()
         eval_b = self.eval_batch()
         writer = summaries.Writer(self.logdir if self.chief else None, cfg)
         if start == 0:
             writer.hparams()
         iterator = self._distributed_iterator(start)
-        bar = keras.utils.Progbar(t.steps, stateful_metrics=["loss", "eval_loss", "steps/s"],
-                                  verbose=1 if verbose and self.chief else 0)
+        bar = progress_bar(t.steps, verbose and self.chief,
+                           stateful=("loss", "eval_loss", "steps/s"))
         step, loss, eval_loss, rate = start, float("nan"), float("nan"), 0.0
-        bar.update(step)
         boundaries = sorted({t.log_every, t.eval_every, t.checkpoint_every, t.steps_per_call})
         while step < t.steps:
             n = min(t.steps_per_call, t.steps - step,
@@ -269,22 +413,16 @@ class Trainer:
                     tf.errors.AbortedError) as e:
                 if self.strategy.num_replicas_in_sync == 1 and self.chief:
                     raise
-                lines = [ln.strip() for ln in (e.message or str(e)).splitlines() if ln.strip()]
-                keys = ("unhealthy", "heartbeat", "timed out", "timeout", "Collective", "abort")
-                first = next((ln for ln in lines if any(k in ln for k in keys)), lines[0])[:300]
-                raise WorkerFailure(
-                    f"a collective operation failed in steps {step + 1}..{step + n}: a peer "
-                    f"worker died or is unreachable (collective timeout "
-                    f"{collective_timeout():g} s, set by GPICL_COLLECTIVE_TIMEOUT). The last "
-                    f"checkpoint is {self.manager.latest_checkpoint}; restart every worker "
-                    f"with the same command to resume. TensorFlow said: {first}") from None
+                raise self._worker_failure(e, step, n) from None
             rate = n / max(time.perf_counter() - tic, 1e-9)
-            step += n
-            if not math.isfinite(loss):
+            bad = int(self.bad_step.numpy())
+            if bad >= 0:
                 raise TrainingDiverged(
-                    f"loss is {loss} at step {step} (steps {step - n + 1}..{step}); training "
-                    f"stopped. The last good checkpoint ({self.manager.latest_checkpoint}) "
-                    "is kept; lower train.learning_rate or check the data.")
+                    f"the loss or the gradient is not finite at step {bad}; training stopped "
+                    f"before applying it. The last checkpoint "
+                    f"({self.manager.latest_checkpoint}) holds finite weights; lower "
+                    "train.learning_rate or check the data.")
+            step += n
             if step % t.log_every == 0 or step == t.steps:
                 lr = float(self.optimizer.learning_rate)
                 writer.scalars(step, {"train/loss": loss, "train/learning_rate": lr,
@@ -295,9 +433,37 @@ class Trainer:
                 writer.predictions(step, self.model, self.cfg)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self.manager.save(checkpoint_number=step)
-            bar.update(step, [("loss", loss), ("eval_loss", eval_loss), ("steps/s", rate)])
+            if bar is not None:
+                bar.update(step, [("loss", loss), ("eval_loss", eval_loss), ("steps/s", rate)])
         writer.flush()
-        return TrainResult(step, loss, eval_loss, rate, self.logdir, start)
+        result = TrainResult(step, loss, eval_loss, rate, self.logdir, start)
+        if self.chief:
+            write_atomic(os.path.join(self.logdir, FINAL), json.dumps(
+                dataclasses.asdict(result), indent=1))
+        return result
+
+    def _finished_result(self, step: int) -> TrainResult:
+        path = os.path.join(self.logdir, FINAL)
+        if os.path.exists(path):
+            with open(path) as f:
+                stored = json.load(f)
+            stored = {k: stored[k] for k in ("final_loss", "eval_loss", "steps_per_sec")}
+        else:  # finished before final.json existed: evaluate again, loss unknown
+            stored = {"final_loss": float("nan"), "eval_loss": self.evaluate(self.eval_batch()),
+                      "steps_per_sec": 0.0}
+        return TrainResult(step=step, logdir=self.logdir, resumed_from=step, complete=True,
+                           **stored)
+
+    def _worker_failure(self, e, step: int, n: int) -> "WorkerFailure":
+        lines = [ln.strip() for ln in (e.message or str(e)).splitlines() if ln.strip()]
+        keys = ("unhealthy", "heartbeat", "timed out", "timeout", "Collective", "abort")
+        first = next((ln for ln in lines if any(k in ln for k in keys)), lines[0])[:300]
+        return WorkerFailure(
+            f"a collective operation failed in steps {step + 1}..{step + n}: a peer worker "
+            f"died or is unreachable (collective timeout {collective_timeout():g} s, set by "
+            f"GPICL_COLLECTIVE_TIMEOUT). The last checkpoint is "
+            f"{self.manager.latest_checkpoint}; restart every worker with the same command to "
+            f"resume. TensorFlow said: {first}")
 
 
 def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1) -> list:
@@ -306,10 +472,11 @@ def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1) -> list:
     No summaries, evaluation or checkpoints: for tests and benchmarks.
     """
     if trainer._train_call is None:
-        trainer._train_call = trainer._build_train_call()
+        trainer._train_call = trainer.build_train_call()
     it = trainer._distributed_iterator(int(trainer.step.numpy()))
     n = tf.constant(steps_per_call)
     return [float(trainer._train_call(it, n)) for _ in range(n_calls)]
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "select_strategy"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "WorkerFailure", "select_strategy",
+           "run_steps", "unseen_task_config"]

@@ -29,19 +29,31 @@ def run_python(code_or_args, timeout=600, env=None, cwd=None, check=True):
     return proc
 
 
-def _export(tmp_path_factory, overrides, name):
+def _tiny_model(overrides=()):
+    """An untrained tiny model with a random (non-zero) output head."""
     import keras
     import tensorflow as tf
 
     from gpicl_tf.config import apply_overrides, get_preset
-    from gpicl_tf.export import export_model
     from gpicl_tf.model import build_model
 
-    cfg = apply_overrides(get_preset("tiny"), overrides)
+    cfg = apply_overrides(get_preset("tiny"), list(overrides))
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:  # non-trivial predictions
         w.assign(tf.random.normal(w.shape, seed=5))
+    return model, cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_model():
+    return _tiny_model()[0]
+
+
+def _export(tmp_path_factory, overrides, name):
+    from gpicl_tf.export import export_model
+
+    model, cfg = _tiny_model(overrides)
     base = str(tmp_path_factory.mktemp(name))
     export_model(model, cfg, base, "gpicl")
     return f"{base}/gpicl"

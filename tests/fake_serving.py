@@ -33,16 +33,24 @@ def decode_request(body: dict, input_names) -> dict:
     raise ValueError("missing 'instances' or 'inputs'")
 
 
+def _jsonable(v):
+    v = np.asarray(v)
+    if v.dtype.kind in "SO":  # strings (TF Serving returns them as JSON strings)
+        return v.astype(str).tolist() if v.ndim else v.item().decode()
+    return v.tolist()
+
+
 def encode_reply(outputs: dict, row: bool) -> dict:
+    outputs = {k: _jsonable(v) for k, v in outputs.items()}
     names = sorted(outputs)
     if row:
         n = len(next(iter(outputs.values())))
         if len(names) == 1:
-            return {"predictions": outputs[names[0]].tolist()}
-        return {"predictions": [{k: outputs[k][i].tolist() for k in names} for i in range(n)]}
+            return {"predictions": outputs[names[0]]}
+        return {"predictions": [{k: outputs[k][i] for k in names} for i in range(n)]}
     if len(names) == 1:
-        return {"outputs": outputs[names[0]].tolist()}
-    return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+        return {"outputs": outputs[names[0]]}
+    return {"outputs": outputs}
 
 
 class FakeServing:
@@ -55,6 +63,7 @@ class FakeServing:
         self.drop_next = 0        # drop this many connections before answering
         self.delay = 0.0          # seconds to wait before answering
         self.force = None         # (status, body) to answer instead of the model
+        self.drip = None          # seconds between single bytes of the reply
         self._loaded = {}
         outer = self
 
@@ -81,15 +90,26 @@ class FakeServing:
         self.server.shutdown()
         self.server.server_close()
 
-    def _sig(self, version):
+    def _sig(self, version, name="serving_default"):
         import tensorflow as tf
 
         if version not in self._loaded:
             self._loaded[version] = tf.saved_model.load(self.versions[version])
-        return self._loaded[version].signatures["serving_default"]
+        return self._loaded[version].signatures[name]
 
     def _reply(self, h, status, body):
-        data = json.dumps(body).encode()
+        data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+        if self.drip:  # a server that sends one byte every `drip` seconds
+            head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+            for i in range(len(head)):
+                try:
+                    h.wfile.write(head[i:i + 1])
+                    h.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(self.drip)
+            return
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
@@ -133,7 +153,10 @@ class FakeServing:
                                             sig.structured_input_signature[1])}}})
         if raw is not None and rest == ":predict":
             body = json.loads(raw)
-            sig = self._sig(version)
+            try:
+                sig = self._sig(version, body.get("signature_name", "serving_default"))
+            except KeyError as e:
+                return self._reply(h, 400, {"error": f"signature not found: {e}"})
             names = sorted(sig.structured_input_signature[1])
             try:
                 tensors = decode_request(body, names)

@@ -195,3 +195,55 @@ def test_scikit_learn_estimator_checks(tiny_export_dir):
     passed = [r["check_name"] for r in results if r["status"] == "passed"]
     assert not failed, failed
     assert len(passed) >= 10, passed  # the checks that apply do run and pass
+
+
+def test_set_params_model_then_fit_uses_the_new_model(tiny_export_dir, tiny_export_2d):
+    X, y = _data()
+    est = InContextRegressor(tiny_export_dir).fit(X, y)
+    before = est.predict(X[:3])
+    X2, _ = _data(d=2)
+    est.set_params(model=tiny_export_2d)  # a model of input width 2
+    out = est.fit(X2, np.stack([y, y], 1)).predict(X2[:3])
+    assert out.shape == (3, 2)
+    with pytest.raises(ValueError, match="expects 2"):
+        est.fit(X, y)
+    est.set_params(model=tiny_export_dir, version=1)
+    np.testing.assert_allclose(est.fit(X, y).predict(X[:3]), before, rtol=1e-6)
+
+
+def test_a_pathlib_model_is_accepted(tiny_export_dir):
+    import pathlib
+
+    X, y = _data()
+    a = InContextRegressor(pathlib.Path(tiny_export_dir)).fit(X, y).predict(X[:3])
+    b = InContextRegressor(tiny_export_dir).fit(X, y).predict(X[:3])
+    np.testing.assert_allclose(a, b)
+
+
+@pytest.mark.parametrize("y", [np.array(["a", "b"] * 5), np.array(["1.5", "2"] * 5),
+                               np.array(["a", 1] * 5, dtype=object)])
+def test_string_targets_are_refused_at_fit(tiny_export_dir, y):
+    X, _ = _data()
+    with pytest.raises(ValueError, match="expected numeric regression targets"):
+        InContextRegressor(tiny_export_dir).fit(X, y)
+
+
+def test_serving_url_takes_its_context_limit_and_widths_from_the_served_model(tiny_export_dir):
+    X, y = _data(n=40)
+    with FakeServing(versions={1: f"{tiny_export_dir}/1"}) as srv:
+        est = InContextRegressor(f"{srv.url}/v1/models/gpicl").fit(X, y)
+        assert est.max_context_ == 15  # the tiny export's limit, not "unlimited"
+        remote = est.predict(X[:5])
+        with pytest.raises(ValueError, match="X has 2 features, but the model .* expects 1"):
+            est.fit(np.hstack([X, X]), y)
+    local = InContextRegressor(tiny_export_dir).fit(X, y).predict(X[:5])
+    np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)
+
+
+def test_a_server_refusal_of_the_data_is_a_value_error(tiny_export_dir):
+    X, y = _data()
+    with FakeServing(versions={1: f"{tiny_export_dir}/1"}) as srv:
+        est = InContextRegressor(f"{srv.url}/v1/models/gpicl").fit(X, y)
+        srv.force = (400, {"error": "query_x: expected last dimension (input width) 1"})
+        with pytest.raises(ValueError, match="refused the input: .*input width"):
+            est.predict(X[:2])

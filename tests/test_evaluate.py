@@ -29,8 +29,8 @@ def results(tiny_export, tmp_path_factory):
     model_dir, cfg = tiny_export
     out = str(tmp_path_factory.mktemp("report"))
     logdir = str(tmp_path_factory.mktemp("tb"))
-    code = ev.main(["--model", model_dir, "--out", out, "--ks", "1,4,8", "--tasks", "24",
-                    "--slow-tasks", "6", "--queries", "8", "--logdir", logdir])
+    code = ev.main(["--model", model_dir, "--out", out, "--ks", "1,4,8", "--tasks", "8",
+                    "--baselines", ",".join(BASELINES), "--queries", "8", "--logdir", logdir])
     assert code == 0
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f), out, logdir, cfg
@@ -48,10 +48,13 @@ def test_every_suite_and_baseline_runs_with_the_documented_schema(results):
         for meth, row in suite["methods"].items():
             assert set(row) == {"1", "4", "8"}
             for entry in row.values():
-                assert set(entry) == {"mse", "ci95", "n_tasks", "sec_per_task"}
+                assert set(entry) == {"mse", "ci95", "nmse", "nmse_ci95", "n_tasks",
+                                      "sec_per_task"}
                 lo, hi = entry["ci95"]
                 assert lo <= entry["mse"] <= hi and np.isfinite(entry["mse"])
-                assert entry["n_tasks"] == (6 if meth in ev.SLOW_BASELINES else 24)
+                lo, hi = entry["nmse_ci95"]
+                assert lo <= entry["nmse"] <= hi and np.isfinite(entry["nmse"])
+                assert entry["n_tasks"] == 8  # every method on the same tasks
     for f in ("results.md", "mse_vs_k.png", "fits_sine.png", "fits_linear.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
 
@@ -60,7 +63,7 @@ def test_bayes_optimal_beats_every_baseline_on_gp_tasks(tiny_export):
     _, cfg = tiny_export
     suites = [s for s in ev.default_suites(cfg) if s.family == "gp_rbf"]
     res = ev.evaluate(lambda cx, cy, qx: np.zeros(qx.shape[:2] + (1,)), cfg, suites, ks=(8,),
-                      baselines=tuple(BASELINES), n_tasks=64, slow_tasks=64, progress=False)
+                      baselines=tuple(BASELINES), n_tasks=64, progress=False)
     for name, suite in res["suites"].items():
         m = suite["methods"]
         opt = m["bayes_optimal"]["8"]["mse"]
@@ -108,3 +111,65 @@ def test_unknown_family_suite_fails_before_any_work(tiny_export):
     _, cfg = tiny_export
     with pytest.raises(ValueError, match="unknown"):
         ev.evaluate(None, cfg, [ev.Suite("x", "fourier")], ks=(1,), progress=False)
+
+
+def test_methods_are_paired_on_the_same_tasks_and_nmse_is_per_task(tiny_export):
+    """A "model" that is GP regression scores exactly what the gp baseline scores."""
+    from gpicl_tf.baselines import gp_regression
+    from gpicl_tf.report import context_batch
+
+    _, cfg = tiny_export
+    suites = [s for s in ev.default_suites(cfg) if s.name in ("sine", "random_mlp")]
+
+    def gp_model(cx, cy, qx):
+        return np.stack([gp_regression(cx[i], cy[i], qx[i]) for i in range(len(cx))])
+
+    res = ev.evaluate(gp_model, cfg, suites, ks=(4,), baselines=("gp",), n_tasks=20,
+                      n_queries=6, progress=False)
+    for s in suites:
+        m = res["suites"][s.name]["methods"]
+        assert m["model"]["4"]["mse"] == pytest.approx(m["gp"]["4"]["mse"], rel=1e-6)
+        x, y, _ = context_batch(cfg, 4, 20, 6, ev.EVAL_SEED, family=s.family, **s.overrides)
+        errs = np.mean((gp_model(x[:, :4], y[:, :4], x[:, 4:]) - y[:, 4:]) ** 2, axis=(1, 2))
+        nmse = np.mean(errs / y.var(axis=1).mean(-1))
+        assert m["gp"]["4"]["nmse"] == pytest.approx(nmse, rel=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "0"], "--tasks: expected an integer >= 1"),
+    (["--ks", "a,b"], "--ks 'a,b': expected comma-separated integers"),
+])
+def test_bad_numbers_are_one_line_errors(tiny_export, tmp_path, capsys, args, message):
+    model_dir, _ = tiny_export
+    with pytest.raises(SystemExit) if args[0] == "--tasks" else _no_raise():
+        code = ev.main(["--model", model_dir, "--out", str(tmp_path / "o"), *args])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message.split(":")[0] in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_out_that_is_a_file_and_a_junk_saved_model_fail_before_any_work(tiny_export, tmp_path,
+                                                                         capsys):
+    import shutil
+
+    model_dir, _ = tiny_export
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert ev.main(["--model", model_dir, "--out", str(afile)]) == 2
+    assert "--out" in capsys.readouterr().err and afile.read_text() == "x"
+    junk = tmp_path / "junk"
+    shutil.copytree(model_dir, junk)
+    (junk / "1" / "saved_model.pb").write_bytes(b"not a protobuf")
+    assert ev.main(["--model", str(junk), "--out", str(tmp_path / "o2"), "--suites", "sine"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load it" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o2")
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

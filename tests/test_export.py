@@ -128,12 +128,24 @@ def test_gpicl_export_re_exports_a_checkpoint(tmp_path):
     logdir, ex = str(tmp_path / "run"), str(tmp_path / "ex")
     run_python([os.path.join(REPO, "train_keras.py"), "--preset", "tiny", "--steps", "10",
                 "--logdir", logdir, "--export-dir", ex, "--no-report"])
-    out = run_python(["-m", "gpicl_tf.export", "--logdir", logdir, "--export-dir", ex,
-                      "--model-name", "gpicl"]).stdout
+    assert export_lib.versions(os.path.join(ex, "tiny")) == [1]  # named after its preset
+    out = run_python(["-m", "gpicl_tf.export", "--logdir", logdir, "--export-dir", ex]).stdout
     assert "exported step 10" in out
-    assert export_lib.versions(os.path.join(ex, "gpicl")) == [1, 2]
+    assert export_lib.versions(os.path.join(ex, "tiny")) == [1, 2]
+    out = run_python(["-m", "gpicl_tf.export", "--logdir", logdir, "--export-dir", ex,
+                      "--model-name", "other"]).stdout
+    assert export_lib.versions(os.path.join(ex, "other")) == [1]
     with pytest.raises(ValueError, match="expected a run directory"):
         export_lib.export_checkpoint(str(tmp_path / "missing"))
+    # A name that would leave --export-dir is refused in one line, and nothing is written.
+    proc = run_python(["-m", "gpicl_tf.export", "--logdir", logdir, "--export-dir", ex,
+                       "--model-name", "../../escape"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--model-name='../../escape' is invalid" in proc.stderr
+    assert not os.path.exists(os.path.join(ex, "..", "..", "escape"))
+    with pytest.raises(ValueError, match="is invalid"):
+        export_lib.export_model(None, export_lib.load_config(os.path.join(ex, "tiny", "1")),
+                                ex, "../x")
 
 
 def test_xla_export_gives_the_same_numbers_and_keeps_its_checks(exported, tmp_path):
@@ -145,3 +157,58 @@ def test_xla_export_gives_the_same_numbers_and_keeps_its_checks(exported, tmp_pa
     np.testing.assert_allclose(out, _keras_mean(model, cx, cy, qx), rtol=1e-4, atol=1e-3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="query_x: expected finite"):
         f(context_x=cx, context_y=cy, query_x=np.full_like(qx, np.nan))
+
+
+def test_masked_signature_validates_is_query(exported):
+    _, _, _, path = exported
+    f = tf.saved_model.load(path).signatures["masked"]
+    cx, cy, qx = _request(1)
+    x = np.concatenate([cx, qx], 1)
+    y = np.concatenate([cy, np.zeros_like(qx)], 1)
+    q = np.concatenate([np.zeros(cx.shape[:2]), np.ones(qx.shape[:2])], 1).astype(np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="is_query: expected only 0"):
+        f(x=x, y=y, is_query=q * 0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="x and is_query"):
+        f(x=x, y=y, is_query=q[:, :-1])
+
+
+def test_racing_exporters_retry_on_a_rename_conflict(exported, tmp_path, monkeypatch):
+    model, cfg, _, _ = exported
+    base = str(tmp_path)
+    first = export_lib.export_model(model, cfg, base, "race")
+    real = export_lib.versions
+    calls = []
+
+    def stale(b):  # the first listing misses version 1, as a racing exporter's would
+        calls.append(b)
+        return [] if len(calls) == 1 else real(b)
+
+    monkeypatch.setattr(export_lib, "versions", stale)
+    second = export_lib.export_model(model, cfg, base, "race")
+    assert first.endswith("1") and second.endswith("2") and len(calls) == 2
+    assert sorted(os.listdir(os.path.join(base, "race"))) == ["1", "2"]
+
+
+def test_leftover_tmp_folders_of_dead_exporters_are_cleaned(exported, tmp_path):
+    model, cfg, _, _ = exported
+    base = tmp_path / "m"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        (base / f".tmp-3-{dead.pid}-abcdef12").mkdir(parents=True)
+        (base / f".tmp-3-{live.pid}-abcdef12").mkdir()
+        export_lib.export_model(model, cfg, str(tmp_path), "m")
+        left = sorted(os.listdir(base))
+        assert left == sorted(["1", f".tmp-3-{live.pid}-abcdef12"])  # a live one is kept
+    finally:
+        live.kill()
+
+
+def test_model_config_signature_returns_the_config(exported):
+    _, cfg, _, path = exported
+    f = tf.saved_model.load(path).signatures["model_config"]
+    text = f(unused=tf.constant([0.0]))["config_json"].numpy().decode()
+    from gpicl_tf.config import ExperimentConfig
+
+    assert ExperimentConfig.from_json(text) == cfg

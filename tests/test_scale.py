@@ -26,18 +26,24 @@ def _free_ports(n):
     return ports
 
 
-def _start_workers(tmp, steps, timeout=15, extra=()):
+def _start_workers(tmp, steps, timeout=15, extra=(), chief=False, logdirs=("run", "run")):
     ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    addr = [f"127.0.0.1:{p}" for p in ports]
+    if chief:  # a chief plus one worker: one cluster of two tasks
+        cluster = {"chief": addr[:1], "worker": addr[1:]}
+        tasks = [("chief", 0), ("worker", 0)]
+    else:
+        cluster = {"worker": addr}
+        tasks = [("worker", 0), ("worker", 1)]
     procs, logs = [], []
-    for i in range(2):
+    for i, (kind, index) in enumerate(tasks):
         env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
                "GPICL_COLLECTIVE_TIMEOUT": str(timeout),
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker",
-                                                                      "index": i}})}
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind,
+                                                                      "index": index}})}
         log = open(os.path.join(tmp, f"w{i}.log"), "w")
         cmd = [sys.executable, os.path.join(REPO, "train_keras.py"), "--preset", "tiny",
-               "--steps", str(steps), "--logdir", os.path.join(tmp, "run"), "--export-dir",
+               "--steps", str(steps), "--logdir", os.path.join(tmp, logdirs[i]), "--export-dir",
                os.path.join(tmp, "ex"), "--no-report", "--set", "train.log_every=5", *extra]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
@@ -52,25 +58,44 @@ def _weights(ckpt_dir):
 
 
 @pytest.mark.slow
-def test_two_workers_train_identically_and_only_the_chief_exports(tmp_path):
+@pytest.mark.parametrize("with_chief", [False, True], ids=["two-workers", "chief+worker"])
+def test_two_workers_train_identically_and_only_the_chief_exports(tmp_path, with_chief):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    procs, logs = _start_workers(str(tmp_path), steps=40)
+    procs, logs = _start_workers(str(tmp_path), steps=40, chief=with_chief)
     codes = [p.wait(timeout=600) for p in procs]
     for log in logs:
         log.close()
     assert codes == [0, 0], open(tmp_path / "w0.log").read()[-3000:]
     chief = _weights(str(tmp_path / "run" / "checkpoints"))
-    other = _weights(str(tmp_path / "run" / "workers" / "worker_1" / "checkpoints"))
+    scratch = "worker_0" if with_chief else "worker_1"
+    other = _weights(str(tmp_path / "run" / "workers" / scratch / "checkpoints"))
     assert chief.keys() == other.keys() and len(chief) > 10
     for k in chief:
         np.testing.assert_array_equal(chief[k], other[k])
-    assert os.listdir(tmp_path / "ex" / "gpicl") == ["1"]  # one export, by the chief
+    assert os.listdir(tmp_path / "ex" / "tiny") == ["1"]  # one export, by the chief
     assert not glob.glob(str(tmp_path / "run" / "workers" / "*" / "events*"))
     acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
     acc.Reload()
     losses = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_workers_that_restored_different_steps_fail_fast(tmp_path):
+    # No shared filesystem: the chief finds a checkpoint at step 20, the worker none.
+    subprocess.run([sys.executable, os.path.join(REPO, "train_keras.py"), "--preset", "tiny",
+                    "--steps", "20", "--logdir", str(tmp_path / "a"), "--no-export",
+                    "--no-report"], env={**os.environ, "PYTHONPATH": REPO}, check=True,
+                   capture_output=True, timeout=300)
+    procs, logs = _start_workers(str(tmp_path), steps=20, logdirs=("a", "b"))
+    codes = [p.wait(timeout=300) for p in procs]
+    for log in logs:
+        log.close()
+    text = open(tmp_path / "w0.log").read()
+    assert codes == [1, 1], text[-2000:]
+    assert "workers restored different steps (from 0 to 20" in text
+    assert "Traceback" not in text
+    assert not os.path.exists(tmp_path / "ex")
 
 
 @pytest.mark.slow

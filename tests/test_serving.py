@@ -108,3 +108,50 @@ def test_reply_parsing_errors(reply, match):
 def test_reply_parsing_row_and_columnar_with_named_outputs():
     assert parse_predict_response({"outputs": {"mean": [[[1.0]]]}}).shape == (1, 1, 1)
     assert parse_predict_response({"predictions": [{"mean": [[2.0]]}]}).tolist() == [[[2.0]]]
+
+
+def test_timeout_bounds_the_whole_call_against_a_dripping_server(tiny_export_dir):
+    # Issue 10/10: one byte every 0.5 s kept a 2 s timeout waiting 30 s.
+    with FakeServing(versions={1: f"{tiny_export_dir}/1"}) as srv:
+        srv.drip = 0.5
+        c = TFServingClient(srv.url, "gpicl", timeout=2, retries=3)
+        tic = time.perf_counter()
+        with pytest.raises(ServingTimeout, match="no reply within 2 s"):
+            c.status()
+        assert time.perf_counter() - tic < 2.5
+        assert srv.requests == 1  # a timeout is not retried
+
+
+@pytest.mark.parametrize("status,body,match", [
+    (200, b"<html>not json</html>", "expected JSON"),
+    (200, {"outputs": {"other": [[[1.0]]]}}, "missing, ragged or not numeric"),
+    (200, {"outputs": [[[1.0], [2.0]], [[3.0]]]}, "missing, ragged or not numeric"),
+    (200, {"outputs": [[[1.0]]]}, r"expected 'mean' of shape \[2, 5, dy\]"),  # 1 value, 5 asked
+    (200, {"predictions": "x"}, "missing, ragged or not numeric"),
+    (200, [1, 2], "expected a JSON object"),
+    (500, b"oops", "HTTP 500: oops"),
+])
+def test_every_malformed_reply_is_a_serving_error(status, body, match):
+    with FakeServing() as srv:
+        srv.force = (status, body)
+        c = TFServingClient(srv.url, "gpicl", timeout=5, retries=0)
+        cx, cy, qx = _req(b=2, nq=5)
+        with pytest.raises(ServingError, match=match):
+            c.predict(cx, cy, qx)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"retries": -1}, "retries=-1"), ({"retries": 1.5}, "retries=1.5"),
+    ({"timeout": 0}, "timeout=0"), ({"timeout": float("inf")}, "timeout=inf"),
+    ({"timeout": "5"}, "timeout='5'"), ({"base_url": "localhost:8501"}, "base_url"),
+    ({"base_url": "ftp://h:1"}, "base_url"), ({"model_name": ""}, "model_name"),
+    ({"version": 0}, "version=0"),
+])
+def test_client_arguments_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TFServingClient(**kwargs)
+
+
+def test_model_names_are_url_quoted():
+    c = TFServingClient("http://127.0.0.1:1", "a b/../x?y", version=2)
+    assert c.model_url == "http://127.0.0.1:1/v1/models/a%20b%2F..%2Fx%3Fy/versions/2"

@@ -43,9 +43,40 @@ def test_nan_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tiny, 
             lambda b, s: {**b, "y": b["y"] + tf.where(s >= 30, np.nan, 0.0)})
 
     logdir = str(tmp_path / "run")
-    with pytest.raises(TrainingDiverged, match=r"at step 35"):
-        Trainer(cfg, logdir, dataset_fn=poisoned).train(verbose=False)
+    trainer = Trainer(cfg, logdir, dataset_fn=poisoned)
+    with pytest.raises(TrainingDiverged, match=r"at step 31;"):  # the first NaN step
+        trainer.train(verbose=False)
+    # The NaN step was never applied: the weights in memory are finite too.
+    assert int(trainer.step.numpy()) == 30
+    assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
     again = Trainer(cfg, logdir)
+    assert again.restore() == 20
+    assert all(np.isfinite(w).all() for w in again.model.get_weights())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(tiny, tmp_path,
+                                                                           monkeypatch):
+    from gpicl_tf import train as train_lib
+
+    cfg = apply_overrides(tiny, ["train.steps=40", "train.checkpoint_every=10",
+                                 "train.steps_per_call=5"])
+    trainer = train_lib.Trainer(cfg, str(tmp_path / "run"))
+    real_loss = train_lib.masked_query_loss
+
+    @tf.custom_gradient
+    def inf_grad_from_step_23(loss):  # identity forward; an infinite gradient from step 23
+        def grad(dy):
+            return dy * tf.where(trainer.step >= 22, np.inf, 1.0)
+        return tf.identity(loss), grad
+
+    monkeypatch.setattr(train_lib, "masked_query_loss",
+                        lambda *a, **k: inf_grad_from_step_23(real_loss(*a, **k)))
+    with pytest.raises(train_lib.TrainingDiverged, match=r"gradient is not finite at step 23;"):
+        trainer.train(verbose=False)
+    assert int(trainer.step.numpy()) == 22
+    assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
+    assert all(np.isfinite(v.numpy()).all() for v in trainer.optimizer.variables)
+    again = train_lib.Trainer(cfg, str(tmp_path / "run"))
     assert again.restore() == 20
     assert all(np.isfinite(w).all() for w in again.model.get_weights())
 
@@ -140,3 +171,30 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_pa
     assert step_a == step_b == 200
     for u, v in zip(wa, wb):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gradient_is_all_reduced_once_per_step_under_mirrored_strategy():
+    code = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tensorflow.python.distribute import distribute_lib
+from gpicl_tf.config import get_preset
+from gpicl_tf.train import Trainer, run_steps
+import tempfile
+t = Trainer(get_preset("tiny"), tempfile.mkdtemp(),
+            strategy=tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+n_vars = len(t.model.trainable_variables)
+calls = []
+real = distribute_lib.ReplicaContext.all_reduce
+def counting(self, op, value, options=None):
+    if isinstance(value, (list, tuple)) and len(value) == n_vars:
+        calls.append(len(value))  # an all-reduce of the whole gradient
+    return real(self, op, value, options)
+distribute_lib.ReplicaContext.all_reduce = counting
+run_steps(t, 1, 1)
+print("GRADIENT_ALL_REDUCES", len(calls))
+"""
+    out = run_python(code).stdout
+    # Traced once per replica (2 replicas): one gradient all-reduce per replica per step.
+    assert "GRADIENT_ALL_REDUCES 2" in out, out[-300:]

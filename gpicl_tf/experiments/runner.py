@@ -20,7 +20,7 @@ import math
 import os
 import sys
 
-from gpicl_tf.config import ExperimentConfig, apply_overrides
+from gpicl_tf.config import ExperimentConfig, apply_overrides, unseen_task_config
 from gpicl_tf.files import write_atomic
 from gpicl_tf.experiments.presets import FAMILIES, SIZES, base_config
 
@@ -63,7 +63,7 @@ def settings(experiment: str, args) -> list:
                 for b in _ints(args.batch_sizes, "--batch-sizes")]
     if experiment == "biased-tasks":
         return [(f"biased_{round(100 * f)}pct", [f"task.biased_fraction={f}"])
-                for f in (float(v) for v in args.fractions.split(","))]
+                for f in _floats(args.fractions, "--fractions")]
     if experiment == "model-size":
         out = []
         for item in args.sizes.split(","):
@@ -78,10 +78,16 @@ def settings(experiment: str, args) -> list:
 
 
 def _ints(text, flag):
+    from gpicl_tf.cli import int_list
+
+    return int_list(flag, text, low=1)
+
+
+def _floats(text, flag):
     try:
-        return [int(v) for v in text.split(",")]
+        return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 # ------------------------------------------------------------------ metrics
@@ -99,8 +105,8 @@ def evaluate_setting(trainer, cfg: ExperimentConfig) -> dict:
     n = cfg.train.eval_tasks
     half = cfg.task.n_points // 2
     out = {}
-    for which, n_tasks in (("unseen", None), ("seen", cfg.task.n_tasks)):
-        task = dataclasses.replace(cfg.task, n_tasks=n_tasks, biased_fraction=0.0)
+    for which, task in (("unseen", unseen_task_config(cfg.task)),
+                        ("seen", dataclasses.replace(cfg.task, biased_fraction=0.0))):
         for tag, k in (("", None), (f"_k{half}", half)):
             b = data_lib.sample_batch(task, cfg.train.seed, n, n_context=k,
                                       stream=data_lib.EVAL_STREAM + 11)
@@ -281,22 +287,35 @@ def run(experiment: str, base: ExperimentConfig, setting_list: list, out_dir: st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gpicl-experiment", description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=EXPERIMENTS)
+    p.add_argument("experiment", choices=EXPERIMENTS, help="which sweep to run")
     p.add_argument("--family", default="random_mlp", choices=FAMILIES,
                    help="random_mlp, or a base dataset for classification tasks")
-    p.add_argument("--preset", default="small", choices=SIZES)
+    p.add_argument("--preset", default="small", choices=SIZES,
+                   help="base size: tiny (tests, seconds), small (2-core CPU, 10-15 min per "
+                        "sweep), paper (GPUs, the paper's model)")
     p.add_argument("--data-dir", default="~/tensorflow_datasets",
                    help="where tfds datasets are prepared (digits prepares itself)")
     p.add_argument("--out", help="output folder (default reports/experiments/<experiment>-"
                                  "<family>-<preset>)")
-    p.add_argument("--n-tasks", default="2^0..2^16:2", help="phase-transition settings")
-    p.add_argument("--batch-sizes", default="16,32,64,128", help="batch-size settings")
-    p.add_argument("--fractions", default="0,0.25,0.5", help="biased-tasks settings")
-    p.add_argument("--sizes", default="32x1,64x2,64x4,128x4", help="model-size settings")
-    p.add_argument("--set", action="append", default=[], help="override the base config")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--n-tasks", default="2^0..2^16:2",
+                   help="phase-transition settings: 2^a..2^b[:step] (then unlimited) or a "
+                        "list like 1,16,none")
+    p.add_argument("--batch-sizes", default="16,32,64,128",
+                   help="batch-size settings: multiples of task.block_size (8)")
+    p.add_argument("--fractions", default="0,0.25,0.5",
+                   help="biased-tasks settings: fractions of each block given to one fixed "
+                        "task, multiples of 1/block_size")
+    p.add_argument("--sizes", default="32x1,64x2,64x4,128x4",
+                   help="model-size settings: D_MODELxLAYERS")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override the base config (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    from gpicl_tf.cli import check_dir_arg, quiet_tensorflow
+
+    out = a.out or os.path.join("reports", "experiments", f"{a.experiment}-{a.family}-{a.preset}")
     try:
+        check_dir_arg("--out", out)
         base = base_config(a.family, a.preset, a.data_dir, a.set)
         setting_list = settings(a.experiment, a)
         for name, overrides in setting_list:  # every setting valid before any work
@@ -304,7 +323,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"gpicl-experiment: error: {e}", file=sys.stderr)
         return 2
-    out = a.out or os.path.join("reports", "experiments", f"{a.experiment}-{a.family}-{a.preset}")
+    quiet_tensorflow()
     doc = run(a.experiment, base, setting_list, out, verbose=not a.quiet)
     print(markdown(a.experiment, list(doc["settings"].values()), doc["summary"]))
     print(f"wrote {out}/results.json, results.md, {a.experiment}.png")

@@ -1,0 +1,116 @@
+"""Scale-free numerics (issue 10, item 1): predictions are equivariant to
+(a*x + b, c*y + d) over float32's useful range, for the Keras model, the export's
+signature and the estimator; unrepresentable inputs are refused, never NaN."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpicl_tf import InContextRegressor
+from gpicl_tf.model import masked_inputs
+
+SCALES = (1e-6, 1e-3, 1.0, 1e3, 1e6)
+
+
+def _task(seed=0, b=3, nc=8, nq=5, d=1):
+    rng = np.random.default_rng(seed)
+    cx = rng.uniform(-1, 1, (b, nc, d))
+    cy = np.sin(3 * cx.sum(-1, keepdims=True)) + 0.3 * rng.normal(size=(b, nc, 1))
+    return cx, cy, rng.uniform(-1, 1, (b, nq, d))
+
+
+def _grid():
+    # Shifts of up to 1e3 spreads (1e6 in absolute terms at scale 1e3): float32 keeps
+    # 1e-3 of the spread only while the offset is within ~1e3 spreads of it.
+    for a in SCALES:
+        for c in SCALES:
+            for shift in (0.0, 1e3, -1e3):
+                yield a, c, shift * a, -shift * c
+
+
+def _check_equivariance(predict, d=1):
+    cx, cy, qx = _task(d=d)
+    worst = 0.0
+    for a, c, b, dd in _grid():
+        f32 = lambda v: np.asarray(v, np.float32)
+        cx2, qx2, cy2 = f32(a * cx + b), f32(a * qx + b), f32(c * cy + dd)
+        # The base task that the float32 inputs represent exactly.
+        base = predict((cx2.astype(np.float64) - b) / a, (cy2.astype(np.float64) - dd) / c,
+                       (qx2.astype(np.float64) - b) / a)
+        got = np.asarray(predict(cx2, cy2, qx2), np.float64)
+        err = np.abs(got - (c * base + dd)).max() / (c * cy.std())
+        assert np.isfinite(got).all(), (a, c, b, dd)
+        assert err < 1e-3, (a, c, b, dd, err)
+        worst = max(worst, err)
+    return worst
+
+
+def test_keras_model_is_equivariant_over_the_scale_grid(tiny_keras_model):
+    model = tiny_keras_model
+
+    def predict(cx, cy, qx):
+        out = model(masked_inputs(np.float32(cx), np.float32(cy), np.float32(qx)))
+        return out.numpy()[:, cx.shape[1]:]
+
+    _check_equivariance(predict)
+
+
+def test_signature_is_equivariant_over_the_scale_grid(tiny_export_dir):
+    sig = tf.saved_model.load(f"{tiny_export_dir}/1").signatures["serving_default"]
+    predict = lambda cx, cy, qx: sig(context_x=tf.constant(cx, tf.float32),
+                                     context_y=tf.constant(cy, tf.float32),
+                                     query_x=tf.constant(qx, tf.float32))["mean"].numpy()
+    _check_equivariance(predict)
+
+
+def test_signature_is_equivariant_per_feature_at_width_2(tiny_export_2d):
+    sig = tf.saved_model.load(f"{tiny_export_2d}/1").signatures["serving_default"]
+    cx, cy, qx = _task(d=2)
+    cy = np.concatenate([cy, cx[..., :1] ** 2], -1)
+    run = lambda cx, cy, qx: sig(context_x=tf.constant(cx, tf.float32),
+                                 context_y=tf.constant(cy, tf.float32),
+                                 query_x=tf.constant(qx, tf.float32))["mean"].numpy()
+    a, b = np.array([1e-3, 1e4]), np.array([5.0, -2e6])  # each feature its own map
+    c, d = np.array([1e5, 1e-4]), np.array([-3e7, 2e-2])  # offsets <= ~400 spreads
+    base = run(cx, cy, qx)
+    got = run(a * cx + b, c * cy + d, a * qx + b)
+    np.testing.assert_allclose((got - d) / c, base, atol=2e-3 * cy.std())
+
+
+def test_estimator_is_equivariant_over_the_scale_grid_and_any_float64_shift(tiny_export_dir):
+    cx, cy, qx = _task(b=1, nc=12)
+    X, y, Xq = cx[0], cy[0, :, 0], qx[0]
+    base = InContextRegressor(tiny_export_dir).fit(X, y).predict(Xq)
+    for a in SCALES:
+        for c in SCALES:
+            for b, d in ((0.0, 0.0), (1e6, -1e6), (-1e6 * a, 1e3 * c)):
+                est = InContextRegressor(tiny_export_dir).fit(a * X + b, c * y + d)
+                got = est.predict(a * Xq + b)
+                np.testing.assert_allclose((got - d) / c, base, atol=1e-3 * y.std(),
+                                           err_msg=str((a, c, b, d)))
+
+
+def test_huge_values_predict_finite_numbers_not_nan(tiny_export_dir):
+    sig = tf.saved_model.load(f"{tiny_export_dir}/1").signatures["serving_default"]
+    cx, cy, qx = _task()
+    run = lambda y: sig(context_x=tf.constant(cx, tf.float32), context_y=tf.constant(y, tf.float32),
+                        query_x=tf.constant(qx, tf.float32))["mean"].numpy()
+    big = run(1e19 * cy)  # squares of 1e19 overflow float32
+    assert np.isfinite(big).all()
+    np.testing.assert_allclose(big / 1e19, run(cy), atol=1e-4 * cy.std())
+
+
+@pytest.mark.parametrize("field", ["context_x", "context_y", "query_x"])
+def test_values_beyond_float32_arithmetic_are_refused_by_the_signature(tiny_export_dir, field):
+    sig = tf.saved_model.load(f"{tiny_export_dir}/1").signatures["serving_default"]
+    req = dict(zip(("context_x", "context_y", "query_x"), _task()))
+    req[field] = req[field] * 1e38
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"{field}: expected values of magnitude at most 1e\\+36"):
+        sig(**{k: tf.constant(v, tf.float32) for k, v in req.items()})
+
+
+def test_a_constant_context_predicts_its_constant(tiny_export_dir):
+    cx, _, qx = _task(b=1)
+    est = InContextRegressor(tiny_export_dir).fit(cx[0], np.full(8, 1e6 + 3.0))
+    np.testing.assert_allclose(est.predict(qx[0]), 1e6 + 3.0, rtol=1e-9)
