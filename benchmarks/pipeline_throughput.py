@@ -19,7 +19,7 @@ import tensorflow as tf  # noqa: E402
 
 from gpicl_tf import data as data_lib  # noqa: E402
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
-from gpicl_tf.train import Trainer  # noqa: E402
+from gpicl_tf.train import Trainer, run_steps  # noqa: E402
 
 
 def stream_tasks_per_sec(cfg, n_batches: int) -> float:
@@ -40,14 +40,11 @@ def train_tasks_per_sec(cfg, n_calls: int = 10) -> float:
     fixed = next(iter(batch))
     trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy(),
                       dataset_fn=lambda ctx, start: tf.data.Dataset.from_tensors(fixed).repeat())
-    call = trainer.build_train_call()
-    it = trainer._distributed_iterator(0)
-    k = tf.constant(cfg.train.steps_per_call)
-    float(call(it, k))
+    k = cfg.train.steps_per_call
+    run_steps(trainer, 1, k)  # compile and warm up
     tic = time.perf_counter()
-    for _ in range(n_calls):
-        float(call(it, k))
-    steps = n_calls * cfg.train.steps_per_call
+    run_steps(trainer, n_calls, k)
+    steps = n_calls * k
     return steps * cfg.train.batch_size / (time.perf_counter() - tic)
 
 

@@ -142,10 +142,9 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
     Serving runs), else through the Keras model.
     """
     from gpicl_tf import evaluate
-    from gpicl_tf.report import keras_predict_fn
 
     predict = (evaluate.saved_model_predict_fn(export_path) if export_path
-               else keras_predict_fn(trainer.model))
+               else evaluate.keras_predict_fn(trainer.model))
     wanted = {cfg.task.family, "sine", "gp_rbf_l0.5"}
     suites = [s for s in evaluate.default_suites(cfg) if s.name in wanted]
     ks = [k for k in (4, 16, 32) if k <= cfg.task.context_max]
@@ -198,7 +197,7 @@ def _train(argv) -> int:
         print(f"report (unchanged): {report_dir}/results.md")
     elif not args.no_report:
         if cfg.task.x_dim == 1:
-            from gpicl_tf.summaries import prediction_figure
+            from gpicl_tf.evaluate import prediction_figure
 
             fig_path = os.path.join(logdir, "predictions.png")
             prediction_figure(trainer.model, cfg, n_tasks=4).savefig(fig_path, dpi=100)

@@ -461,7 +461,30 @@ def _paper() -> ExperimentConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "default": _default, "mix": _mix, "paper": _paper}
+def _sweep(size: str) -> ExperimentConfig:
+    """Base configs of the paper's sweeps (gpicl-experiment --preset SIZE), 1-D random MLPs;
+    gpicl_tf.experiments.presets swaps in a classification family where asked."""
+    n_points = {"tiny": 16, "small": 48, "paper": 100}[size]
+    model = {"tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, mlp_ratio=2),
+             "small": ModelConfig(d_model=64, n_layers=2, n_heads=4, mlp_ratio=2),
+             "paper": ModelConfig(d_model=256, n_layers=4, n_heads=8, key_dim=32)}[size]
+    train = {"tiny": TrainConfig(steps=60, batch_size=32, warmup_steps=10, learning_rate=2e-3,
+                                 steps_per_call=10, log_every=10, eval_every=60,
+                                 checkpoint_every=30, eval_tasks=64),
+             "small": TrainConfig(steps=1500, batch_size=64, warmup_steps=100,
+                                  learning_rate=1e-3, steps_per_call=10, log_every=25,
+                                  eval_every=500, checkpoint_every=500, eval_tasks=256),
+             "paper": TrainConfig(steps=50000, batch_size=128, warmup_steps=1000,
+                                  learning_rate=3e-4, steps_per_call=50, log_every=250,
+                                  eval_every=2500, checkpoint_every=2500)}[size]
+    return ExperimentConfig(name=f"sweep-{size}", task=TaskConfig(n_points=n_points),
+                            model=model, train=train)
+
+
+# The one preset registry: training presets, then the sweeps' base configs.
+PRESETS = {"tiny": _tiny, "default": _default, "mix": _mix, "paper": _paper,
+           "sweep-tiny": lambda: _sweep("tiny"), "sweep-small": lambda: _sweep("small"),
+           "sweep-paper": lambda: _sweep("paper")}
 
 
 def get_preset(name: str) -> ExperimentConfig:

@@ -1,4 +1,13 @@
-"""Transfer evaluation of an exported model against classical baselines.
+"""Evaluating a model on tasks: the one module every caller uses.
+
+- training's periodic unseen-task loss (`unseen_batch`, `batch_metrics`);
+- the sweeps' seen/unseen loss and accuracy (the same two functions);
+- the transfer suites of gpicl-eval and the main job's short report
+  (`evaluate`, `write_outputs`), against per-task learners;
+- pictures of fits (`fits_figure`: `plot_fits` for suites,
+  `prediction_figure` for TensorBoard and the main job).
+
+Transfer evaluation of an exported model against classical baselines:
 
     gpicl-eval --model exports/gpicl [--version N] --out reports/gpicl [--logdir runs/eval]
 
@@ -33,14 +42,70 @@ import numpy as np
 import tensorflow as tf
 
 from gpicl_tf import baselines as baselines_lib
+from gpicl_tf import data as data_lib
 from gpicl_tf.config import ExperimentConfig, unseen_task_config
 from gpicl_tf.files import write_atomic
+from gpicl_tf.losses import masked_query_loss, query_accuracy
+from gpicl_tf.model import masked_inputs, model_inputs
 from gpicl_tf.progress import progress_bar
-from gpicl_tf.report import context_batch
 from gpicl_tf.summaries import pyplot
 from gpicl_tf.tasks import GPRBF, get_family, gp_posterior_mean
 
 EVAL_SEED = 20221208  # suites are fixed: this seed is never a training stream
+REPORT_STREAM = data_lib.EVAL_STREAM + 7  # transfer suites: tasks no training run draws
+SWEEP_STREAM = data_lib.EVAL_STREAM + 11  # seen/unseen evaluation of the sweeps
+PICTURE_STREAM = data_lib.EVAL_STREAM + 1  # pictures of fits during training
+
+
+# ------------------------------------------------------------ tasks and predictors
+def context_batch(cfg: ExperimentConfig, k: int, n_tasks: int, n_queries: int, seed: int,
+                  family=None, stream: int = REPORT_STREAM, **task_overrides):
+    """n_tasks unseen tasks, each with k context points first and n_queries queries.
+
+    Returns numpy arrays x [T, k+q, dx], y [T, k+q, dy], is_query [T, k+q],
+    with the context points placed first.
+    """
+    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=k + n_queries,
+                               min_context=0, max_context=None,
+                               family=family or cfg.task.family, mix=(), **task_overrides)
+    b = data_lib.sample_batch(task, seed, n_tasks, n_context=k, stream=stream)
+    x, y, q = b["x"].numpy(), b["y"].numpy(), b["is_query"].numpy()
+    order = np.argsort(q, axis=1, kind="stable")  # context (0) before queries (1)
+    take = lambda a: np.take_along_axis(a, order[..., None] if a.ndim == 3 else order, 1)
+    return take(x), take(y), take(q)
+
+
+def model_mse(predict_fn, x, y, k: int):
+    """Per-task MSE of predict_fn(context_x, context_y, query_x) -> [T, q, dy]."""
+    pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
+    return np.mean((pred - y[:, k:]) ** 2, axis=(1, 2))
+
+
+def keras_predict_fn(model):
+    """predict_fn over a Keras model with the masked-input interface."""
+
+    def predict(cx, cy, qx):
+        pred = model(masked_inputs(cx, cy, qx), training=False)
+        return pred.numpy()[:, cx.shape[1]:]
+
+    return predict
+
+
+# ------------------------------------------------ the training loss on task batches
+def unseen_batch(cfg: ExperimentConfig, n: int, n_context=None, stream=data_lib.EVAL_STREAM,
+                 task=None) -> dict:
+    """A fixed batch of n tasks no training step saw (or of `task`, e.g. the pool)."""
+    task = unseen_task_config(cfg.task) if task is None else task
+    return data_lib.sample_batch(task, cfg.train.seed, n, n_context=n_context, stream=stream)
+
+
+def batch_metrics(model, cfg: ExperimentConfig, batch: dict) -> dict:
+    """The training loss on a batch (and accuracy for classification), outside a strategy."""
+    pred = model(model_inputs(batch), training=False)
+    out = {"loss": float(masked_query_loss(batch["y"], pred, batch["is_query"], cfg.loss))}
+    if cfg.task.kind == "classification":
+        out["accuracy"] = float(query_accuracy(batch["y"], pred, batch["is_query"]))
+    return out
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_BASELINES = ("mean", "knn", "ridge", "poly_ridge", "gp")  # "mlp": opt-in, slow
 
@@ -250,32 +315,65 @@ def plot_mse_vs_k(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def fits_figure(x, y, context, predictions: dict, titles):
+    """Context, truth and each prediction on 1-D tasks, one panel per task.
+
+    Args:
+      x, y: [T, N, 1] tasks.
+      context: [T, N] bool, True for context points.
+      predictions: {label: [T, Nq, 1]} predictions at the query points (the
+        points where context is False, in their order); the first is the model.
+      titles: a panel title per task.
+    """
+    plt = pyplot()
+    n = len(x)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    styles = [dict(color="C1", lw=1.5), dict(color="C2", lw=1, ls="--")]
+    for i, ax in enumerate(axes[0]):
+        ctx = context[i]
+        qx, qy = x[i, ~ctx, 0], y[i, ~ctx, 0]
+        order = np.argsort(qx)
+        ax.plot(qx[order], qy[order], color="0.4", lw=1.5, label="truth")
+        for (label, pred), style in zip(predictions.items(), styles):
+            ax.plot(qx[order], np.asarray(pred)[i, order, 0], label=label, **style)
+        ax.scatter(x[i, ctx, 0], y[i, ctx, 0], color="C0", zorder=3, s=18, label="context")
+        ax.set_title(titles[i], fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 8,
               n: int = 3, seed: int = EVAL_SEED) -> None:
     """Context points, truth, model and best baseline on n tasks of a 1-D suite."""
-    plt = pyplot()
     methods = results["suites"][suite.name]["methods"]
     kk = str(k) if str(k) in methods["model"] else list(methods["model"])[-1]
     k = int(kk)
     base = min((m for m in methods if m not in ("model", "bayes_optimal")),
-               key=lambda m: methods[m][kk]["mse"])
+               key=lambda m: methods[m][kk]["nmse"])
     x, y, _ = context_batch(cfg, k, n, 200, seed + 1, family=suite.family, **suite.overrides)
-    pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        order = np.argsort(x[i, k:, 0])
-        qx = x[i, k:, 0][order]
-        bpred = baselines_lib.get_baseline(base)(x[i, :k], y[i, :k], x[i, k:])
-        ax.plot(qx, y[i, k:, 0][order], color="0.4", lw=1.5, label="truth")
-        ax.plot(qx, pred[i, :, 0][order], color="C1", lw=1.5, label="model")
-        ax.plot(qx, np.asarray(bpred)[:, 0][order], color="C2", lw=1, ls="--",
-                label=f"{base} (best baseline)")
-        ax.scatter(x[i, :k, 0], y[i, :k, 0], color="C0", zorder=3, s=18, label="context")
-        ax.set_title(f"{suite.name}, k={k}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fn = baselines_lib.get_baseline(base)
+    bpred = np.stack([np.asarray(fn(x[i, :k], y[i, :k], x[i, k:])) for i in range(n)])
+    context = np.arange(x.shape[1])[None, :].repeat(n, 0) < k  # context first
+    fig = fits_figure(x, y, context, {"model": predict_fn(x[:, :k], y[:, :k], x[:, k:]),
+                                      f"{base} (best baseline)": bpred},
+                      [f"{suite.name}, k={k}"] * n)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
+                      seed=None):
+    """In-context predictions of a Keras model on unseen 1-D tasks (TensorBoard, main job)."""
+    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + 200,
+                               max_context=None, min_context=0)
+    b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
+                              n_context=n_context, stream=PICTURE_STREAM)
+    pred = model(model_inputs(b), training=False).numpy()
+    ctx = b["is_query"].numpy() < 0.5  # (T, N): every task has n_context of them
+    at_queries = np.stack([pred[i, ~ctx[i]] for i in range(n_tasks)])  # (T, Nq, 1)
+    return fits_figure(b["x"].numpy(), b["y"].numpy(), ctx, {"model": at_queries},
+                       [f"unseen task {i}, {n_context} context points" for i in range(n_tasks)])
 
 
 def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None) -> None:

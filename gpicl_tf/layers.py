@@ -146,8 +146,9 @@ class TransformerBlock(keras.layers.Layer):
         self.ln_mlp.build(h_shape)
         self.mlp_in.build(h_shape)
         self.mlp_out.build(tuple(h_shape[:-1]) + (self.mlp_dim,))
-        # Scale the attention output projection like mlp_out.
-        kernel = self.attn._output_dense.kernel
+        # Scale the attention output projection like mlp_out (MultiHeadAttention
+        # takes one kernel initializer for all four projections).
+        kernel = self.attn.output_dense.kernel
         kernel.assign(kernel * self.residual_scale)
 
     def call(self, h, mask):

@@ -13,39 +13,94 @@ predicted independently of the other queries.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import keras
 import tensorflow as tf
 
 from gpicl_tf.config import ExperimentConfig
-from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destandardize,
+from gpicl_tf.layers import (PACKAGE, ContextAttentionMask, ContextStandardizer, Destandardize,
                              TransformerBlock)
 
 
-def build_model(cfg: ExperimentConfig) -> keras.Model:
-    """Builds the functional in-context transformer for `cfg`."""
-    t, m = cfg.task, cfg.model
-    classify = t.kind == "classification"
-    x = keras.Input((None, t.x_dim), name="x")
-    y = keras.Input((None, t.y_dim), name="y")
-    is_query = keras.Input((None,), name="is_query")
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class InContextTransformer(keras.Model):
+    """The in-context learner: a set transformer over (x, y, query flag) tokens.
 
-    # Statistics and the output map stay in float32 under mixed precision.
-    feats, y_loc, y_scale = ContextStandardizer(eps=m.std_eps, standardize_y=not classify,
-                                                dtype="float32", name="standardize")(x, y, is_query)
-    mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
-    h = keras.layers.Dense(m.d_model, name="embed")(feats)  # (B, N, D)
-    res_scale = 1.0 / math.sqrt(2 * m.n_layers)
-    for i in range(m.n_layers):
-        h = TransformerBlock(m.d_model, m.n_heads, m.head_dim, m.mlp_ratio * m.d_model,
-                             residual_scale=res_scale, name=f"block_{i}")(h, mask)
-    h = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_final")(h)
-    head = keras.layers.Dense(t.y_dim, kernel_initializer="zeros", dtype="float32",
-                              name="y_pred" if classify else "head")
-    y_pred = head(h)  # (B, N, dy): logits, or standardised units
-    if not classify:
-        y_pred = Destandardize(dtype="float32", name="y_pred")(y_pred, y_loc, y_scale)
-    return keras.Model({"x": x, "y": y, "is_query": is_query}, y_pred, name=cfg.name.replace("-", "_"))
+    A `keras.Model` built functionally in `__init__` (the keras-hub backbone
+    pattern): its hyperparameters are its config, so it saves, loads and
+    clones without the experiment config.
+
+    Args:
+      x_dim, y_dim: input and output widths.
+      d_model: token width.
+      n_layers: pre-LayerNorm transformer blocks.
+      n_heads: attention heads.
+      key_dim: per-head query/key size (default d_model // n_heads).
+      mlp_ratio: each block's MLP width as a multiple of d_model.
+      std_eps: relative spread floor of the per-task standardisation.
+      classify: y is one-hot and the output are class logits (no y
+        standardisation, no output map).
+
+    Example:
+
+    >>> import numpy as np
+    >>> model = InContextTransformer(x_dim=1, y_dim=1, d_model=32, n_layers=2, n_heads=2)
+    >>> x = np.random.uniform(-1, 1, (4, 10, 1)).astype("float32")
+    >>> y, q = np.sin(3 * x), np.zeros((4, 10), "float32")
+    >>> q[:, 7:] = 1.0                      # the last 3 points are queries
+    >>> model({"x": x, "y": y * (1 - q[..., None]), "is_query": q}).shape
+    TensorShape([4, 10, 1])
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, d_model: int = 64, n_layers: int = 4,
+                 n_heads: int = 4, key_dim: Optional[int] = None, mlp_ratio: int = 4,
+                 std_eps: float = 1e-7, classify: bool = False, **kwargs):
+        head_dim = key_dim if key_dim is not None else d_model // n_heads
+        x = keras.Input((None, x_dim), name="x")
+        y = keras.Input((None, y_dim), name="y")
+        is_query = keras.Input((None,), name="is_query")
+        # Statistics and the output map stay in float32 under mixed precision.
+        feats, y_loc, y_scale = ContextStandardizer(
+            eps=std_eps, standardize_y=not classify, dtype="float32",
+            name="standardize")(x, y, is_query)
+        mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
+        h = keras.layers.Dense(d_model, name="embed")(feats)  # (B, N, D)
+        res_scale = 1.0 / math.sqrt(2 * n_layers)
+        for i in range(n_layers):
+            h = TransformerBlock(d_model, n_heads, head_dim, mlp_ratio * d_model,
+                                 residual_scale=res_scale, name=f"block_{i}")(h, mask)
+        h = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_final")(h)
+        head = keras.layers.Dense(y_dim, kernel_initializer="zeros", dtype="float32",
+                                  name="y_pred" if classify else "head")
+        y_pred = head(h)  # (B, N, dy): logits, or standardised units
+        if not classify:
+            y_pred = Destandardize(dtype="float32", name="y_pred")(y_pred, y_loc, y_scale)
+        super().__init__({"x": x, "y": y, "is_query": is_query}, y_pred, **kwargs)
+        self.x_dim, self.y_dim = x_dim, y_dim
+        self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
+        self.key_dim, self.mlp_ratio, self.std_eps = key_dim, mlp_ratio, std_eps
+        self.classify = classify
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                "x_dim": self.x_dim, "y_dim": self.y_dim, "d_model": self.d_model,
+                "n_layers": self.n_layers, "n_heads": self.n_heads, "key_dim": self.key_dim,
+                "mlp_ratio": self.mlp_ratio, "std_eps": self.std_eps,
+                "classify": self.classify}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_model(cfg: ExperimentConfig) -> InContextTransformer:
+    """The in-context transformer of an experiment: its model config and task widths."""
+    m, t = cfg.model, cfg.task
+    return InContextTransformer(
+        x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
+        n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
+        classify=t.kind == "classification", name=cfg.name.replace("-", "_"))
 
 
 INPUT_NAMES = ("x", "y", "is_query")

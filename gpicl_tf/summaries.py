@@ -1,4 +1,4 @@
-"""TensorBoard summaries: scalars, HParams and pictures of predictions."""
+"""TensorBoard summaries: scalars, HParams and pictures of predictions (drawn by evaluate)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import dataclasses
 import io
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
-from gpicl_tf.config import ExperimentConfig, unseen_task_config
+from gpicl_tf.config import ExperimentConfig
 
 
 def flat_hparams(cfg: ExperimentConfig) -> dict:
@@ -33,32 +32,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
-                      seed: Optional[int] = None):
-    """A matplotlib figure of in-context predictions on unseen 1-D tasks."""
-    from gpicl_tf import data as data_lib
-
-    plt = pyplot()
-
-    grid = 200
-    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + grid,
-                               max_context=None, min_context=0)
-    b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
-                              n_context=n_context, stream=data_lib.EVAL_STREAM + 1)
-    pred = model({"x": b["x"], "y": b["y"], "is_query": b["is_query"]}).numpy()
-    x, y, q = b["x"].numpy()[..., 0], b["y"].numpy()[..., 0], b["is_query"].numpy() > 0.5
-    fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.2), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        order = np.argsort(np.where(q[i], x[i], np.inf))[: q[i].sum()]
-        ax.plot(x[i][order], y[i][order], color="0.4", lw=1.5, label="truth")
-        ax.plot(x[i][order], pred[i, :, 0][order], color="C1", lw=1.5, label="model")
-        ax.scatter(x[i][~q[i]], y[i][~q[i]], color="C0", zorder=3, s=18, label="context")
-        ax.set_title(f"unseen task {i}, {n_context} context points", fontsize=9)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def figure_to_image(fig) -> tf.Tensor:
@@ -95,6 +68,8 @@ class Writer:
     def predictions(self, step: int, model, cfg: ExperimentConfig) -> None:
         if self.writer is None or cfg.task.x_dim != 1 or cfg.task.kind != "regression":
             return
+        from gpicl_tf.evaluate import prediction_figure  # evaluate imports this module
+
         img = figure_to_image(prediction_figure(model, cfg))
         with self.writer.as_default(step=step):
             tf.summary.image("eval/predictions_unseen_tasks", img)

@@ -23,11 +23,12 @@ import tensorflow as tf
 
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
-from gpicl_tf.config import ExperimentConfig, unseen_task_config
+from gpicl_tf import evaluate as evaluation
+from gpicl_tf.config import ExperimentConfig
 from gpicl_tf.files import write_atomic
 from gpicl_tf.losses import masked_query_loss
 from gpicl_tf.progress import progress_bar
-from gpicl_tf.model import build_model, model_inputs
+from gpicl_tf.model import build_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -366,13 +367,11 @@ class Trainer:
     # ------------------------------------------------------------------- eval
     def eval_batch(self):
         """A fixed batch of unseen tasks (evaluation stream, fresh functions)."""
-        return data_lib.sample_batch(unseen_task_config(self.cfg.task), self.cfg.train.seed,
-                                     self.cfg.train.eval_tasks, stream=data_lib.EVAL_STREAM)
+        return evaluation.unseen_batch(self.cfg, self.cfg.train.eval_tasks)
 
     def evaluate(self, batch) -> float:
         """Loss (the training loss) on a batch, outside the strategy."""
-        pred = self.model(model_inputs(batch), training=False)
-        return float(masked_query_loss(batch["y"], pred, batch["is_query"], self.cfg.loss))
+        return evaluation.batch_metrics(self.model, self.cfg, batch)["loss"]
 
     # ------------------------------------------------------------------- loop
     def train(self, verbose: bool = True) -> TrainResult:
@@ -381,66 +380,59 @@ class Trainer:
         A run that already reached cfg.train.steps is not trained again: its
         stored figures come back with `complete=True` and nothing is written.
         """
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
+        start = self._open_run()
+        if start >= t.steps:
+            return self._finished_result(start)
+        if self._train_call is None:
+            self._train_call = self.build_train_call()
+        iterator = self._distributed_iterator(start)
+        log = RunLog(self, start, verbose)
+        step, loss, rate = start, float("nan"), 0.0
+        while step < t.steps:
+            n = self._steps_to_next_boundary(step)
+            tic = time.perf_counter()
+            loss = self._run_call(iterator, step, n)
+            rate = n / max(time.perf_counter() - tic, 1e-9)
+            step += n
+            log.after_call(step, loss, rate)
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                self.manager.save(checkpoint_number=step)
+        return log.close(TrainResult(step, loss, log.eval_loss, rate, self.logdir, start))
+
+    def _open_run(self) -> int:
+        """Checks and restores the run folder, then (only then) writes config.json."""
         self._check_config()
         start = self.restore()
         self._agree_on_step(start)
-        if start >= t.steps:
-            return self._finished_result(start)
-        if self.chief:
+        if start < self.cfg.train.steps:
             os.makedirs(self.logdir, exist_ok=True)
-            write_atomic(os.path.join(self.logdir, "config.json"), self.cfg.to_json())
-        else:
-            os.makedirs(self.logdir, exist_ok=True)
-        if self._train_call is None:
-            self._train_call = self.build_train_call()
-        eval_b = self.eval_batch()
-        writer = summaries.Writer(self.logdir if self.chief else None, cfg)
-        if start == 0:
-            writer.hparams()
-        iterator = self._distributed_iterator(start)
-        bar = progress_bar(t.steps, verbose and self.chief,
-                           stateful=("loss", "eval_loss", "steps/s"))
-        step, loss, eval_loss, rate = start, float("nan"), float("nan"), 0.0
-        boundaries = sorted({t.log_every, t.eval_every, t.checkpoint_every, t.steps_per_call})
-        while step < t.steps:
-            n = min(t.steps_per_call, t.steps - step,
-                    *[b - step % b for b in boundaries])
-            tic = time.perf_counter()
-            try:
-                loss = float(self._train_call(iterator, tf.constant(n)))
-            except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                    tf.errors.AbortedError) as e:
-                if self.strategy.num_replicas_in_sync == 1 and self.chief:
-                    raise
-                raise self._worker_failure(e, step, n) from None
-            rate = n / max(time.perf_counter() - tic, 1e-9)
-            bad = int(self.bad_step.numpy())
-            if bad >= 0:
-                raise TrainingDiverged(
-                    f"the loss or the gradient is not finite at step {bad}; training stopped "
-                    f"before applying it. The last checkpoint "
-                    f"({self.manager.latest_checkpoint}) holds finite weights; lower "
-                    "train.learning_rate or check the data.")
-            step += n
-            if step % t.log_every == 0 or step == t.steps:
-                lr = float(self.optimizer.learning_rate)
-                writer.scalars(step, {"train/loss": loss, "train/learning_rate": lr,
-                                      "train/steps_per_sec": rate})
-            if step % t.eval_every == 0 or step == t.steps:
-                eval_loss = self.evaluate(eval_b)
-                writer.scalars(step, {"eval/loss_unseen_tasks": eval_loss})
-                writer.predictions(step, self.model, self.cfg)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                self.manager.save(checkpoint_number=step)
-            if bar is not None:
-                bar.update(step, [("loss", loss), ("eval_loss", eval_loss), ("steps/s", rate)])
-        writer.flush()
-        result = TrainResult(step, loss, eval_loss, rate, self.logdir, start)
-        if self.chief:
-            write_atomic(os.path.join(self.logdir, FINAL), json.dumps(
-                dataclasses.asdict(result), indent=1))
-        return result
+            if self.chief:
+                write_atomic(os.path.join(self.logdir, "config.json"), self.cfg.to_json())
+        return start
+
+    def _steps_to_next_boundary(self, step: int) -> int:
+        """Steps of the next call: up to steps_per_call, stopping at every interval."""
+        t = self.cfg.train
+        intervals = (t.log_every, t.eval_every, t.checkpoint_every, t.steps_per_call)
+        return min(t.steps - step, *[b - step % b for b in intervals])
+
+    def _run_call(self, iterator, step: int, n: int) -> float:
+        """One train call of n steps; a dead peer or a non-finite step is a clear error."""
+        try:
+            loss = float(self._train_call(iterator, tf.constant(n)))
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.AbortedError) as e:
+            if self.strategy.num_replicas_in_sync == 1 and self.chief:
+                raise
+            raise self._worker_failure(e, step, n) from None
+        bad = int(self.bad_step.numpy())
+        if bad >= 0:
+            raise TrainingDiverged(
+                f"the loss or the gradient is not finite at step {bad}; training stopped "
+                f"before applying it. The last checkpoint ({self.manager.latest_checkpoint}) "
+                "holds finite weights; lower train.learning_rate or check the data.")
+        return loss
 
     def _finished_result(self, step: int) -> TrainResult:
         path = os.path.join(self.logdir, FINAL)
@@ -466,6 +458,42 @@ class Trainer:
             f"resume. TensorFlow said: {first}")
 
 
+class RunLog:
+    """What a run reports: TensorBoard scalars and pictures, the unseen-task loss,
+    the progress bar, and the final figures (final.json) of a finished run."""
+
+    def __init__(self, trainer: Trainer, start: int, verbose: bool):
+        self.trainer, self.cfg = trainer, trainer.cfg
+        self.writer = summaries.Writer(trainer.logdir if trainer.chief else None, trainer.cfg)
+        if start == 0:
+            self.writer.hparams()
+        self.eval_batch = trainer.eval_batch()
+        self.eval_loss = float("nan")
+        self.bar = progress_bar(self.cfg.train.steps, verbose and trainer.chief,
+                                stateful=("loss", "eval_loss", "steps/s"))
+
+    def after_call(self, step: int, loss: float, rate: float) -> None:
+        t, last = self.cfg.train, step == self.cfg.train.steps
+        if step % t.log_every == 0 or last:
+            lr = float(self.trainer.optimizer.learning_rate)
+            self.writer.scalars(step, {"train/loss": loss, "train/learning_rate": lr,
+                                       "train/steps_per_sec": rate})
+        if step % t.eval_every == 0 or last:
+            self.eval_loss = self.trainer.evaluate(self.eval_batch)
+            self.writer.scalars(step, {"eval/loss_unseen_tasks": self.eval_loss})
+            self.writer.predictions(step, self.trainer.model, self.cfg)
+        if self.bar is not None:
+            self.bar.update(step, [("loss", loss), ("eval_loss", self.eval_loss),
+                                   ("steps/s", rate)])
+
+    def close(self, result: TrainResult) -> TrainResult:
+        self.writer.flush()
+        if self.trainer.chief:
+            write_atomic(os.path.join(self.trainer.logdir, FINAL),
+                         json.dumps(dataclasses.asdict(result), indent=1))
+        return result
+
+
 def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1) -> list:
     """Runs n_calls train calls from the trainer's current step; returns their losses.
 
@@ -479,4 +507,4 @@ def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1) -> list:
 
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "WorkerFailure", "select_strategy",
-           "run_steps", "unseen_task_config"]
+           "run_steps"]

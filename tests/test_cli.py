@@ -15,8 +15,13 @@ from gpicl_tf.config import apply_overrides, get_preset, unseen_task_config
 TRAIN = os.path.join(REPO, "train_keras.py")
 
 
+def _cli(args, env=None, **kw):
+    """Runs a command line as a user's shell would: TF_CPP_MIN_LOG_LEVEL unset."""
+    return run_python(args, env={"TF_CPP_MIN_LOG_LEVEL": "", **(env or {})}, **kw)
+
+
 def _train(tmp, *args, check=True):
-    return run_python([TRAIN, "--preset", "tiny", "--steps", "10", "--no-report",
+    return _cli([TRAIN, "--preset", "tiny", "--steps", "10", "--no-report",
                        "--logdir", str(tmp / "run"), "--export-dir", str(tmp / "ex"), *args],
                       check=check)
 
@@ -67,7 +72,7 @@ def test_rerunning_a_finished_run_prints_its_figures_and_writes_nothing(tmp_path
 
 
 def test_presets_name_their_runs_and_exports(tmp_path):
-    run_python([TRAIN, "--preset", "tiny", "--steps", "5", "--no-report"], cwd=str(tmp_path))
+    _cli([TRAIN, "--preset", "tiny", "--steps", "5", "--no-report"], cwd=str(tmp_path))
     assert os.path.isdir(tmp_path / "runs" / "tiny" / "checkpoints")
     assert os.listdir(tmp_path / "exports" / "tiny") == ["1"]
     assert not os.path.exists(tmp_path / "exports" / "gpicl")
@@ -82,7 +87,7 @@ def test_presets_name_their_runs_and_exports(tmp_path):
     (["--model-name", "../x"], "name='../x' is invalid"),
 ])
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message):
-    proc = run_python([TRAIN, "--preset", "tiny", "--no-report", *args], cwd=str(tmp_path),
+    proc = _cli([TRAIN, "--preset", "tiny", "--no-report", *args], cwd=str(tmp_path),
                       check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -97,7 +102,7 @@ def test_a_directory_flag_that_is_a_file_fails_before_training(tmp_path, which):
     args = {"--logdir": str(tmp_path / "run"), "--export-dir": str(tmp_path / "ex")}
     args[which] = str(afile)
     tic = time.time()
-    proc = run_python([TRAIN, "--preset", "tiny", "--no-report", "--logdir", args["--logdir"],
+    proc = _cli([TRAIN, "--preset", "tiny", "--no-report", "--logdir", args["--logdir"],
                        "--export-dir", args["--export-dir"]], check=False)
     assert proc.returncode == 2 and f"{which} '{afile}' is a file" in proc.stderr
     assert afile.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["afile"]
@@ -105,7 +110,7 @@ def test_a_directory_flag_that_is_a_file_fails_before_training(tmp_path, which):
 
 
 def test_invalid_tf_config_truncated_checkpoint_and_bad_config_json(tmp_path):
-    proc = run_python([TRAIN, "--preset", "tiny", "--logdir", str(tmp_path / "r0")],
+    proc = _cli([TRAIN, "--preset", "tiny", "--logdir", str(tmp_path / "r0")],
                       env={"TF_CONFIG": "{not json"}, check=False)
     assert proc.returncode == 2 and "TF_CONFIG is not valid JSON" in proc.stderr
     assert not os.path.exists(tmp_path / "r0")
@@ -137,7 +142,7 @@ def test_unseen_task_evaluations_never_contain_the_biased_task(tiny, tmp_path):
     import numpy as np
 
     from gpicl_tf import data as data_lib
-    from gpicl_tf.report import context_batch
+    from gpicl_tf.evaluate import context_batch
     from gpicl_tf.train import Trainer
 
     cfg = apply_overrides(tiny, ["task.biased_fraction=0.5"])
@@ -178,9 +183,7 @@ def test_help_and_print_config_answer_without_tensorflow(call):
 
 
 def test_the_cli_silences_tensorflow_start_up_logs_and_writes_plain_progress_lines(tmp_path):
-    proc = run_python([TRAIN, "--preset", "tiny", "--steps", "10", "--no-report", "--logdir",
-                       str(tmp_path / "run"), "--export-dir", str(tmp_path / "ex")],
-                      env={"TF_CPP_MIN_LOG_LEVEL": ""})  # as a user's shell has it: unset
+    proc = _train(tmp_path)
     assert "cuInit" not in proc.stderr and "oneDNN" not in proc.stderr
     assert "\x1b[" not in proc.stdout and "\b" not in proc.stdout  # not a terminal
     assert "step 10/10 (100%)" in proc.stdout

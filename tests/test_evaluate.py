@@ -116,7 +116,6 @@ def test_unknown_family_suite_fails_before_any_work(tiny_export):
 def test_methods_are_paired_on_the_same_tasks_and_nmse_is_per_task(tiny_export):
     """A "model" that is GP regression scores exactly what the gp baseline scores."""
     from gpicl_tf.baselines import gp_regression
-    from gpicl_tf.report import context_batch
 
     _, cfg = tiny_export
     suites = [s for s in ev.default_suites(cfg) if s.name in ("sine", "random_mlp")]
@@ -129,7 +128,7 @@ def test_methods_are_paired_on_the_same_tasks_and_nmse_is_per_task(tiny_export):
     for s in suites:
         m = res["suites"][s.name]["methods"]
         assert m["model"]["4"]["mse"] == pytest.approx(m["gp"]["4"]["mse"], rel=1e-6)
-        x, y, _ = context_batch(cfg, 4, 20, 6, ev.EVAL_SEED, family=s.family, **s.overrides)
+        x, y, _ = ev.context_batch(cfg, 4, 20, 6, ev.EVAL_SEED, family=s.family, **s.overrides)
         errs = np.mean((gp_model(x[:, :4], y[:, :4], x[:, 4:]) - y[:, 4:]) ** 2, axis=(1, 2))
         nmse = np.mean(errs / y.var(axis=1).mean(-1))
         assert m["gp"]["4"]["nmse"] == pytest.approx(nmse, rel=1e-5)

@@ -124,7 +124,13 @@ def test_layers_round_trip_config():
 def test_model_round_trips_through_get_config_and_keras_file(model, tmp_path):
     x, y, q = _task()
     base = _pred(model, x, y, q)
-    clone = keras.Model.from_config(model.get_config())
+    from gpicl_tf.model import InContextTransformer
+
+    config = model.get_config()  # the model's own hyperparameters, no experiment config
+    assert {k: config[k] for k in ("x_dim", "y_dim", "d_model", "n_layers", "n_heads")} == {
+        "x_dim": 1, "y_dim": 1, "d_model": 32, "n_layers": 2, "n_heads": 2}
+    clone = InContextTransformer.from_config(config)
+    assert isinstance(model, InContextTransformer)
     clone.set_weights(model.get_weights())
     np.testing.assert_allclose(_pred(clone, x, y, q), base, atol=1e-6)
     path = str(tmp_path / "m.keras")

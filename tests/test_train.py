@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from conftest import REPO, run_python
 from gpicl_tf.config import apply_overrides
-from gpicl_tf.report import context_batch, keras_predict_fn, model_mse
+from gpicl_tf.evaluate import context_batch, keras_predict_fn, model_mse
 
 
 def _unseen_loss(model, cfg, k=12):
@@ -178,7 +178,6 @@ def test_the_gradient_is_all_reduced_once_per_step_under_mirrored_strategy():
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from tensorflow.python.distribute import distribute_lib
 from gpicl_tf.config import get_preset
 from gpicl_tf.train import Trainer, run_steps
 import tempfile
@@ -186,15 +185,46 @@ t = Trainer(get_preset("tiny"), tempfile.mkdtemp(),
             strategy=tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
 n_vars = len(t.model.trainable_variables)
 calls = []
-real = distribute_lib.ReplicaContext.all_reduce
+real = tf.distribute.ReplicaContext.all_reduce
 def counting(self, op, value, options=None):
     if isinstance(value, (list, tuple)) and len(value) == n_vars:
         calls.append(len(value))  # an all-reduce of the whole gradient
     return real(self, op, value, options)
-distribute_lib.ReplicaContext.all_reduce = counting
+tf.distribute.ReplicaContext.all_reduce = counting
 run_steps(t, 1, 1)
 print("GRADIENT_ALL_REDUCES", len(calls))
 """
     out = run_python(code).stdout
     # Traced once per replica (2 replicas): one gradient all-reduce per replica per step.
     assert "GRADIENT_ALL_REDUCES 2" in out, out[-300:]
+
+
+def test_fifty_tiny_steps_give_the_losses_recorded_before_the_restructuring(tiny, tmp_path):
+    import json
+
+    from gpicl_tf.train import Trainer, run_steps
+
+    with open(os.path.join(REPO, "tests", "data", "tiny_50_losses.json")) as f:
+        recorded = json.load(f)["losses"]
+    trainer = Trainer(tiny, str(tmp_path / "run"), strategy=tf.distribute.get_strategy())
+    np.testing.assert_allclose(run_steps(trainer, 50, 1), recorded, rtol=0, atol=1e-5)
+
+
+def test_no_private_tensorflow_or_keras_names_in_the_package_or_benchmarks():
+    """Every `._name` used in gpicl_tf/ and benchmarks/ is one the package defines itself
+    (a method, an attribute it assigns, or a tfds builder hook it overrides)."""
+    import re
+
+    texts = []
+    for folder in ("gpicl_tf", "benchmarks"):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            texts += [(n, open(os.path.join(root, n)).read()) for n in files if n.endswith(".py")]
+    defined = set()
+    for _, text in texts:
+        defined |= set(re.findall(r"def (_\w+)", text))
+        defined |= set(re.findall(r"self\.(_\w+)(?:, self\.\w+)*\s*=", text))
+        defined |= set(re.findall(r"self\.(_\w+), self\.(_\w+)\s*=", text) and
+                       sum(re.findall(r"self\.(_\w+), self\.(_\w+)\s*=", text), ()))
+    used = {(n, m) for n, text in texts for m in re.findall(r"\.(_[a-z]\w*)", text)}
+    foreign = sorted((n, m) for n, m in used if m not in defined)
+    assert not foreign, foreign

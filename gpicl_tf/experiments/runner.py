@@ -97,24 +97,19 @@ def trivial_loss(cfg: ExperimentConfig) -> float:
 
 
 def evaluate_setting(trainer, cfg: ExperimentConfig) -> dict:
-    """Loss (and accuracy) on seen tasks (the pool, new inputs) and on unseen tasks."""
-    from gpicl_tf import data as data_lib
-    from gpicl_tf.losses import masked_query_loss, query_accuracy
-    from gpicl_tf.model import model_inputs
+    """Loss (and accuracy) on seen tasks (the pool, new inputs) and on unseen tasks,
+    over all context sizes and at a fixed k = n_points / 2."""
+    from gpicl_tf import evaluate as evaluation
 
-    n = cfg.train.eval_tasks
     half = cfg.task.n_points // 2
     out = {}
     for which, task in (("unseen", unseen_task_config(cfg.task)),
                         ("seen", dataclasses.replace(cfg.task, biased_fraction=0.0))):
         for tag, k in (("", None), (f"_k{half}", half)):
-            b = data_lib.sample_batch(task, cfg.train.seed, n, n_context=k,
-                                      stream=data_lib.EVAL_STREAM + 11)
-            pred = trainer.model(model_inputs(b), training=False)
-            out[f"{which}_loss{tag}"] = float(masked_query_loss(b["y"], pred, b["is_query"],
-                                                                cfg.loss))
-            if cfg.task.kind == "classification":
-                out[f"{which}_accuracy{tag}"] = float(query_accuracy(b["y"], pred, b["is_query"]))
+            b = evaluation.unseen_batch(cfg, cfg.train.eval_tasks, n_context=k,
+                                        stream=evaluation.SWEEP_STREAM, task=task)
+            for name, value in evaluation.batch_metrics(trainer.model, cfg, b).items():
+                out[f"{which}_{name}{tag}"] = value
     return out
 
 

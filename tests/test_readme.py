@@ -1,0 +1,54 @@
+"""The README tells the truth: its figures come from committed results files, its
+snippets run as pasted, and its test command is the one CI runs (issue 10, 15/18/19)."""
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import REPO, run_python
+
+README = open(os.path.join(REPO, "README.md")).read()
+
+
+def _section(title):
+    start = README.index(title)
+    return README[start:README.index("\n## ", start + 1)]
+
+
+def test_the_results_table_matches_its_results_file():
+    with open(os.path.join(REPO, "docs", "results", "default_gpicl_eval.json")) as f:
+        res = json.load(f)
+    rows = re.findall(r"^\| (\w[\w.]*) \| (\d+) \| \**([\d.e-]+)\** \| (\w+) ([\d.e-]+)",
+                      _section("## Results"), re.M)
+    assert len(rows) >= 6
+    for suite, k, model, best_name, best in rows:
+        m = res["suites"][suite]["methods"]
+        assert float(model) == pytest.approx(m["model"][k]["nmse"], rel=6e-3), (suite, k)
+        assert float(best) == pytest.approx(m[best_name.lower()][k]["nmse"], rel=2e-2)
+        others = [v[k]["nmse"] for n, v in m.items() if n not in ("model", "bayes_optimal")]
+        assert float(best) == pytest.approx(min(others), rel=2e-2), (suite, k)
+
+
+def test_every_results_file_named_in_the_readme_exists_with_its_command():
+    named = set(re.findall(r"docs/results/([\w.-]+\.json)", README))
+    listing = open(os.path.join(REPO, "docs", "results", "README.md")).read()
+    assert named
+    for name in named:
+        assert os.path.exists(os.path.join(REPO, "docs", "results", name)), name
+        assert f"`{name}`" in listing  # with the command that made it
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    ci = open(os.path.join(REPO, ".ci", "run")).read()
+    block = re.search(r'pip install -e "\.\[test\]" && (python -m pytest[^\n`]*)', README)
+    assert block and block.group(1).strip() in ci.splitlines()
+
+
+def test_the_estimator_snippet_runs_as_pasted(tiny_export_dir, tmp_path):
+    code = re.search(r"```python\n(import numpy as np\nfrom sklearn.*?)```", README, re.S).group(1)
+    os.makedirs(tmp_path / "exports")
+    os.symlink(tiny_export_dir, tmp_path / "exports" / "gpicl")  # what the main job writes
+    out = run_python(code + "\nprint('SNIPPET_OK', reg.predict(X_test).shape)", cwd=str(tmp_path))
+    assert "SNIPPET_OK (20,)" in out.stdout
