@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py [--preset default] [--calls 10] [--set K=V ...]
     python benchmarks/train_throughput.py --preset tiny --scaling   # 2 workers vs 1, localhost
+    python benchmarks/train_throughput.py --peer torch --torch-python /path/to/python
+        # the same model in PyTorch (eager and torch.compile), timed in the same run
 
 Trains from the real task stream and reports achieved model GFLOP/s (matmul
 FLOPs of forward + backward) as a fraction of an fp32 (or bf16 with
@@ -26,14 +28,18 @@ from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 from gpicl_tf.train import Trainer, run_steps  # noqa: E402
 
 
-def measure(cfg, calls: int, strategy=None):
+def measure(cfg, calls: int, strategy=None, with_loss: bool = False):
+    """steps/s (and, with_loss, the mean loss of the last call: after (calls + 2) x
+    steps_per_call steps from the seeded start, so two step paths compare)."""
     trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=strategy)
     k = cfg.train.steps_per_call
     run_steps(trainer, 2, k)  # compile and warm up
     tic = time.perf_counter()
-    run_steps(trainer, calls, k)
+    losses = run_steps(trainer, calls, k)
     secs = time.perf_counter() - tic
     steps = calls * k
+    if with_loss:
+        return steps / secs, trainer.strategy.num_replicas_in_sync, losses[-1]
     return steps / secs, trainer.strategy.num_replicas_in_sync
 
 
@@ -74,6 +80,10 @@ def main():
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--scaling", action="store_true",
                    help="measure two MultiWorkerMirrored workers on localhost against one")
+    p.add_argument("--peer", choices=["torch"],
+                   help="also time the same model written in PyTorch (benchmarks/torch_peer.py)")
+    p.add_argument("--torch-python", default=sys.executable,
+                   help="a Python interpreter with torch installed (default: this one)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:  # a worker of --scaling: the strategy comes before any other TF op
@@ -89,7 +99,9 @@ def main():
         return
     bf16 = cfg.train.precision == "mixed_bfloat16"
     peak = matmul_peak_gflops(dtype=tf.bfloat16 if bf16 else tf.float32)
-    rate, replicas = measure(cfg, a.calls)
+    rate, replicas, loss = measure(cfg, a.calls, with_loss=True)
+    plain = apply_overrides(cfg, ["train.jit_compile=false"])
+    plain_rate, _, plain_loss = measure(plain, a.calls, with_loss=True)
     flops = train_flops_per_step(cfg)
     achieved = rate * flops / 1e9
     b, n = cfg.train.batch_size, cfg.task.n_points
@@ -97,12 +109,38 @@ def main():
     print(f"preset={a.preset} device={device} replicas={replicas} precision={cfg.train.precision}"
           f" jit={cfg.train.jit_compile} batch={b} points={n} d_model={cfg.model.d_model} "
           f"layers={cfg.model.n_layers} heads={cfg.model.n_heads}")
-    print(f"steps/s:  {rate:10.2f}")
+    n_steps = (a.calls + 2) * cfg.train.steps_per_call
+    print(f"steps/s:  {rate:10.2f}   (loss after {n_steps} steps: {loss:.4f})")
+    print(f"reference, the same model without XLA: {plain_rate:.2f} steps/s (loss after "
+          f"{n_steps} steps: {plain_loss:.4f}); ratio {rate / plain_rate:.2f}x")
     print(f"tasks/s:  {rate * b:10.0f}")
     print(f"tokens/s: {rate * b * n:10.0f}")
     print(f"model GFLOP/step: {flops / 1e9:.3f}; achieved {achieved:.1f} GFLOP/s")
     print(f"matmul peak ({'bf16' if bf16 else 'fp32'} 2048^3): {peak:.1f} GFLOP/s; "
           f"model FLOP utilisation {achieved / peak:.1%}")
+    if a.peer == "torch":
+        peer = torch_peer(a.torch_python, cfg)
+        for mode in ("eager", "compile"):
+            r = peer[f"{mode}_steps_per_sec"]
+            print(f"PyTorch {peer['torch']} {mode:7s}: {r:8.2f} steps/s; gpicl_tf / PyTorch "
+                  f"{mode} = {rate / r:.2f}x")
+        print(f"PyTorch fp32 matmul peak (2048^3): {peer['matmul_peak_gflops']:.1f} GFLOP/s")
+
+
+def torch_peer(python: str, cfg) -> dict:
+    """Times benchmarks/torch_peer.py (the same model in PyTorch) in a subprocess."""
+    import json
+    import subprocess
+
+    m = cfg.model
+    cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py"),
+           "--batch", str(cfg.train.batch_size), "--points", str(cfg.task.n_points),
+           "--d-model", str(m.d_model), "--layers", str(m.n_layers), "--heads", str(m.n_heads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        sys.exit(f"train_throughput.py: error: --peer torch failed ({python}): "
+                 f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
