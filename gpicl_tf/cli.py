@@ -15,9 +15,6 @@ import sys
 
 from gpicl_tf.config import PRESETS, apply_overrides, check_name, get_preset
 
-EVAL_SUITES_HELP = "comma-separated suite names (default: all)"
-
-
 class UsageError(ValueError):
     """A user error detected by a command line; printed as one line, exit 2."""
 
@@ -255,7 +252,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="export base folder, e.g. exports/gpicl")
     p.add_argument("--version", type=int, help="version to evaluate (default: the highest)")
     p.add_argument("--out", required=True, help="output folder, e.g. reports/gpicl")
-    p.add_argument("--suites", default="all", help=EVAL_SUITES_HELP)
+    p.add_argument("--suites", default="all", help="comma-separated suite names (default: all)")
     p.add_argument("--ks", default=None, help="context sizes, e.g. 1,2,4,8 "
                                               "(default: 1..64 up to what the model supports)")
     p.add_argument("--baselines", default=None,

@@ -147,7 +147,7 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
     def fit(self, X, y):
         """Stores (X, y) as the context. X: [n, d] (or [n]); y: [n] or [n, dy]."""
         self._check_params()
-        if np.asarray(y).dtype.kind in "USO" and not _all_numbers(y):
+        if not _numeric(y):
             raise ValueError("y: expected numeric regression targets, got strings or objects "
                              f"(dtype {np.asarray(y).dtype}); encode them as numbers")
         X = _as_2d(X)
@@ -221,12 +221,12 @@ def _loc_scale(a):
     return loc, np.where(scale > 0, scale, 1.0)
 
 
-def _all_numbers(y) -> bool:
-    try:
-        np.asarray(y, dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    return np.asarray(y).dtype.kind == "O"  # objects that are numbers pass; strings never
+def _numeric(y) -> bool:
+    """y holds numbers: a numeric dtype, or objects none of which is a string."""
+    a = np.asarray(y)
+    if a.dtype.kind == "O":
+        return not any(isinstance(v, (str, bytes)) for v in a.ravel())
+    return a.dtype.kind in "biufc"  # complex: validate_data says what is wrong
 
 
 def _as_2d(X):
