@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     p.add_argument("--no-report", action="store_true",
                    help="skip the short evaluation against k-NN and GP regression "
-                        "(about a minute for tiny, a few for default)")
+                        "(about 7 s for tiny, 40 s for default)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
     return p
