@@ -1,0 +1,135 @@
+"""Where one train step's time goes, by timing its parts in isolation.
+
+    python benchmarks/profile_step.py [--preset default] [--no-xla] [--set K=V ...]
+
+Each part runs as its own compiled function on the step's real shapes
+(B tasks x N points x d_model), forward and backward, and is reported in ms
+and as a share of the whole step measured in the same run: the attention
+sublayer (LN + masked multi-head attention, all layers), the MLP sublayer
+(LN + GELU MLP, all layers), the model forward alone, forward + backward,
+the optimizer update (Adam on every weight), and the task stream (one batch).
+The parts overlap (forward + backward contains the sublayers), so the shares
+do not add up to 100%. For a trace, wrap any part in
+tf.profiler.experimental.trace and open it in TensorBoard's profile plugin.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from benchmarks.common import matmul_peak_gflops  # noqa: E402
+from gpicl_tf import data as data_lib  # noqa: E402
+from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
+from gpicl_tf.layers import ContextAttentionMask  # noqa: E402
+from gpicl_tf.model import model_inputs  # noqa: E402
+from gpicl_tf.train import Trainer, run_steps  # noqa: E402
+
+
+def best_ms(fn, repeats: int = 20) -> float:
+    """Best of 3 rounds of `repeats` calls, in ms per call (after one warm-up call)."""
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
+    best = float("inf")
+    for _ in range(3):
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            out = fn()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+        best = min(best, (time.perf_counter() - tic) / repeats)
+    return 1e3 * best
+
+
+def sublayer_fn(blocks, which: str, h, mask, jit: bool):
+    """Forward + backward of the attention or MLP sublayer of every block."""
+    variables = [v for b in blocks for v in (
+        b.ln_attn.trainable_variables + b.attn.trainable_variables if which == "attention"
+        else b.ln_mlp.trainable_variables + b.mlp_in.trainable_variables
+        + b.mlp_out.trainable_variables)]
+
+    @tf.function(jit_compile=jit)
+    def run():
+        with tf.GradientTape() as tape:
+            total = 0.0
+            for b in blocks:
+                if which == "attention":
+                    a = b.ln_attn(h)
+                    out = b.attn(a, a, attention_mask=mask)
+                else:
+                    out = b.mlp_out(b.mlp_in(b.ln_mlp(h)))
+                total += tf.reduce_sum(out)
+        return tape.gradient(total, variables)
+
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="default")
+    p.add_argument("--no-xla", action="store_true", help="time the parts without XLA")
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args()
+    jit = not a.no_xla
+    cfg = apply_overrides(get_preset(a.preset), a.set + [f"train.jit_compile={str(jit).lower()}"])
+    trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy())
+    model, opt = trainer.model, trainer.optimizer
+    ds = data_lib.make_dataset(cfg.task, cfg.train.seed, cfg.train.batch_size)
+    it = iter(ds)
+    batch = model_inputs(next(it))
+    k = cfg.train.steps_per_call
+
+    run_steps(trainer, 2, k)  # compile and warm up
+    step_ms = float("inf")
+    for _ in range(3):  # best of 3 rounds, like every part below
+        tic = time.perf_counter()
+        run_steps(trainer, 5, k)
+        step_ms = min(step_ms, 1e3 * (time.perf_counter() - tic) / (5 * k))
+
+    @tf.function(jit_compile=jit)
+    def forward():
+        return model(batch, training=True)
+
+    @tf.function(jit_compile=jit)
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(batch, training=True)))
+        return tape.gradient(loss, model.trainable_variables)
+
+    grads = [tf.zeros_like(v) for v in model.trainable_variables]
+
+    @tf.function(jit_compile=jit)
+    def update():
+        opt.apply(grads, model.trainable_variables)
+        return opt.iterations
+
+    blocks = [layer for layer in model.layers if layer.name.startswith("block_")]
+    b, n, d = cfg.train.batch_size, cfg.task.n_points, cfg.model.d_model
+    h = tf.random.normal([b, n, d])
+    mask = ContextAttentionMask()(batch["is_query"])
+    parts = [
+        ("attention sublayers (fwd+bwd, all layers)",
+         best_ms(sublayer_fn(blocks, "attention", h, mask, jit))),
+        ("MLP sublayers (fwd+bwd, all layers)", best_ms(sublayer_fn(blocks, "mlp", h, mask, jit))),
+        ("model forward", best_ms(forward)),
+        ("model forward + backward", best_ms(forward_backward)),
+        ("optimizer update (Adam)", best_ms(update)),
+        ("task stream, one batch", best_ms(lambda: next(it))),
+    ]
+    peak = matmul_peak_gflops()
+    print(f"preset={a.preset} xla={jit} batch={b} points={n} d_model={d} "
+          f"layers={cfg.model.n_layers} heads={cfg.model.n_heads}; fp32 matmul peak "
+          f"{peak:.0f} GFLOP/s")
+    print(f"{'whole train step':45s} {step_ms:8.2f} ms  100%")
+    for name, ms in parts:
+        print(f"{name:45s} {ms:8.2f} ms  {ms / step_ms:4.0%}")
+    keras.backend.clear_session()
+
+
+if __name__ == "__main__":
+    main()
