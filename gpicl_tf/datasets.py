@@ -19,7 +19,6 @@ import tensorflow_datasets as tfds
 
 TFDS_IMAGE_DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10", "svhn_cropped")
 OFFLINE_DATASETS = ("digits",)
-from gpicl_tf.config import DATASET_CLASSES as N_CLASSES  # noqa: E402  (one table)
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
 

@@ -1,10 +1,7 @@
 """Run folders, presets and command lines (issue 10, items 3-5, 8, 9, 13, 16, 17)."""
 
 import configparser
-import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -191,7 +188,6 @@ def test_the_cli_silences_tensorflow_start_up_logs_and_writes_plain_progress_lin
 
 def test_every_cli_flag_has_a_help_text():
     from gpicl_tf import cli
-    from gpicl_tf.experiments import runner  # noqa: F401
 
     for parser in (cli.build_parser(), cli.export_parser(), cli.eval_parser()):
         for action in parser._actions:
