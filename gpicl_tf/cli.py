@@ -14,10 +14,7 @@ import os
 import sys
 
 from gpicl_tf.config import PRESETS, apply_overrides, check_name, get_preset
-
-class UsageError(ValueError):
-    """A user error detected by a command line; printed as one line, exit 2."""
-
+from gpicl_tf.files import check_dir_arg
 
 def quiet_tensorflow() -> None:
     """Imports TensorFlow with its C++ start-up log (oneDNN, CUDA probes) silenced."""
@@ -47,21 +44,14 @@ def run(prog: str, fn, argv) -> int:
         return 2
 
 
-def check_dir_arg(flag: str, path: str) -> None:
-    """A directory flag must not name an existing file (checked before any work)."""
-    if path and os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a file: expected a directory (or a path that "
-                         "does not exist yet)")
-
-
 def int_list(flag: str, text: str, low: int = 0) -> list:
-    """"1,2,4" -> [1, 2, 4]; anything else is a UsageError naming the flag."""
+    """"1,2,4" -> [1, 2, 4]; anything else is a ValueError naming the flag."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
     if not values or min(values) < low:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated integers >= {low}")
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers >= {low}")
     return values
 
 

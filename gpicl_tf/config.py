@@ -344,6 +344,18 @@ class ExperimentConfig:
         return cls.from_dict(json.loads(text))
 
 
+def read_config(path: str, hint: str = "restore it or use another --logdir") -> ExperimentConfig:
+    """The config in a JSON file (a run's config.json, an export's asset).
+
+    A missing or damaged file is a ValueError naming it, followed by `hint`.
+    """
+    try:
+        with open(path) as f:
+            return ExperimentConfig.from_json(f.read())
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid gpicl_tf config ({e}); {hint}") from None
+
+
 def unseen_task_config(task: TaskConfig) -> TaskConfig:
     """The task config of unseen-task evaluation: fresh functions (no pool), no biased
     fixed task. Every evaluation path (training's eval loss, gpicl-eval, reports,

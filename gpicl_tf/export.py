@@ -32,7 +32,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from gpicl_tf.config import MAX_ABS_VALUE, ExperimentConfig, check_name
+from gpicl_tf.config import MAX_ABS_VALUE, ExperimentConfig, check_name, read_config
 from gpicl_tf.model import masked_inputs
 
 CONFIG_ASSET = "gpicl_config.json"
@@ -162,6 +162,9 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
     """
     name = check_name(model_name or cfg.name, "--model-name")
     base = os.path.join(export_dir, name)
+    if version is not None and os.path.exists(os.path.join(base, str(version))):
+        raise FileExistsError(f"export version {os.path.join(base, str(version))} exists; "
+                              "versions are never overwritten")
     os.makedirs(base, exist_ok=True)
     clean_stale_tmp(base)
     tmp = os.path.join(base, f".tmp-{version or 0}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -176,15 +179,15 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
         for _ in range(attempts):
             v = version if version is not None else (versions(base) or [0])[-1] + 1
             final = os.path.join(base, str(v))
-            if os.path.exists(final) and version is not None:
-                raise FileExistsError(f"export version {final} exists; versions are never "
-                                      "overwritten")
             try:
                 os.rename(tmp, final)  # atomic on one filesystem; fails if final is taken
                 return final
             except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or version is not None:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
+                if version is not None:  # taken meanwhile by another exporter
+                    raise FileExistsError(f"export version {final} exists; versions are "
+                                          "never overwritten") from None
         raise RuntimeError(f"{base}: no free version after {attempts} attempts (other "
                            "exporters kept taking them)")
     finally:
@@ -213,6 +216,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def provenance(run_dir: str, step: int, cfg: ExperimentConfig) -> dict:
+    """Where an export's weights come from: run folder, step and config."""
+    return {"run_dir": os.path.abspath(run_dir), "step": int(step), "config": cfg.to_dict()}
+
+
 def export_if_changed(model: keras.Model, cfg: ExperimentConfig, export_dir: str, step: int,
                       run_dir: str) -> str:
     """Exports unless the newest version already holds these weights; returns its path.
@@ -222,7 +230,7 @@ def export_if_changed(model: keras.Model, cfg: ExperimentConfig, export_dir: str
     version for TF Serving to load.
     """
     base = os.path.join(export_dir, check_name(cfg.name, "--model-name"))
-    prov = {"run_dir": os.path.abspath(run_dir), "step": int(step), "config": cfg.to_dict()}
+    prov = provenance(run_dir, step, cfg)
     vs = versions(base)
     if vs:
         latest = os.path.join(base, str(vs[-1]))
@@ -237,13 +245,8 @@ def export_if_changed(model: keras.Model, cfg: ExperimentConfig, export_dir: str
 
 def load_config(version_dir: str) -> ExperimentConfig:
     """The experiment config stored in an exported version (ValueError naming the file)."""
-    path = os.path.join(version_dir, "assets.extra", CONFIG_ASSET)
-    try:
-        with open(path) as f:
-            return ExperimentConfig.from_json(f.read())
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: expected the export's config (written by gpicl_tf's "
-                         f"export), could not read it: {e}") from None
+    return read_config(os.path.join(version_dir, "assets.extra", CONFIG_ASSET),
+                       "expected the config that gpicl_tf's export writes there")
 
 
 def load_signature(version_dir: str, name: str = "serving_default"):
@@ -274,7 +277,7 @@ def resolve_version(model_dir: str, version: Optional[int] = None) -> str:
 def export_checkpoint(logdir: str, export_dir: str = "exports",
                       model_name: Optional[str] = None, jit_compile: bool = False) -> str:
     """Exports the latest checkpoint of a run directory without training."""
-    from gpicl_tf.train import Trainer, read_config
+    from gpicl_tf.train import Trainer
 
     path = os.path.join(logdir, "config.json")
     if not os.path.exists(path):
@@ -286,8 +289,7 @@ def export_checkpoint(logdir: str, export_dir: str = "exports",
         raise ValueError(f"--logdir {logdir!r}: no checkpoint under {trainer.ckpt_dir}")
     step = trainer.restore()
     out = export_model(trainer.model, cfg, export_dir, model_name, jit_compile=jit_compile,
-                       provenance={"run_dir": os.path.abspath(logdir), "step": step,
-                                   "config": cfg.to_dict()})
+                       provenance=provenance(logdir, step, cfg))
     print(f"exported step {step} of {logdir} to {out}")
     return out
 

@@ -15,3 +15,10 @@ def write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def check_dir_arg(flag: str, path: str) -> None:
+    """A directory flag must not name an existing file (checked before any work)."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file: expected a directory (or a path that "
+                         "does not exist yet)")

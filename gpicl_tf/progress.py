@@ -18,6 +18,7 @@ class PlainProgress:
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
         self.last = -float("inf")
+        self.current = 0
 
     def update(self, current: int, values=None) -> None:
         now = time.perf_counter()
@@ -31,7 +32,7 @@ class PlainProgress:
         print(" - ".join(parts), file=self.stream, flush=True)
 
     def add(self, n: int = 1, values=None) -> None:
-        self.current = getattr(self, "current", 0) + n
+        self.current += n
         self.update(self.current, values)
 
 

@@ -23,8 +23,8 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
 from gpicl_tf import evaluate as evaluation
-from gpicl_tf.config import ExperimentConfig
-from gpicl_tf.files import write_atomic
+from gpicl_tf.config import ExperimentConfig, read_config
+from gpicl_tf.files import check_dir_arg, write_atomic
 from gpicl_tf.losses import masked_query_loss
 from gpicl_tf.progress import progress_bar
 from gpicl_tf.model import build_model
@@ -146,16 +146,6 @@ def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list:
     return out
 
 
-def read_config(path: str) -> ExperimentConfig:
-    """The config in a run's config.json; a damaged file is a ValueError naming it."""
-    try:
-        with open(path) as f:
-            return ExperimentConfig.from_json(f.read())
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{path} is not a valid gpicl_tf config ({e}); restore it or use "
-                         "another --logdir") from None
-
-
 class Trainer:
     """Builds everything under the strategy's scope and runs the training loop.
 
@@ -208,8 +198,7 @@ class Trainer:
     def _check_config(self) -> None:
         """Refuses a run folder that holds another experiment; writes nothing."""
         path = os.path.join(self.run_dir, "config.json")
-        if os.path.isfile(self.run_dir):
-            raise ValueError(f"--logdir {self.run_dir!r} is a file: expected a directory")
+        check_dir_arg("--logdir", self.run_dir)
         if self.chief and os.path.exists(path):
             diffs = config_differences(read_config(path), self.cfg)
             if diffs:

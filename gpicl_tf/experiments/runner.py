@@ -306,7 +306,8 @@ def main(argv=None) -> int:
                    help="override the base config (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    from gpicl_tf.cli import check_dir_arg, quiet_tensorflow
+    from gpicl_tf.cli import quiet_tensorflow
+    from gpicl_tf.files import check_dir_arg
 
     out = a.out or os.path.join("reports", "experiments", f"{a.experiment}-{a.family}-{a.preset}")
     try:
