@@ -49,7 +49,8 @@ def best_ms(fn, repeats: int = 20) -> float:
 def sublayer_fn(blocks, which: str, h, mask, jit: bool):
     """Forward + backward of the attention or MLP sublayer of every block."""
     variables = [v for b in blocks for v in (
-        b.ln_attn.trainable_variables + b.attn.trainable_variables if which == "attention"
+        b.ln_attn.trainable_variables + b.qkv.trainable_variables
+        + b.attn_out.trainable_variables if which == "attention"
         else b.ln_mlp.trainable_variables + b.mlp_in.trainable_variables
         + b.mlp_out.trainable_variables)]
 
@@ -58,11 +59,7 @@ def sublayer_fn(blocks, which: str, h, mask, jit: bool):
         with tf.GradientTape() as tape:
             total = 0.0
             for b in blocks:
-                if which == "attention":
-                    a = b.ln_attn(h)
-                    out = b.attn(a, a, attention_mask=mask)
-                else:
-                    out = b.mlp_out(b.mlp_in(b.ln_mlp(h)))
+                out = b.attention(h, mask) if which == "attention" else b.mlp(h)
                 total += tf.reduce_sum(out)
         return tape.gradient(total, variables)
 

@@ -24,32 +24,34 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, mlp, res_scale):
+    def __init__(self, d, heads, key_dim, mlp, res_scale):
         super().__init__()
-        self.heads = heads
+        self.heads, self.key_dim = heads, key_dim
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
+        self.qkv = nn.Linear(d, 3 * heads * key_dim)
+        self.out = nn.Linear(heads * key_dim, d)
         self.mlp_in, self.mlp_out = nn.Linear(d, mlp), nn.Linear(mlp, d)
         with torch.no_grad():
             self.out.weight.mul_(res_scale)
             self.mlp_out.weight.mul_(res_scale)
 
     def forward(self, h, mask):  # h (B, N, D), mask (B, 1, N, N) bool
-        b, n, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        b, n, _ = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(b, n, 3, self.heads, self.key_dim).unbind(2)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2), attn_mask=mask)
-        h = h + self.out(a.transpose(1, 2).reshape(b, n, d))
+        h = h + self.out(a.transpose(1, 2).reshape(b, n, self.heads * self.key_dim))
         return h + self.mlp_out(F.gelu(self.mlp_in(self.ln2(h))))
 
 
 class InContextTransformer(nn.Module):
-    def __init__(self, dx=1, dy=1, d=64, layers=4, heads=4, mlp_ratio=4):
+    def __init__(self, dx=1, dy=1, d=64, layers=4, heads=4, key_dim=None, mlp_ratio=4):
         super().__init__()
         self.embed = nn.Linear(dx + dy + 1, d)
         scale = 1.0 / math.sqrt(2 * layers)
-        self.blocks = nn.ModuleList(Block(d, heads, mlp_ratio * d, scale) for _ in range(layers))
+        key_dim = key_dim or d // heads
+        self.blocks = nn.ModuleList(Block(d, heads, key_dim, mlp_ratio * d, scale)
+                                    for _ in range(layers))
         self.ln = nn.LayerNorm(d, eps=1e-5)
         self.head = nn.Linear(d, dy)
         nn.init.zeros_(self.head.weight)
@@ -128,6 +130,8 @@ def main():
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--key-dim", type=int, default=0, help="per-head size (0: d_model // heads)")
+    p.add_argument("--mlp-ratio", type=int, default=4)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
@@ -138,7 +142,8 @@ def main():
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
            "matmul_peak_gflops": matmul_peak()}
     for name, compiled in (("eager", False), ("compile", True)):
-        model = InContextTransformer(d=a.d_model, layers=a.layers, heads=a.heads)
+        model = InContextTransformer(d=a.d_model, layers=a.layers, heads=a.heads,
+                                     key_dim=a.key_dim or None, mlp_ratio=a.mlp_ratio)
         rate, loss = time_steps(model, batch, a.steps, compiled)
         out[f"{name}_steps_per_sec"], out[f"{name}_last_loss"] = rate, loss
     print(json.dumps(out))

@@ -3,7 +3,8 @@
     python benchmarks/train_throughput.py [--preset default] [--calls 10] [--set K=V ...]
     python benchmarks/train_throughput.py --preset tiny --scaling   # 2 workers vs 1, localhost
     python benchmarks/train_throughput.py --peer torch --torch-python /path/to/python
-        # the same model in PyTorch (eager and torch.compile), timed in the same run
+        # the same model in PyTorch (eager and torch.compile), timed in the same run,
+        # interleaved with gpicl_tf over --rounds rounds (default 3); medians are compared
 
 Trains from the real task stream and reports achieved model GFLOP/s (matmul
 FLOPs of forward + backward) as a fraction of an fp32 (or bf16 with
@@ -32,15 +33,19 @@ def measure(cfg, calls: int, strategy=None, with_loss: bool = False):
     """steps/s (and, with_loss, the mean loss of the last call: after (calls + 2) x
     steps_per_call steps from the seeded start, so two step paths compare)."""
     trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=strategy)
-    k = cfg.train.steps_per_call
-    run_steps(trainer, 2, k)  # compile and warm up
+    run_steps(trainer, 2, cfg.train.steps_per_call)  # compile and warm up
+    rate, loss = timed(trainer, calls)
+    if with_loss:
+        return rate, trainer.strategy.num_replicas_in_sync, loss
+    return rate, trainer.strategy.num_replicas_in_sync
+
+
+def timed(trainer, calls: int):
+    """steps/s of `calls` more calls of a warm trainer, and the mean loss of the last call."""
+    k = trainer.cfg.train.steps_per_call
     tic = time.perf_counter()
     losses = run_steps(trainer, calls, k)
-    secs = time.perf_counter() - tic
-    steps = calls * k
-    if with_loss:
-        return steps / secs, trainer.strategy.num_replicas_in_sync, losses[-1]
-    return steps / secs, trainer.strategy.num_replicas_in_sync
+    return calls * k / (time.perf_counter() - tic), losses[-1]
 
 
 def scaling(a, cfg):
@@ -84,6 +89,8 @@ def main():
                    help="also time the same model written in PyTorch (benchmarks/torch_peer.py)")
     p.add_argument("--torch-python", default=sys.executable,
                    help="a Python interpreter with torch installed (default: this one)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --peer: rounds of gpicl_tf and PyTorch timings, interleaved")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:  # a worker of --scaling: the strategy comes before any other TF op
@@ -119,23 +126,45 @@ def main():
     print(f"matmul peak ({'bf16' if bf16 else 'fp32'} 2048^3): {peak:.1f} GFLOP/s; "
           f"model FLOP utilisation {achieved / peak:.1%}")
     if a.peer == "torch":
-        peer = torch_peer(a.torch_python, cfg)
+        compare_with_torch(a, cfg, rate, peak, flops)
+
+
+def compare_with_torch(a, cfg, first_rate: float, peak: float, flops: float):
+    """Rounds of PyTorch (eager, compile) interleaved with gpicl_tf on a warm trainer, so
+    that both see the same machine load; medians and their ratio."""
+    import statistics
+
+    trainer = Trainer(cfg, tempfile.mkdtemp())
+    run_steps(trainer, 2, cfg.train.steps_per_call)
+    rates = {"gpicl_tf": [first_rate], "eager": [], "compile": []}
+    for r in range(a.rounds):
+        peer = torch_peer(a.torch_python, cfg, a.calls * cfg.train.steps_per_call)
         for mode in ("eager", "compile"):
-            r = peer[f"{mode}_steps_per_sec"]
-            print(f"PyTorch {peer['torch']} {mode:7s}: {r:8.2f} steps/s; gpicl_tf / PyTorch "
-                  f"{mode} = {rate / r:.2f}x")
-        print(f"PyTorch fp32 matmul peak (2048^3): {peer['matmul_peak_gflops']:.1f} GFLOP/s")
+            rates[mode].append(peer[f"{mode}_steps_per_sec"])
+        if r:  # round 0 uses the first measurement above
+            rates["gpicl_tf"].append(timed(trainer, a.calls)[0])
+        print(f"round {r + 1}: gpicl_tf {rates['gpicl_tf'][-1]:.2f}, PyTorch eager "
+              f"{rates['eager'][-1]:.2f}, torch.compile {rates['compile'][-1]:.2f} steps/s")
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"median over {a.rounds} rounds: gpicl_tf {med['gpicl_tf']:.2f} steps/s "
+          f"(model FLOP utilisation {med['gpicl_tf'] * flops / 1e9 / peak:.1%})")
+    for mode in ("eager", "compile"):
+        print(f"PyTorch {peer['torch']} {mode:7s}: {med[mode]:8.2f} steps/s (median); "
+              f"gpicl_tf / PyTorch {mode} = {med['gpicl_tf'] / med[mode]:.2f}x")
+    print(f"PyTorch fp32 matmul peak (2048^3): {peer['matmul_peak_gflops']:.1f} GFLOP/s")
 
 
-def torch_peer(python: str, cfg) -> dict:
-    """Times benchmarks/torch_peer.py (the same model in PyTorch) in a subprocess."""
+def torch_peer(python: str, cfg, steps: int) -> dict:
+    """Times `steps` steps of benchmarks/torch_peer.py (the same model in PyTorch) in a
+    subprocess."""
     import json
     import subprocess
 
     m = cfg.model
     cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py"),
            "--batch", str(cfg.train.batch_size), "--points", str(cfg.task.n_points),
-           "--d-model", str(m.d_model), "--layers", str(m.n_layers), "--heads", str(m.n_heads)]
+           "--d-model", str(m.d_model), "--layers", str(m.n_layers), "--heads", str(m.n_heads),
+           "--key-dim", str(m.head_dim), "--mlp-ratio", str(m.mlp_ratio), "--steps", str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"train_throughput.py: error: --peer torch failed ({python}): "

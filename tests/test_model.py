@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from gpicl_tf import data as data_lib
+from gpicl_tf.config import get_preset
 from gpicl_tf.layers import (ContextAttentionMask, ContextStandardizer, Destandardize,
                              TransformerBlock)
 from gpicl_tf.losses import masked_query_loss, query_sse_and_count
@@ -14,8 +15,6 @@ ATOL = 2e-5
 
 @pytest.fixture(scope="module")
 def model():
-    from gpicl_tf.config import get_preset
-
     keras.utils.set_random_seed(0)
     m = build_model(get_preset("tiny"))
     # Random, non-zero head so predictions depend on everything they may depend on.
@@ -141,7 +140,7 @@ def test_model_round_trips_through_get_config_and_keras_file(model, tmp_path):
 
 
 def test_model_output_shape_for_multi_dim_tasks():
-    from gpicl_tf.config import apply_overrides, get_preset
+    from gpicl_tf.config import apply_overrides
 
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "task.y_dim=2"])
     m = build_model(cfg)
@@ -161,3 +160,74 @@ def test_cross_entropy_query_loss_splits_exactly_over_replicas():
     total = sum(float(masked_query_loss(y[i:i + 2], logits[i:i + 2], q[i:i + 2],
                                         "cross_entropy", n)) for i in (0, 2))
     np.testing.assert_allclose(total, full, rtol=1e-6)
+
+
+# --- The attention path before issue 12 (keras.layers.MultiHeadAttention), as the reference ---
+
+class _MHABlock(TransformerBlock):
+    """TransformerBlock with the previous attention path: keras.layers.MultiHeadAttention."""
+
+    def build(self, h_shape, mask_shape=None):
+        super().build(h_shape, mask_shape)
+        self.mha = keras.layers.MultiHeadAttention(num_heads=self.n_heads, key_dim=self.key_dim,
+                                                   output_shape=self.d_model, name="mha")
+        self.mha.build(h_shape, h_shape)
+
+    def attention(self, h, mask):
+        a = self.ln_attn(h)
+        return self.mha(a, a, attention_mask=mask)
+
+
+def _mha_twin(model, monkeypatch):
+    """A model of the old attention path holding `model`'s weights."""
+    import gpicl_tf.model as model_lib
+
+    with monkeypatch.context() as m:
+        m.setattr(model_lib, "TransformerBlock", _MHABlock)
+        twin = build_model(get_preset("tiny"))
+    for new, old in zip(model.layers, twin.layers):
+        assert new.name == old.name
+        if not isinstance(new, TransformerBlock):
+            old.set_weights(new.get_weights())
+        else:
+            for part in ("ln_attn", "qkv", "attn_out", "ln_mlp", "mlp_in", "mlp_out"):
+                getattr(old, part).set_weights(getattr(new, part).get_weights())
+            k, b = new.qkv.kernel.numpy(), new.qkv.bias.numpy()  # (D, 3, H, K), (3, H, K)
+            for i, dense in enumerate((old.mha.query_dense, old.mha.key_dense,
+                                       old.mha.value_dense)):
+                dense.set_weights([k[:, i], b[i]])
+            old.mha.output_dense.set_weights(new.attn_out.get_weights())
+    return twin
+
+
+def test_fused_attention_predicts_what_multi_head_attention_predicts(model, monkeypatch):
+    twin = _mha_twin(model, monkeypatch)
+    batch = data_lib.sample_batch(get_preset("tiny").task, seed=3, n=16)
+    inputs = {k: batch[k] for k in ("x", "y", "is_query")}
+    new, old = model(inputs).numpy(), twin(inputs).numpy()
+    assert np.abs(new).max() > 0.1  # the head is random: predictions carry the whole stack
+    np.testing.assert_allclose(new, old, rtol=0, atol=1e-5)
+
+
+def test_fused_attention_trains_like_multi_head_attention(monkeypatch):
+    """Twenty Adam steps from the same weights on the same task batches: equal losses."""
+    keras.utils.set_random_seed(0)
+    cfg = get_preset("tiny")
+    new = build_model(cfg)
+    old = _mha_twin(new, monkeypatch)
+    losses = {}
+    for name, m in (("new", new), ("old", old)):
+        opt = keras.optimizers.Adam(cfg.train.learning_rate)
+        losses[name] = []
+        for step in range(20):
+            batch = data_lib.sample_batch(cfg.task, seed=step, n=cfg.train.batch_size)
+            with tf.GradientTape() as tape:
+                pred = m({k: batch[k] for k in ("x", "y", "is_query")})
+                loss = masked_query_loss(batch["y"], pred, batch["is_query"])
+            grads = tape.gradient(loss, m.trainable_variables)
+            used = [(g, v) for g, v in zip(grads, m.trainable_variables) if g is not None]
+            opt.apply_gradients(used)
+            losses[name].append(float(loss))
+    assert losses["new"][-1] < 0.9 * losses["new"][0]  # it learned
+    np.testing.assert_allclose(losses["new"], losses["old"], rtol=0, atol=1e-4)
+

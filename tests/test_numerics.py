@@ -72,20 +72,28 @@ def test_signature_is_equivariant_per_feature_at_width_2(tiny_export_2d):
                                  query_x=tf.constant(qx, tf.float32))["mean"].numpy()
     a, b = np.array([1e-3, 1e4]), np.array([5.0, -2e6])  # each feature its own map
     c, d = np.array([1e5, 1e-4]), np.array([-3e7, 2e-2])  # offsets <= ~400 spreads
-    base = run(cx, cy, qx)
-    got = run(a * cx + b, c * cy + d, a * qx + b)
+    tx, ty, tq = (np.float32(a * cx + b), np.float32(c * cy + d), np.float32(a * qx + b))
+    # The baseline is the request's own float32 values mapped back (in float64): the
+    # rounding of the mapped inputs to float32 is the caller's, not the model's.
+    back = lambda t, s, o: np.float32((t.astype(np.float64) - o) / s)
+    base = run(back(tx, a, b), back(ty, c, d), back(tq, a, b))
+    got = run(tx, ty, tq)
     np.testing.assert_allclose((got - d) / c, base, atol=2e-3 * cy.std())
 
 
 def test_estimator_is_equivariant_over_the_scale_grid_and_any_float64_shift(tiny_export_dir):
     cx, cy, qx = _task(b=1, nc=12)
     X, y, Xq = cx[0], cy[0, :, 0], qx[0]
-    base = InContextRegressor(tiny_export_dir).fit(X, y).predict(Xq)
+    X, y, Xq = X.astype(np.float64), y.astype(np.float64), Xq.astype(np.float64)
+    est = InContextRegressor(tiny_export_dir)
     for a in SCALES:
         for c in SCALES:
             for b, d in ((0.0, 0.0), (1e6, -1e6), (-1e6 * a, 1e3 * c)):
-                est = InContextRegressor(tiny_export_dir).fit(a * X + b, c * y + d)
-                got = est.predict(a * Xq + b)
+                tX, ty, tXq = a * X + b, c * y + d, a * Xq + b
+                got = est.fit(tX, ty).predict(tXq)
+                # The baseline is the mapped data's own float64 values mapped back: their
+                # rounding (up to 1e-4 of the spread at a = 1e-6, b = 1e6) is the caller's.
+                base = est.fit((tX - b) / a, (ty - d) / c).predict((tXq - b) / a)
                 np.testing.assert_allclose((got - d) / c, base, atol=1e-3 * y.std(),
                                            err_msg=str((a, c, b, d)))
 

@@ -199,7 +199,7 @@ print("GRADIENT_ALL_REDUCES", len(calls))
     assert "GRADIENT_ALL_REDUCES 2" in out, out[-300:]
 
 
-def test_fifty_tiny_steps_give_the_losses_recorded_before_the_restructuring(tiny, tmp_path):
+def test_fifty_tiny_steps_give_the_recorded_losses(tiny, tmp_path):
     import json
 
     from gpicl_tf.train import Trainer, run_steps
