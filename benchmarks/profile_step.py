@@ -49,8 +49,7 @@ def best_ms(fn, repeats: int = 20) -> float:
 def sublayer_fn(blocks, which: str, h, mask, jit: bool):
     """Forward + backward of the attention or MLP sublayer of every block."""
     variables = [v for b in blocks for v in (
-        b.ln_attn.trainable_variables + b.qkv.trainable_variables
-        + b.attn_out.trainable_variables if which == "attention"
+        b.ln_attn.trainable_variables + b.attn.trainable_variables if which == "attention"
         else b.ln_mlp.trainable_variables + b.mlp_in.trainable_variables
         + b.mlp_out.trainable_variables)]
 

@@ -13,7 +13,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
-from sklearn.linear_model import Ridge
+from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+from sklearn.linear_model import Lasso, LassoCV, Ridge
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
@@ -52,7 +53,8 @@ def ridge(x_ctx, y_ctx, x_query, alpha: float = 1e-3):
     """Ridge regression on x."""
     if len(x_ctx) == 0:
         return _empty(x_query, y_ctx.shape[1])
-    return Ridge(alpha=alpha).fit(x_ctx, y_ctx).predict(x_query)
+    # scikit-learn's linear models return [m] for a [k, 1] target: keep [m, dy]
+    return Ridge(alpha=alpha).fit(x_ctx, y_ctx).predict(x_query).reshape(len(x_query), -1)
 
 
 def poly_ridge(x_ctx, y_ctx, x_query, degree: int = 3, alpha: float = 1e-2):
@@ -60,7 +62,7 @@ def poly_ridge(x_ctx, y_ctx, x_query, degree: int = 3, alpha: float = 1e-2):
     if len(x_ctx) == 0:
         return _empty(x_query, y_ctx.shape[1])
     model = make_pipeline(PolynomialFeatures(degree), StandardScaler(), Ridge(alpha=alpha))
-    return model.fit(x_ctx, y_ctx).predict(x_query)
+    return model.fit(x_ctx, y_ctx).predict(x_query).reshape(len(x_query), -1)
 
 
 def gp_regression(x_ctx, y_ctx, x_query):
@@ -75,6 +77,58 @@ def gp_regression(x_ctx, y_ctx, x_query):
         warnings.simplefilter("ignore", ConvergenceWarning)
         out = gp.fit(x_ctx, y_ctx).predict(x_query)
     return out.reshape(len(x_query), -1)
+
+
+def lasso(x_ctx, y_ctx, x_query):
+    """Lasso, its penalty chosen per task by cross-validation (up to 5 folds; a fixed small
+    penalty below 4 points), one model per output."""
+    k = len(x_ctx)
+    if k == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    outs = []
+    for j in range(y_ctx.shape[1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = (LassoCV(cv=min(5, k), max_iter=5000) if k >= 4
+                     else Lasso(alpha=1e-3, max_iter=5000))
+            outs.append(model.fit(x_ctx, y_ctx[:, j]).predict(x_query))
+    return np.stack(outs, 1)
+
+
+def gp_ard(x_ctx, y_ctx, x_query):
+    """GP regression with one RBF length scale per input feature (ARD) + noise, by maximum
+    likelihood."""
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    d = x_ctx.shape[1]
+    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.full(d, 0.5), (1e-2, 1e2))
+              + WhiteKernel(1e-3, (1e-6, 1e0)))
+    gp = GaussianProcessRegressor(kernel, normalize_y=len(x_ctx) > 1, n_restarts_optimizer=0,
+                                  random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        out = gp.fit(x_ctx, y_ctx).predict(x_query)
+    return out.reshape(len(x_query), -1)
+
+
+def _per_output(make, x_ctx, y_ctx, x_query):
+    if len(x_ctx) == 0:
+        return _empty(x_query, y_ctx.shape[1])
+    return np.stack([make().fit(x_ctx, y_ctx[:, j]).predict(x_query)
+                     for j in range(y_ctx.shape[1])], 1)
+
+
+def gbt(x_ctx, y_ctx, x_query):
+    """Gradient-boosted trees (scikit-learn's GradientBoostingRegressor: 100 trees of depth 3,
+    learning rate 0.1, leaves of at least 1 point)."""
+    return _per_output(lambda: GradientBoostingRegressor(random_state=0), x_ctx, y_ctx,
+                       x_query)
+
+
+def random_forest(x_ctx, y_ctx, x_query):
+    """A random forest of 100 trees (scikit-learn defaults)."""
+    return _per_output(lambda: RandomForestRegressor(n_estimators=100, random_state=0),
+                       x_ctx, y_ctx, x_query)
 
 
 def mlp(x_ctx, y_ctx, x_query, steps: int = 300):
@@ -95,6 +149,10 @@ BASELINES = {
     "ridge": ridge,
     "poly_ridge": poly_ridge,
     "gp": gp_regression,
+    "gp_ard": gp_ard,
+    "lasso": lasso,
+    "gbt": gbt,
+    "random_forest": random_forest,
     "mlp": mlp,
 }
 

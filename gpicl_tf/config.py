@@ -64,7 +64,12 @@ class TaskConfig:
 
     Attributes:
       family: task family name from `gpicl_tf.tasks.FAMILIES`.
-      x_dim, y_dim: input and output width of every function.
+      x_dim, y_dim: input and output width of every function; x_dim is the
+        model's maximum input width D.
+      min_x_dim: None (every example uses all x_dim features) or d_min in
+        [1, x_dim]: each example draws its own width d in [d_min, x_dim]; its
+        features d.. are zero (absent) at every point, so they do not enter
+        the function, and a request of width d is padded with zeros to x_dim.
       n_points: points per example (context + queries).
       min_context, max_context: the number of context points of an example is
         drawn uniformly from [min_context, max_context]; every other point is a
@@ -80,6 +85,12 @@ class TaskConfig:
       gp_length_scale: RBF length scale of `gp_rbf` functions.
       mix: optional training mix of (family, weight) pairs; when given, each
         example's family is drawn with these probabilities.
+      prior_weights: the `prior` family's (component, weight) pairs: each
+        example draws its component (mlp, gp, linear, sparse_linear, tree)
+        with probability weight / sum of weights.
+      prior_noise, prior_noise_free: the `prior` family's observation noise:
+        with probability 1 - prior_noise_free an example's standardised y gets
+        Gaussian noise of std log-uniform in [prior_noise[0], prior_noise[1]].
       standardize_y: standardise each task's y over its n_points (mean 0,
         std 1, before noise), so every task has the same scale and the loss
         is the normalised MSE; evaluation families set it False to keep
@@ -95,6 +106,7 @@ class TaskConfig:
     family: str = "random_mlp"
     x_dim: int = 1
     y_dim: int = 1
+    min_x_dim: Optional[int] = None
     n_points: int = 64
     min_context: int = 0
     max_context: Optional[int] = None
@@ -107,6 +119,10 @@ class TaskConfig:
     weight_scale: float = 1.0
     gp_length_scale: float = 0.2
     mix: Tuple[Tuple[str, float], ...] = ()
+    prior_weights: Tuple[Tuple[str, float], ...] = (
+        ("mlp", 0.35), ("gp", 0.25), ("linear", 0.15), ("sparse_linear", 0.1), ("tree", 0.15))
+    prior_noise: Tuple[float, ...] = (0.01, 0.3)
+    prior_noise_free: float = 0.3
     block_size: int = 8
     standardize_y: bool = True
     biased_fraction: float = 0.0
@@ -123,6 +139,10 @@ class TaskConfig:
         for nm in ("x_dim", "y_dim"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
+        if self.min_x_dim is not None:
+            _require(_is_int(self.min_x_dim) and 1 <= self.min_x_dim <= self.x_dim, o,
+                     "min_x_dim", self.min_x_dim,
+                     f"None or an integer in [1, x_dim={self.x_dim}]")
         _require(_is_int(self.n_points) and self.n_points >= 2, o, "n_points",
                  self.n_points, "an integer >= 2")
         _require(_is_int(self.min_context) and 0 <= self.min_context < self.n_points,
@@ -157,6 +177,11 @@ class TaskConfig:
             _require(len(item) == 2 and item[0] in tasks.FAMILIES and _is_num(item[1])
                      and item[1] > 0, o, "mix", self.mix,
                      f"(family, weight > 0) pairs with family in {known}")
+        _require(len(self.prior_noise) == 2 and all(_is_num(v) for v in self.prior_noise)
+                 and 0 < self.prior_noise[0] <= self.prior_noise[1], o, "prior_noise",
+                 self.prior_noise, "two numbers 0 < low <= high")
+        _require(_is_num(self.prior_noise_free) and 0 <= self.prior_noise_free <= 1, o,
+                 "prior_noise_free", self.prior_noise_free, "a number in [0, 1]")
         tasks.get_family(self.family).check_config(self)
         _require(_is_num(self.biased_fraction) and 0 <= self.biased_fraction < 1, o,
                  "biased_fraction", self.biased_fraction, "a number in [0, 1)")
@@ -184,6 +209,11 @@ class TaskConfig:
         from gpicl_tf import tasks
 
         return tasks.get_family(self.mix[0][0] if self.mix else self.family).kind
+
+    @property
+    def x_dim_min(self) -> int:
+        """The narrowest input width the model was trained on."""
+        return self.x_dim if self.min_x_dim is None else self.min_x_dim
 
     @property
     def context_max(self) -> int:

@@ -156,9 +156,11 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         self._y_1d = y.ndim == 1
         Y = y.reshape(len(y), -1)
         cfg = self._backend().cfg
-        if X.shape[1] != cfg.task.x_dim:
+        lo, hi = cfg.task.x_dim_min, cfg.task.x_dim
+        if not lo <= X.shape[1] <= hi:
+            want = f"{hi}" if lo == hi else f"from {lo} to {hi} (it reads at most {hi})"
             raise ValueError(f"X has {X.shape[1]} features, but the model {self.model!r} "
-                             f"expects {cfg.task.x_dim}")
+                             f"expects {want}")
         if Y.shape[1] != cfg.task.y_dim:
             raise ValueError(f"y has {Y.shape[1]} outputs, but the model {self.model!r} "
                              f"expects {cfg.task.y_dim}")

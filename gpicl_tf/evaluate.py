@@ -140,7 +140,37 @@ def default_suites(cfg: ExperimentConfig) -> list:
         Suite("shift_noisy", "random_mlp", {**mlp, "noise_std": 0.1}, "shift"),
         Suite("shift_deeper_mlp", "random_mlp", {**mlp, "mlp_hidden": deeper}, "shift"),
         Suite("shift_wider_mlp", "random_mlp", {**mlp, "mlp_hidden": wider}, "shift"),
-    ]
+    ] + garg_suites(cfg)
+
+
+GARG_COMPONENTS = ("linear", "sparse_linear", "relu2", "tree")
+GARG_NOISE = 0.25  # noisy variants: noise std over the standardised function's std of 1
+
+
+def garg_suites(cfg: ExperimentConfig) -> list:
+    """Garg et al.'s function classes (linear, sparse linear, 2-layer ReLU network, decision
+    tree of depth 4) at input widths d in {2, 4, 8} that the model reads (task.min_x_dim
+    <= d <= task.x_dim), noise-free and noisy. The model sees each task padded to
+    task.x_dim; the baselines see its d features."""
+    out = []
+    for d in (2, 4, 8):
+        if not cfg.task.x_dim_min <= d <= cfg.task.x_dim:
+            continue
+        for comp in GARG_COMPONENTS:
+            base = {"x_dim": d, "min_x_dim": None, "prior_weights": ((comp, 1.0),),
+                    "standardize_y": False, "prior_noise": (GARG_NOISE, GARG_NOISE)}
+            out.append(Suite(f"garg_{comp}_d{d}", "prior", {**base, "prior_noise_free": 1.0},
+                             "garg"))
+            out.append(Suite(f"garg_{comp}_d{d}_noisy", "prior",
+                             {**base, "prior_noise_free": 0.0}, "garg"))
+    return out
+
+
+def pad_features(x, width: int):
+    """x [T, N, d] with zero features appended up to `width` (absent features, as trained)."""
+    if x.shape[-1] == width:
+        return x
+    return np.concatenate([x, np.zeros(x.shape[:-1] + (width - x.shape[-1],), x.dtype)], -1)
 
 
 def mean_ci95(errors) -> tuple:
@@ -225,14 +255,15 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
                                     **s.overrides)
             var = np.maximum(y.var(axis=1).mean(-1), 1e-30)  # (T,) each task's y variance
             tic = time.perf_counter()
-            pred = predict_fn(x[:, :k], y[:, :k], x[:, k:])
+            xm = pad_features(x, cfg.task.x_dim)
+            pred = predict_fn(xm[:, :k], y[:, :k], xm[:, k:])
             sec = (time.perf_counter() - tic) / len(x)
             _put(methods, "model", k, np.mean((pred - y[:, k:]) ** 2, axis=(1, 2)), var, sec)
             for b in baselines:
                 fn = baselines_lib.get_baseline(b)
                 tic = time.perf_counter()
-                errs = [np.mean((fn(x[i, :k], y[i, :k], x[i, k:]) - y[i, k:]) ** 2)
-                        for i in range(len(x))]
+                errs = [np.mean((_checked(b, fn(x[i, :k], y[i, :k], x[i, k:]), y[i, k:])
+                                 - y[i, k:]) ** 2) for i in range(len(x))]
                 _put(methods, b, k, errs, var, (time.perf_counter() - tic) / len(x))
             if s.family == "gp_rbf":
                 task = dataclasses.replace(unseen_task_config(cfg.task), family="gp_rbf", mix=(),
@@ -246,6 +277,16 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
                                                for a, v in s.overrides.items()},
                                  "methods": methods}
     return out
+
+
+def _checked(name: str, pred, target):
+    """pred as an array of target's shape; a baseline of another shape is a bug, not a score
+    (a [m] answer against [m, 1] targets would broadcast to an [m, m] error)."""
+    pred = np.asarray(pred)
+    if pred.shape != target.shape:
+        raise RuntimeError(f"baseline {name!r} returned shape {pred.shape}; expected "
+                           f"{target.shape}")
+    return pred
 
 
 def _put(methods, name, k, errs, var, sec):
@@ -313,6 +354,45 @@ def plot_mse_vs_k(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_garg_by_width(results: dict, path: str) -> bool:
+    """Garg et al.'s suites: one panel per input width d (columns) and noise (rows), the
+    model's normalised MSE against k for each function class (solid) beside the best
+    per-task learner of that class and k (dashed). False when no Garg suite ran."""
+    garg = {n: s for n, s in results["suites"].items() if s["kind"] == "garg"}
+    if not garg:
+        return False
+    plt = pyplot()
+    widths = sorted({s["overrides"]["x_dim"] for s in garg.values()})
+    fig, axes = plt.subplots(2, len(widths), figsize=(4.2 * len(widths), 6.4), squeeze=False)
+    for col, d in enumerate(widths):
+        for row, noisy in enumerate(("", "_noisy")):
+            ax = axes[row][col]
+            for i, comp in enumerate(GARG_COMPONENTS):
+                s = garg.get(f"garg_{comp}_d{d}{noisy}")
+                if s is None:
+                    continue
+                m = s["methods"]
+                ks = sorted(int(k) for k in m["model"])
+                base = [n for n in m if n not in ("model", "bayes_optimal")]
+                color = f"C{i}"
+                ax.plot(ks, [m["model"][str(k)]["nmse"] for k in ks], color=color, marker="o",
+                        ms=3, label=f"{comp}: model")
+                if base:
+                    best = [min(m[n][str(k)]["nmse"] for n in base) for k in ks]
+                    ax.plot(ks, best, color=color, ls="--", lw=1, label=f"{comp}: best baseline")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"d = {d}, {'noisy' if noisy else 'noise-free'}", fontsize=9)
+            ax.set_xlabel("context points k")
+    axes[0][0].set_ylabel("normalised MSE")
+    axes[1][0].set_ylabel("normalised MSE")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def fits_figure(x, y, context, predictions: dict, titles):
@@ -384,6 +464,8 @@ def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None)
         f.write(markdown(results))
     plot_mse_vs_k(results, os.path.join(out, "mse_vs_k.png"))
     pictures = []
+    if plot_garg_by_width(results, os.path.join(out, "garg_by_width.png")):
+        pictures.append(os.path.join(out, "garg_by_width.png"))
     if cfg.task.x_dim == 1:
         for s in suites:
             if s.name in ("sine", "linear", "gp_rbf_l0.5", "random_mlp"):

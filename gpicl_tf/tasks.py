@@ -14,6 +14,9 @@ Families are looked up by name in `FAMILIES`:
 
 from __future__ import annotations
 
+import math
+
+
 class _LazyTensorFlow:
     """`tensorflow`, imported on first use: validating a config (and a CLI's
     --help or --print-config) needs the registry, not TensorFlow."""
@@ -58,6 +61,14 @@ _ACT = {
 }
 
 
+WIDTH_SEED = 0x71D  # folded into an example block's x seed to draw its input widths
+
+
+def present_features(x):
+    """[U, 1, D] 1.0 where a feature is non-zero at some point of the example, else 0.0."""
+    return tf.cast(tf.reduce_any(x != 0.0, axis=1, keepdims=True), x.dtype)
+
+
 def split(seed, n: int):
     """Splits a [2] seed into n independent [2] seeds: [n, 2]."""
     return tf.random.experimental.stateless_split(seed, num=n)
@@ -90,10 +101,17 @@ class TaskFamily:
                              "and cannot form a fixed pool; expected n_tasks=None")
 
     def sample_x(self, seed, u: int, n: int, x_low=None, x_high=None):
-        """Inputs [U, N, x_dim] ~ U(x_low, x_high)."""
+        """Inputs [U, N, x_dim] ~ U(x_low, x_high); with task.min_x_dim, example i
+        keeps its first d_i features (d_i ~ U[min_x_dim, x_dim]) and the rest are 0."""
         lo = self.cfg.x_low if x_low is None else x_low
         hi = self.cfg.x_high if x_high is None else x_high
-        return tf.random.stateless_uniform([u, n, self.x_dim], seed, lo, hi)
+        x = tf.random.stateless_uniform([u, n, self.x_dim], seed, lo, hi)
+        if self.cfg.x_dim_min < self.x_dim:
+            width = tf.random.stateless_uniform(
+                [u, 1, 1], tf.random.experimental.stateless_fold_in(seed, WIDTH_SEED),
+                self.cfg.x_dim_min, self.x_dim + 1, dtype=tf.int32)
+            x *= tf.cast(tf.range(self.x_dim) < width, x.dtype)
+        return x
 
     def sample_function(self, seed, u: int):
         """Parameters of U functions, each tensor with a leading U dimension."""
@@ -317,3 +335,148 @@ def gp_posterior_mean(x_ctx, y_ctx, x_query, length_scale, noise_var):
     ks = rbf_kernel(x_query, x_ctx, length_scale)  # (Nq, Nc)
     alpha = tf.linalg.cholesky_solve(tf.linalg.cholesky(k), y_ctx)
     return tf.cast(tf.matmul(ks, alpha), tf.float32)
+
+
+@register_family("prior")
+class Prior(TaskFamily):
+    """A broad prior over functions (issue 4/7): each example draws one component,
+    with the probabilities of `task.prior_weights`, and its own observation noise.
+
+    Components, all drawn in-graph and vectorised over the block:
+      mlp: 1-4 hidden layers (layers beyond an example's depth are skipped), width
+        4-32 (hidden units beyond it are masked), an activation per layer from
+        tanh, relu, swish, sin, sigmoid, and a weight scale log-uniform in [0.5, 2];
+      gp: an exact GP sample with an RBF or Matern-3/2 kernel and a length scale
+        log-uniform in [0.1, 1] times sqrt(d), d the example's input width;
+      linear: y = x w, w ~ N(0, I) (Garg et al.);
+      sparse_linear: like linear with min(3, d) non-zero weights;
+      tree: a decision tree of depth 4 (Garg et al.): each node splits a present
+        feature at a threshold ~ U(-0.5, 0.5), leaves ~ N(0, 1);
+      relu2: Garg et al.'s 2-layer ReLU network, sum_i a_i relu(w_i . x) over 100
+        hidden units, w_i ~ N(0, I), a_i ~ N(0, 1).
+    Noise: y is standardised per example, then with probability 1 -
+    `task.prior_noise_free` Gaussian noise of std log-uniform in `task.prior_noise`
+    is added (std 0 otherwise).
+    """
+
+    supports_pool = False
+    components = ("mlp", "gp", "linear", "sparse_linear", "tree", "relu2")
+    activations = ("tanh", "relu", "swish", "sin", "sigmoid")
+    max_depth, max_width, tree_depth = 4, 32, 4
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        weights = dict(cfg.prior_weights)
+        self.logits = tf.math.log(tf.constant([[float(weights.get(c, 0.0))
+                                                for c in self.components]], tf.float32))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        names = [c for c, _ in cfg.prior_weights]
+        unknown = sorted(set(names) - set(cls.components))
+        if unknown or not cfg.prior_weights or len(set(names)) != len(names):
+            raise ValueError(f"task.prior_weights={cfg.prior_weights!r} is invalid: expected "
+                             f"(component, weight) pairs, each component once, from "
+                             f"{list(cls.components)}")
+        if any(not w >= 0 for _, w in cfg.prior_weights) or not sum(
+                w for _, w in cfg.prior_weights) > 0:
+            raise ValueError(f"task.prior_weights={cfg.prior_weights!r} is invalid: expected "
+                             "weights >= 0 with a positive sum")
+
+    def pick(self, seed, u: int):
+        """Component index of each of u examples: [U] (indices into `components`)."""
+        logits = tf.tile(self.logits, [u, 1])
+        return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
+
+    def sample_y(self, seed, x):
+        u = x.shape[0]
+        s = split(seed, 8)
+        present = present_features(x)  # (U, 1, D)
+        d = tf.maximum(tf.reduce_sum(present, -1, keepdims=True), 1.0)  # (U, 1, 1)
+        ys = tf.stack([self._mlp(s[1], x, d), self._gp(s[2], x, d), self._linear(s[3], x),
+                       self._sparse_linear(s[4], x, present), self._tree(s[5], x, present),
+                       self._relu2(s[7], x)], 1)  # (U, C, N, dy)
+        y = tf.gather(ys, self.pick(s[0], u), batch_dims=1)  # (U, N, dy)
+        mean, var = tf.nn.moments(y, axes=[1], keepdims=True)
+        y = (y - mean) * tf.math.rsqrt(var + 1e-8)
+        lo, hi = self.cfg.prior_noise
+        k = split(s[6], 3)
+        std = tf.exp(tf.random.stateless_uniform([u, 1, 1], k[0], math.log(lo), math.log(hi)))
+        noisy = tf.random.stateless_uniform([u, 1, 1], k[1]) >= self.cfg.prior_noise_free
+        std = tf.where(noisy, std, tf.zeros_like(std))
+        return y + std * tf.random.stateless_normal(tf.shape(y), k[2])
+
+    def _mlp(self, seed, x, d):
+        u, dx, h_max = x.shape[0], self.x_dim, self.max_width
+        s = split(seed, 4 * self.max_depth + 6)
+        depth = tf.random.stateless_uniform([u, 1, 1], s[0], 1, self.max_depth + 1, tf.int32)
+        width = tf.random.stateless_uniform([u, 1, 1], s[1], 4, h_max + 1, tf.int32)
+        unit = tf.cast(tf.range(h_max) < width, tf.float32)  # (U, 1, H)
+        scale = tf.exp(tf.random.stateless_uniform([u, 1, 1], s[2], math.log(0.5), math.log(2.0)))
+        acts = tf.random.stateless_uniform([u, self.max_depth], s[3], 0, len(self.activations),
+                                           tf.int32)
+        h, fan_in = x, d
+        for layer in range(self.max_depth):
+            w = tf.random.stateless_normal([u, dx if layer == 0 else h_max, h_max],
+                                           s[4 + 4 * layer]) * scale * tf.math.rsqrt(fan_in)
+            b = tf.random.stateless_normal([u, 1, h_max], s[5 + 4 * layer]) * scale
+            z = tf.matmul(h, w) + b
+            choice = tf.one_hot(acts[:, layer], len(self.activations))[:, None, None, :]
+            z = tf.reduce_sum(tf.stack([_ACT[a](z) for a in self.activations], -1) * choice, -1)
+            z *= unit
+            h = z if layer == 0 else tf.where(layer < depth, z, h)
+            fan_in = tf.cast(width, tf.float32)
+        w = tf.random.stateless_normal([u, h_max, self.y_dim], s[-1]) * tf.math.rsqrt(fan_in)
+        return tf.matmul(h, w)
+
+    def _gp(self, seed, x, d):
+        u, n = x.shape[0], tf.shape(x)[1]
+        s = split(seed, 3)
+        ls = tf.exp(tf.random.stateless_uniform([u, 1, 1], s[0], math.log(0.1), 0.0))
+        ls = tf.cast(ls * tf.sqrt(d), tf.float64)
+        x64 = tf.cast(x, tf.float64)
+        d2 = tf.reduce_sum(tf.square(x64[:, :, None, :] - x64[:, None, :, :]), -1)  # (U, N, N)
+        r = tf.sqrt(d2 + 1e-30) / ls
+        rbf = tf.exp(-0.5 * tf.square(r))
+        matern = (1.0 + math.sqrt(3.0) * r) * tf.exp(-math.sqrt(3.0) * r)
+        use_rbf = tf.random.stateless_uniform([u, 1, 1], s[1]) < 0.5
+        k = tf.where(use_rbf, rbf, matern) + 1e-5 * tf.eye(n, dtype=tf.float64)
+        z = tf.random.stateless_normal([u, n, self.y_dim], s[2], dtype=tf.float64)
+        return tf.cast(tf.matmul(tf.linalg.cholesky(k), z), tf.float32)
+
+    def _linear(self, seed, x):
+        w = tf.random.stateless_normal([x.shape[0], self.x_dim, self.y_dim], seed)
+        return tf.matmul(x, w)
+
+    def _sparse_linear(self, seed, x, present):
+        """y = x w with w non-zero on min(3, d) of the example's present features."""
+        s = split(seed, 2)
+        u = x.shape[0]
+        keys = tf.random.stateless_uniform([u, self.x_dim], s[0]) + present[:, 0]  # present > 1
+        rank = tf.argsort(tf.argsort(-keys, axis=-1), axis=-1)  # 0 = largest key
+        keep = tf.cast(rank < 3, tf.float32) * present[:, 0]  # (U, D)
+        w = tf.random.stateless_normal([u, self.x_dim, self.y_dim], s[1]) * keep[..., None]
+        return tf.matmul(x, w)
+
+    def _relu2(self, seed, x, hidden: int = 100):
+        s = split(seed, 2)
+        w = tf.random.stateless_normal([x.shape[0], self.x_dim, hidden], s[0])
+        a = tf.random.stateless_normal([x.shape[0], hidden, self.y_dim], s[1])
+        return tf.matmul(tf.nn.relu(tf.matmul(x, w)), a)
+
+    def _tree(self, seed, x, present):
+        """A depth-4 decision tree per example, splitting present features only."""
+        u, n_inner = x.shape[0], 2**self.tree_depth - 1
+        s = split(seed, 3)
+        logits = tf.math.log(tf.maximum(present[:, 0], 1e-30))  # (U, D): present features only
+        feat = tf.random.stateless_categorical(logits, n_inner, s[0], dtype=tf.int32)  # (U, I)
+        thr = tf.random.stateless_uniform([u, n_inner], s[1], -0.5, 0.5)
+        leaves = tf.random.stateless_normal([u, n_inner + 1, self.y_dim], s[2])
+        node = tf.zeros(tf.shape(x)[:2], tf.int32)  # (U, N)
+        for _ in range(self.tree_depth):
+            f = tf.gather(feat, node, batch_dims=1)  # (U, N)
+            v = tf.gather(x, f, batch_dims=2)  # (U, N)
+            right = tf.cast(v > tf.gather(thr, node, batch_dims=1), tf.int32)
+            node = 2 * node + 1 + right
+        return tf.gather(leaves, node - n_inner, batch_dims=1)  # (U, N, dy)

@@ -69,3 +69,9 @@ def tiny_export_dir(tmp_path_factory):
 def tiny_export_2d(tmp_path_factory):
     """An untrained tiny model with x_dim=2, y_dim=2."""
     return _export(tmp_path_factory, ["task.x_dim=2", "task.y_dim=2"], "ex2d")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_d8(tmp_path_factory):
+    """An untrained tiny model for inputs of width 1 to 8 (task.x_dim=8, min_x_dim=1)."""
+    return _export(tmp_path_factory, ["task.x_dim=8", "task.min_x_dim=1"], "exd8")

@@ -6,6 +6,7 @@ import pytest
 
 from gpicl_tf import evaluate as ev
 from gpicl_tf.baselines import BASELINES
+from gpicl_tf.config import apply_overrides, get_preset
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,73 @@ def test_out_that_is_a_file_and_a_junk_saved_model_fail_before_any_work(tiny_exp
     err = capsys.readouterr().err
     assert "could not load it" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "o2")
+
+
+@pytest.mark.parametrize("name,ratio", [("lasso", 0.01), ("gp_ard", 0.05), ("gbt", 0.6),
+                                        ("random_forest", 0.6)])
+def test_the_tabular_baselines_learn_a_sparse_linear_task_in_3_features(name, ratio):
+    """y = 2 x0 - x2 (x1 irrelevant): each baseline's error is far below the mean's."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (64, 3))
+    y = (2 * x[:, 0] - x[:, 2])[:, None]
+    cx, cy, qx, qy = x[:32], y[:32], x[32:], y[32:]
+    err = np.mean((BASELINES[name](cx, cy, qx) - qy) ** 2)
+    mean_err = np.mean((BASELINES["mean"](cx, cy, qx) - qy) ** 2)
+    assert err < ratio * mean_err, (name, err, mean_err)
+    assert BASELINES[name](cx[:0], cy[:0], qx).shape == (32, 1)  # no context: zeros
+
+
+def test_garg_suites_run_for_the_widths_the_model_reads_and_pad_for_the_model_only():
+    from conftest import _tiny_model
+
+    model, cfg = _tiny_model(["task.x_dim=8", "task.min_x_dim=2"])
+    suites = [s for s in ev.default_suites(cfg) if s.kind == "garg"]
+    assert len(suites) == 24  # 4 classes x d in {2, 4, 8} x noise-free and noisy
+    narrow = ev.default_suites(apply_overrides(get_preset("tiny"), ["task.x_dim=4",
+                                                                     "task.min_x_dim=4"]))
+    assert {s.name for s in narrow if s.kind == "garg"} == {
+        f"garg_{c}_d4{n}" for c in ev.GARG_COMPONENTS for n in ("", "_noisy")}
+    widths = []
+    keras_fn = ev.keras_predict_fn(model)
+
+    def predict(cx, cy, qx):
+        widths.append(cx.shape[-1])
+        return keras_fn(cx, cy, qx)
+
+    pick = [s for s in suites if s.name in ("garg_linear_d2", "garg_tree_d8_noisy")]
+    res = ev.evaluate(predict, cfg, pick, ks=(4, 8), baselines=("mean", "ridge"), n_tasks=16,
+                      progress=False)
+    assert set(widths) == {8}  # the model always sees its trained width
+    lin = res["suites"]["garg_linear_d2"]["methods"]
+    assert lin["ridge"]["8"]["nmse"] < 1e-3  # ridge sees 2 features: a linear task is exact
+    for suite in res["suites"].values():
+        assert {m["8"]["n_tasks"] for m in suite["methods"].values()} == {16}
+
+
+@pytest.mark.parametrize("dy", [1, 2])
+def test_every_baseline_predicts_m_by_dy_and_linear_ones_are_exact_on_a_linear_task(dy):
+    """A [m] answer to a [k, 1] target would broadcast against [m, 1] into an [m, m] error."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (40, 2))
+    y = x @ rng.normal(size=(2, dy)) + 0.3
+    for name, fn in BASELINES.items():
+        out = np.asarray(fn(x[:24], y[:24], x[24:]))
+        assert out.shape == (16, dy), (name, out.shape)
+    for name in ("ridge", "poly_ridge", "lasso", "gp", "gp_ard"):
+        err = np.mean((BASELINES[name](x[:24], y[:24], x[24:]) - y[24:]) ** 2)
+        assert err < 1e-3 * y.var(), (name, err)
+
+
+def test_the_garg_plot_has_a_panel_per_width_and_is_skipped_without_garg_suites(tmp_path):
+    from conftest import _tiny_model
+
+    model, cfg = _tiny_model(["task.x_dim=4", "task.min_x_dim=2"])
+    pick = [s for s in ev.default_suites(cfg) if s.name in ("garg_linear_d2", "garg_tree_d4",
+                                                            "garg_linear_d4_noisy")]
+    res = ev.evaluate(ev.keras_predict_fn(model), cfg, pick, ks=(2, 4), baselines=("mean",),
+                      n_tasks=4, progress=False)
+    path = str(tmp_path / "g.png")
+    assert ev.plot_garg_by_width(res, path) and os.path.getsize(path) > 5000
+    res["suites"] = {n: s for n, s in res["suites"].items() if not n.startswith("garg")}
+    assert not ev.plot_garg_by_width(res, str(tmp_path / "none.png"))
+    assert not os.path.exists(tmp_path / "none.png")

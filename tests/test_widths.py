@@ -1,0 +1,136 @@
+"""Inputs of any width d <= D (issue 4/7): the stream, the signatures, the estimator."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpicl_tf import data as data_lib
+from gpicl_tf.config import apply_overrides, get_preset
+from gpicl_tf.estimator import InContextRegressor
+
+
+def _widths(x):
+    """Per example, the number of leading features that are non-zero somewhere."""
+    present = np.any(x != 0, axis=1)  # (B, D)
+    return present.sum(1), present
+
+
+def test_each_example_draws_its_width_and_absent_features_are_zero_everywhere():
+    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=2"]).task
+    b = data_lib.sample_batch(cfg, seed=0, n=400)
+    d, present = _widths(b["x"].numpy())
+    # present features come first: feature j present iff j < d
+    assert (present == (np.arange(8)[None] < d[:, None])).all()
+    assert d.min() == 2 and d.max() == 8
+    counts = np.bincount(d, minlength=9)[2:]
+    assert counts.min() > 400 / 7 - 3 * np.sqrt(400 / 7), counts  # ~uniform over 2..8
+    again = data_lib.sample_batch(cfg, seed=0, n=400)
+    np.testing.assert_array_equal(b["x"].numpy(), again["x"].numpy())  # (seed, step)-pure
+
+
+def test_absent_features_do_not_enter_the_function():
+    """A linear task's y is the same whether the absent features are zero or not drawn at all."""
+    cfg = apply_overrides(get_preset("tiny"), ["task.family=linear", "task.x_dim=4",
+                                              "task.min_x_dim=1", "task.standardize_y=false"]).task
+    from gpicl_tf import tasks
+
+    fam = tasks.get_family("linear")(cfg)
+    seed = tf.constant([1, 2], tf.int64)
+    x = fam.sample_x(seed, 8, 20)
+    w, bias = fam.sample_function(tf.constant([3, 4], tf.int64), 8)
+    d, _ = _widths(x.numpy())
+    y = fam.evaluate((w, bias), x).numpy()
+    for i in range(8):
+        k = d[i]
+        ref = x.numpy()[i, :, :k] @ w.numpy()[i, :k] + bias.numpy()[i]
+        np.testing.assert_allclose(y[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_min_x_dim_outside_one_to_x_dim_is_refused():
+    with pytest.raises(ValueError, match=r"task.min_x_dim=9.*\[1, x_dim=8\]"):
+        apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=9"])
+
+
+def _task(d, nc=10, nq=4, seed=0):
+    rng = np.random.default_rng(seed)
+    cx = rng.uniform(-1, 1, (2, nc, d)).astype(np.float32)
+    qx = rng.uniform(-1, 1, (2, nq, d)).astype(np.float32)
+    cy = np.sin(cx.sum(-1, keepdims=True) * 2).astype(np.float32)
+    return cx, cy, qx
+
+
+def _pad(a, width=8):
+    return np.concatenate([a, np.zeros(a.shape[:-1] + (width - a.shape[-1],), a.dtype)], -1)
+
+
+def test_a_width_3_request_equals_the_same_request_padded_to_8_by_hand(tiny_export_d8):
+    sig = tf.saved_model.load(f"{tiny_export_d8}/1").signatures["serving_default"]
+    cx, cy, qx = _task(3)
+    run = lambda cx, qx: sig(context_x=tf.constant(cx), context_y=tf.constant(cy),
+                             query_x=tf.constant(qx))["mean"].numpy()
+    narrow, padded = run(cx, qx), run(_pad(cx), _pad(qx))
+    assert np.abs(narrow).max() > 1e-3
+    np.testing.assert_array_equal(narrow, padded)
+    # and it is the model's reading of those features: another width-3 task differs
+    assert np.abs(run(*_task(3, seed=1)[::2]) - narrow).max() > 1e-4
+
+
+def test_masked_signature_pads_too(tiny_export_d8):
+    sig = tf.saved_model.load(f"{tiny_export_d8}/1").signatures["masked"]
+    cx, cy, qx = _task(3)
+    x = np.concatenate([cx, qx], 1)
+    y = np.concatenate([cy, np.zeros((2, 4, 1), np.float32)], 1)
+    q = np.concatenate([np.zeros((2, 10)), np.ones((2, 4))], 1).astype(np.float32)
+    run = lambda x: sig(x=tf.constant(x), y=tf.constant(y), is_query=tf.constant(q))["y_pred"]
+    np.testing.assert_array_equal(run(x).numpy(), run(_pad(x)).numpy())
+
+
+def test_a_width_9_request_names_8(tiny_export_d8):
+    sig = tf.saved_model.load(f"{tiny_export_d8}/1").signatures["serving_default"]
+    cx, cy, qx = _task(9)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"context_x: expected last "
+                       r"dimension \(input width\) in \[1, 8\] \(the model reads at most 8"):
+        sig(context_x=tf.constant(cx), context_y=tf.constant(cy), query_x=tf.constant(qx))
+    with pytest.raises(ValueError, match=r"X has 9 features, but the model .* expects from 1 "
+                       r"to 8 \(it reads at most 8\)"):
+        InContextRegressor(tiny_export_d8).fit(cx[0], cy[0, :, 0])
+
+
+def test_query_and_context_widths_must_agree(tiny_export_d8):
+    sig = tf.saved_model.load(f"{tiny_export_d8}/1").signatures["serving_default"]
+    cx, cy, _ = _task(3)
+    qx = _task(4)[2]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query_x: expected the input "
+                       "width of context_x"):
+        sig(context_x=tf.constant(cx), context_y=tf.constant(cy), query_x=tf.constant(qx))
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_the_estimator_takes_any_width_up_to_8(tiny_export_d8, d):
+    cx, cy, qx = _task(d)
+    est = InContextRegressor(tiny_export_d8).fit(cx[0], cy[0, :, 0])
+    pred = est.predict(qx[0])
+    assert pred.shape == (4,) and np.isfinite(pred).all()
+    assert est.n_features_in_ == d
+
+
+def test_query_independence_permutation_invariance_and_per_feature_equivariance_at_d_3(
+        tiny_export_d8):
+    sig = tf.saved_model.load(f"{tiny_export_d8}/1").signatures["serving_default"]
+    run = lambda cx, cy, qx: sig(context_x=tf.constant(cx, tf.float32),
+                                 context_y=tf.constant(cy, tf.float32),
+                                 query_x=tf.constant(qx, tf.float32))["mean"].numpy()
+    cx, cy, qx = _task(3, nc=12, nq=6)
+    base = run(cx, cy, qx)
+    # a query's prediction does not change when the other queries change
+    other = qx.copy()
+    other[:, 1:] = _task(3, nc=12, nq=6, seed=7)[2][:, 1:]
+    np.testing.assert_allclose(run(cx, cy, other)[:, 0], base[:, 0], atol=1e-5)
+    # nor when the context points are permuted
+    perm = np.random.default_rng(0).permutation(12)
+    np.testing.assert_allclose(run(cx[:, perm], cy[:, perm], qx), base, atol=1e-5)
+    # each feature its own affine map, y its own: predictions follow y's map
+    a, b = np.array([1e-3, 50.0, 2e3]), np.array([0.5, -3.0, 1e3])
+    c, d = 1e2, -7.0
+    got = run(a * cx + b, c * cy + d, a * qx + b)
+    np.testing.assert_allclose((got - d) / c, base, atol=2e-3 * cy.std())
