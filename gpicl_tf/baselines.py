@@ -65,11 +65,12 @@ def poly_ridge(x_ctx, y_ctx, x_query, degree: int = 3, alpha: float = 1e-2):
     return model.fit(x_ctx, y_ctx).predict(x_query).reshape(len(x_query), -1)
 
 
-def gp_regression(x_ctx, y_ctx, x_query):
-    """GP regression, RBF + noise kernel, hyperparameters by maximum likelihood."""
+def _gp(x_ctx, y_ctx, x_query, length_scale):
+    """GP regression, constant x RBF(length_scale) + noise kernel, hyperparameters by
+    maximum likelihood."""
     if len(x_ctx) == 0:
         return _empty(x_query, y_ctx.shape[1])
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(0.3, (1e-2, 1e2))
+    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(length_scale, (1e-2, 1e2))
               + WhiteKernel(1e-3, (1e-6, 1e0)))
     gp = GaussianProcessRegressor(kernel, normalize_y=len(x_ctx) > 1, n_restarts_optimizer=0,
                                   random_state=0)
@@ -77,45 +78,35 @@ def gp_regression(x_ctx, y_ctx, x_query):
         warnings.simplefilter("ignore", ConvergenceWarning)
         out = gp.fit(x_ctx, y_ctx).predict(x_query)
     return out.reshape(len(x_query), -1)
+
+
+def gp_regression(x_ctx, y_ctx, x_query):
+    """GP regression, RBF + noise kernel, hyperparameters by maximum likelihood."""
+    return _gp(x_ctx, y_ctx, x_query, 0.3)
 
 
 def lasso(x_ctx, y_ctx, x_query):
     """Lasso, its penalty chosen per task by cross-validation (up to 5 folds; a fixed small
     penalty below 4 points), one model per output."""
     k = len(x_ctx)
-    if k == 0:
-        return _empty(x_query, y_ctx.shape[1])
-    outs = []
-    for j in range(y_ctx.shape[1]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model = (LassoCV(cv=min(5, k), max_iter=5000) if k >= 4
-                     else Lasso(alpha=1e-3, max_iter=5000))
-            outs.append(model.fit(x_ctx, y_ctx[:, j]).predict(x_query))
-    return np.stack(outs, 1)
+    return _per_output(lambda: (LassoCV(cv=min(5, k), max_iter=5000) if k >= 4
+                                else Lasso(alpha=1e-3, max_iter=5000)), x_ctx, y_ctx, x_query)
 
 
 def gp_ard(x_ctx, y_ctx, x_query):
     """GP regression with one RBF length scale per input feature (ARD) + noise, by maximum
     likelihood."""
-    if len(x_ctx) == 0:
-        return _empty(x_query, y_ctx.shape[1])
-    d = x_ctx.shape[1]
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.full(d, 0.5), (1e-2, 1e2))
-              + WhiteKernel(1e-3, (1e-6, 1e0)))
-    gp = GaussianProcessRegressor(kernel, normalize_y=len(x_ctx) > 1, n_restarts_optimizer=0,
-                                  random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        out = gp.fit(x_ctx, y_ctx).predict(x_query)
-    return out.reshape(len(x_query), -1)
+    return _gp(x_ctx, y_ctx, x_query, np.full(x_ctx.shape[1], 0.5))
 
 
 def _per_output(make, x_ctx, y_ctx, x_query):
+    """One fresh scikit-learn model (`make()`) per output column: [m, dy]."""
     if len(x_ctx) == 0:
         return _empty(x_query, y_ctx.shape[1])
-    return np.stack([make().fit(x_ctx, y_ctx[:, j]).predict(x_query)
-                     for j in range(y_ctx.shape[1])], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return np.stack([make().fit(x_ctx, y_ctx[:, j]).predict(x_query)
+                         for j in range(y_ctx.shape[1])], 1)
 
 
 def gbt(x_ctx, y_ctx, x_query):

@@ -58,8 +58,7 @@ class TaskSampler:
 
     def _pick(self, seed, u):
         """Family index of each of u examples: [U]."""
-        logits = tf.tile(self.logits, [u, 1])
-        return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
+        return tasks.draw_index(self.logits, seed, u)
 
     def _xy(self, x_seed, u, n, fn_seed, fn_seeds, x_low, x_high):
         """Inputs and targets of u examples; with a mix, each example's family is drawn."""

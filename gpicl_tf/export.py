@@ -67,9 +67,8 @@ def pad_width(t, dx: int):
     return tf.pad(t, [[0, 0], [0, 0], [0, dx - tf.shape(t)[-1]]])
 
 
-def _check_inputs(dx: int, dy: int, context_x, context_y, query_x, dx_min: int = None):
+def _check_inputs(dx: int, dy: int, dx_min: int, context_x, context_y, query_x):
     """Graph-side validation; raises InvalidArgumentError with a clear message."""
-    dx_min = dx if dx_min is None else dx_min
     checks = [
         *_width_checks("context_x", context_x, dx, dx_min),
         *_width_checks("query_x", query_x, dx, dx_min),
@@ -105,8 +104,8 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig,
         return model({"x": x, "y": y, "is_query": is_query}, training=False)
 
     def serve(context_x, context_y, query_x):
-        with tf.control_dependencies(_check_inputs(dx, dy, context_x, context_y, query_x,
-                                                   dx_min)):
+        with tf.control_dependencies(_check_inputs(dx, dy, dx_min, context_x, context_y,
+                                                   query_x)):
             inputs = masked_inputs(pad_width(context_x, dx), context_y, pad_width(query_x, dx))
         pred = run(inputs["x"], inputs["y"], inputs["is_query"])
         return {"mean": tf.cast(pred[:, tf.shape(context_x)[1]:, :], tf.float32)}

@@ -69,6 +69,12 @@ def present_features(x):
     return tf.cast(tf.reduce_any(x != 0.0, axis=1, keepdims=True), x.dtype)
 
 
+def draw_index(logits, seed, u: int):
+    """Index of each of u examples drawn from the probabilities exp(logits) [1, C]: [U]."""
+    return tf.cast(tf.random.stateless_categorical(tf.tile(logits, [u, 1]), 1, seed)[:, 0],
+                   tf.int32)
+
+
 def split(seed, n: int):
     """Splits a [2] seed into n independent [2] seeds: [n, 2]."""
     return tf.random.experimental.stateless_split(seed, num=n)
@@ -386,8 +392,7 @@ class Prior(TaskFamily):
 
     def pick(self, seed, u: int):
         """Component index of each of u examples: [U] (indices into `components`)."""
-        logits = tf.tile(self.logits, [u, 1])
-        return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
+        return draw_index(self.logits, seed, u)
 
     def sample_y(self, seed, x):
         u = x.shape[0]
