@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "prints its figures and trains nothing.")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="named config: tiny (tests, seconds), default (CPU main job, "
-                        "minutes), mix (default on half random-MLP, half GP tasks), "
-                        "paper (GPUs, the paper's model size)")
+                        "minutes: the general learner, inputs of width 1-8, the broad prior), "
+                        "mlp1d (the paper's 1-D random-MLP setting), mix (mlp1d on half "
+                        "random-MLP, half GP tasks), paper (GPUs, the paper's model size)")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--batch-size", type=int,
                    help="global batch in tasks per step, split over replicas (train.batch_size)")
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a fresh function per example (task.n_tasks)")
     p.add_argument("--model-name", default=None,
                    help="run and export name (default: the preset's name: gpicl for "
-                        "default, tiny, gpicl-mix, gpicl-paper)")
+                        "default, tiny, gpicl-mlp1d, gpicl-mix, gpicl-paper)")
     p.add_argument("--logdir", help="TensorBoard + checkpoint directory "
                                     "(default: runs/<model-name>)")
     p.add_argument("--export-dir", default="exports",
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     p.add_argument("--no-report", action="store_true",
                    help="skip the short evaluation against k-NN and GP regression "
-                        "(about 7 s for tiny, 40 s for default)")
+                        "(seconds for tiny, about a minute for default)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
     return p
@@ -132,7 +133,8 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
 
     predict = (evaluate.saved_model_predict_fn(export_path) if export_path
                else evaluate.keras_predict_fn(trainer.model))
-    wanted = {cfg.task.family, "sine", "gp_rbf_l0.5"}
+    # the training family, 1-D transfer, and (for a model of width >= 4) a noisy Garg suite
+    wanted = {cfg.task.family, "random_mlp", "sine", "gp_rbf_l0.5", "garg_tree_d4_noisy"}
     suites = [s for s in evaluate.default_suites(cfg) if s.name in wanted]
     ks = [k for k in (4, 16, 32) if k <= cfg.task.context_max]
     print(f"\nShort evaluation on unseen tasks (full suite: gpicl-eval --model "
@@ -183,7 +185,7 @@ def _train(argv) -> int:
     if result.complete and os.path.exists(os.path.join(report_dir, "results.md")):
         print(f"report (unchanged): {report_dir}/results.md")
     elif not args.no_report:
-        if cfg.task.x_dim == 1:
+        if cfg.task.x_dim_min == 1:
             from gpicl_tf.evaluate import prediction_figure
 
             fig_path = os.path.join(logdir, "predictions.png")

@@ -21,6 +21,7 @@ from typing import Any, Optional, Tuple
 
 ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
+ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy")
 # Classes of the base datasets of classification tasks (gpicl_tf.datasets).
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "kmnist": 10, "cifar10": 10,
@@ -232,6 +233,10 @@ class ModelConfig:
       mlp_ratio: hidden width of each block's MLP as a multiple of d_model.
       std_eps: relative spread floor of the per-task standardisation: context
         values whose spread is below std_eps x their magnitude count as constant.
+      absent_features: what the model is told of the zero-padded features of an
+        input narrower than task.x_dim: "zero" (nothing), "flags" (a presence
+        flag per feature), "rescale" (present features scaled by sqrt(D / d), as
+        TabPFN does) or "both" (benchmarks/width_encoding.py measures them).
     """
 
     d_model: int = 64
@@ -240,9 +245,12 @@ class ModelConfig:
     key_dim: Optional[int] = None
     mlp_ratio: int = 4
     std_eps: float = 1e-7
+    absent_features: str = "zero"
 
     def __post_init__(self):
         o = "model"
+        _require(self.absent_features in ABSENT_FEATURES, o, "absent_features",
+                 self.absent_features, f"one of {ABSENT_FEATURES}")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
@@ -478,13 +486,27 @@ def _tiny() -> ExperimentConfig:
 
 
 def _default() -> ExperimentConfig:
-    # The CPU main job: about 6 minutes of training on 2 cores.
-    return ExperimentConfig(name="gpicl", train=TrainConfig(steps=4000))
+    # The CPU main job, a general-purpose learner: inputs of width 1..8, tasks from the broad
+    # `prior` (random MLPs of random depth, width and activations, GPs, linear and sparse
+    # linear functions, trees, per-task noise) plus the 1-16-16-16-1 random MLPs of `mlp1d`.
+    # Sized to train in under 15 minutes on the slower 2-core machines (~4.5 steps/s).
+    return ExperimentConfig(
+        name="gpicl",
+        task=TaskConfig(family="prior", x_dim=8, min_x_dim=1,
+                        mix=(("prior", 0.75), ("random_mlp", 0.25))),
+        model=ModelConfig(absent_features="flags"),
+        train=TrainConfig(steps=3200))
+
+
+def _mlp1d() -> ExperimentConfig:
+    # The paper's and the seed notebook's setting: one input feature, 1-16-16-16-1 random
+    # MLPs (the phase-transition sweeps use it too). Until issue 4/7 this was `default`.
+    return ExperimentConfig(name="gpicl-mlp1d", train=TrainConfig(steps=4000))
 
 
 def _mix() -> ExperimentConfig:
-    # `default` trained on half random-MLP, half GP (RBF) tasks: for GP transfer.
-    cfg = _default()
+    # `mlp1d` trained on half random-MLP, half GP (RBF) tasks: for GP transfer.
+    cfg = _mlp1d()
     return dataclasses.replace(
         cfg, name="gpicl-mix",
         task=dataclasses.replace(cfg.task, mix=(("random_mlp", 0.5), ("gp_rbf", 0.5)),
@@ -504,7 +526,8 @@ def _paper() -> ExperimentConfig:
 
 
 def _sweep(size: str) -> ExperimentConfig:
-    """Base configs of the paper's sweeps (gpicl-experiment --preset SIZE), 1-D random MLPs;
+    """Base configs of the paper's sweeps (gpicl-experiment --preset SIZE), the 1-D random
+    MLPs of `mlp1d`;
     gpicl_tf.experiments.presets swaps in a classification family where asked."""
     n_points = {"tiny": 16, "small": 48, "paper": 100}[size]
     model = {"tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, mlp_ratio=2),
@@ -519,12 +542,13 @@ def _sweep(size: str) -> ExperimentConfig:
              "paper": TrainConfig(steps=50000, batch_size=128, warmup_steps=1000,
                                   learning_rate=3e-4, steps_per_call=50, log_every=250,
                                   eval_every=2500, checkpoint_every=2500)}[size]
-    return ExperimentConfig(name=f"sweep-{size}", task=TaskConfig(n_points=n_points),
+    return ExperimentConfig(name=f"sweep-{size}",
+                            task=dataclasses.replace(_mlp1d().task, n_points=n_points),
                             model=model, train=train)
 
 
 # The one preset registry: training presets, then the sweeps' base configs.
-PRESETS = {"tiny": _tiny, "default": _default, "mix": _mix, "paper": _paper,
+PRESETS = {"tiny": _tiny, "default": _default, "mlp1d": _mlp1d, "mix": _mix, "paper": _paper,
            "sweep-tiny": lambda: _sweep("tiny"), "sweep-small": lambda: _sweep("small"),
            "sweep-paper": lambda: _sweep("paper")}
 

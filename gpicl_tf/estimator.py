@@ -182,6 +182,10 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
             raise ValueError("return_std=True: this model predicts a mean only (it has no "
                              "variance head); expected return_std=False")
         check_is_fitted(self, "X_context_")
+        if self.n_features_in_ > 1 and np.asarray(X).ndim == 1:  # one sample or one feature?
+            raise ValueError(f"X: expected a 2-D array of {self.n_features_in_} features, got a "
+                             "1-D array. Reshape your data with X.reshape(1, -1) if it is a "
+                             "single sample")
         X = _as_2d(X)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         Xs = (X - self._x_loc) / self._x_scale

@@ -121,15 +121,24 @@ class Suite:
 
 
 def default_suites(cfg: ExperimentConfig) -> list:
-    """Unseen random-MLP tasks, transfer families, and distribution shifts."""
+    """Unseen tasks of the training prior (when it has one), the 1-D suites (random MLPs,
+    transfer families, distribution shifts) and Garg et al.'s suites at widths 2, 4, 8.
+
+    The 1-D suites have one input feature whatever the model's width (a model of width
+    D > 1 sees them padded to D), so every model is compared on the same 1-D tasks."""
     t = cfg.task
-    mlp = {"standardize_y": t.standardize_y}
-    raw = {"standardize_y": False}
+    trained = [m[0] for m in t.mix] or [t.family]
+    one_d = {"x_dim": 1, "min_x_dim": None}
+    mlp = {"standardize_y": t.standardize_y, **one_d}
+    raw = {"standardize_y": False, **one_d}
     wide = {"x_low": 2 * t.x_low, "x_high": 2 * t.x_high}
     deeper = tuple(t.mlp_hidden) + (t.mlp_hidden[-1], t.mlp_hidden[-1])
     wider = tuple(4 * h for h in t.mlp_hidden)
-    return [
-        Suite("random_mlp", "random_mlp", mlp, "in-distribution"),
+    prior = ([Suite("prior", "prior", {"standardize_y": t.standardize_y}, "in-distribution")]
+             if "prior" in trained else [])
+    return prior + [
+        Suite("random_mlp", "random_mlp", mlp,
+              "in-distribution" if "random_mlp" in trained else "transfer"),
         Suite("sine", "sine", raw),
         Suite("linear", "linear", raw),
         Suite("polynomial", "polynomial", raw),
@@ -435,7 +444,8 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
     fn = baselines_lib.get_baseline(base)
     bpred = np.stack([np.asarray(fn(x[i, :k], y[i, :k], x[i, k:])) for i in range(n)])
     context = np.arange(x.shape[1])[None, :].repeat(n, 0) < k  # context first
-    fig = fits_figure(x, y, context, {"model": predict_fn(x[:, :k], y[:, :k], x[:, k:]),
+    xm = pad_features(x, cfg.task.x_dim)
+    fig = fits_figure(x, y, context, {"model": predict_fn(xm[:, :k], y[:, :k], xm[:, k:]),
                                       f"{base} (best baseline)": bpred},
                       [f"{suite.name}, k={k}"] * n)
     fig.savefig(path, dpi=90)
@@ -444,12 +454,14 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
 
 def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
                       seed=None):
-    """In-context predictions of a Keras model on unseen 1-D tasks (TensorBoard, main job)."""
+    """In-context predictions of a Keras model on unseen 1-D tasks of its training
+    distribution (TensorBoard, main job); a model of width D > 1 reads them padded to D."""
     task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + 200,
-                               max_context=None, min_context=0)
+                               max_context=None, min_context=0, x_dim=1, min_x_dim=None)
     b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
                               n_context=n_context, stream=PICTURE_STREAM)
-    pred = model(model_inputs(b), training=False).numpy()
+    inputs = dict(model_inputs(b), x=tf.constant(pad_features(b["x"].numpy(), cfg.task.x_dim)))
+    pred = model(inputs, training=False).numpy()
     ctx = b["is_query"].numpy() < 0.5  # (T, N): every task has n_context of them
     at_queries = np.stack([pred[i, ~ctx[i]] for i in range(n_tasks)])  # (T, Nq, 1)
     return fits_figure(b["x"].numpy(), b["y"].numpy(), ctx, {"model": at_queries},
@@ -466,7 +478,7 @@ def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None)
     pictures = []
     if plot_garg_by_width(results, os.path.join(out, "garg_by_width.png")):
         pictures.append(os.path.join(out, "garg_by_width.png"))
-    if cfg.task.x_dim == 1:
+    if cfg.task.x_dim_min == 1:  # pictures of the 1-D suites
         for s in suites:
             if s.name in ("sine", "linear", "gp_rbf_l0.5", "random_mlp"):
                 p = os.path.join(out, f"fits_{s.name}.png")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from gpicl_tf.config import ABSENT_FEATURES
+
 PACKAGE = "gpicl_tf"
 
 
@@ -24,15 +26,33 @@ class ContextStandardizer(keras.layers.Layer):
 
     With standardize_y=False (classification) y is passed through unscaled.
 
+    Inputs narrower than dx arrive padded with zero features (absent). A
+    feature is present in a task when its context values vary (a constant
+    feature carries no information either); absent features standardise to
+    exactly 0 at every point. `absent_features` says what else the model is told:
+      "zero": nothing (the padding alone);
+      "flags": a presence flag per feature is appended to every token;
+      "rescale": the standardised present features are multiplied by
+        sqrt(dx / d), d the number present, so the token's feature norm does not
+        depend on the width (TabPFN's rescaling);
+      "both": flags and rescaling.
+    Presence comes from the context only, so queries stay independent.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
-    Returns: features [B, N, dx + dy + 1] = (x std., y std. zeroed on queries,
-      query flag), y_loc [B, 1, dy], y_scale [B, 1, dy].
+    Returns: features [B, N, dx + dy + 1 (+ dx with flags)] = (x std., y std.
+      zeroed on queries, query flag (, presence flags)), y_loc [B, 1, dy],
+      y_scale [B, 1, dy].
     """
 
-    def __init__(self, eps: float = 1e-7, standardize_y: bool = True, **kwargs):
+    def __init__(self, eps: float = 1e-7, standardize_y: bool = True,
+                 absent_features: str = "zero", **kwargs):
         super().__init__(**kwargs)
+        if absent_features not in ABSENT_FEATURES:
+            raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
+                             f"of {ABSENT_FEATURES}")
         self.eps = eps
         self.standardize_y = standardize_y
+        self.absent_features = absent_features
 
     def _stats(self, v, w, n):
         """Location and scale of the context values, relative to the data.
@@ -68,13 +88,21 @@ class ContextStandardizer(keras.layers.Layer):
         q = ops.expand_dims(ops.cast(is_query, x.dtype), -1)  # (B, N, 1)
         w = 1.0 - q
         n = ops.sum(w, axis=1, keepdims=True)  # (B, 1, 1)
-        xs = self._standardize(x, w, n)[0]
+        xs, _, _, x_spread = self._standardize(x, w, n)
         if self.standardize_y:
-            ys, y_loc, y_scale = self._standardize(y, w, n)
+            ys, y_loc, y_scale, _ = self._standardize(y, w, n)
         else:  # classification: y is one-hot, used as is
             ys, y_loc, y_scale = y, ops.zeros_like(y[:, :1]), ops.ones_like(y[:, :1])
         ys = ys * w  # queries' y never enters the model
-        return ops.concatenate([xs, ys, q], axis=-1), y_loc, y_scale
+        parts = [xs, ys, q]
+        if self.absent_features != "zero":
+            present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
+            if self.absent_features in ("rescale", "both"):
+                d = ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1.0)
+                parts[0] = xs * ops.sqrt(x.shape[-1] / d)
+            if self.absent_features in ("flags", "both"):
+                parts.append(present * ops.ones_like(xs))
+        return ops.concatenate(parts, axis=-1), y_loc, y_scale
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
@@ -82,17 +110,19 @@ class ContextStandardizer(keras.layers.Layer):
         loc = ref + safe * mean_u
         # A context without spread predicts its constant value (scale 0).
         scale = ops.where((spread > 0) | (n < 2.0), safe * std_u, ops.zeros_like(std_u))
-        return vs, loc, scale
+        return vs, loc, scale, spread
 
     def compute_output_spec(self, x, y, is_query):
         b, n, dx = x.shape
         dy = y.shape[-1]
-        feat = keras.KerasTensor((b, n, dx + dy + 1), dtype=x.dtype)
+        flags = dx if self.absent_features in ("flags", "both") else 0
+        feat = keras.KerasTensor((b, n, dx + dy + 1 + flags), dtype=x.dtype)
         loc = keras.KerasTensor((b, 1, dy), dtype=x.dtype)
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
 
     def get_config(self):
-        return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y}
+        return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y,
+                "absent_features": self.absent_features}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -39,6 +39,8 @@ class InContextTransformer(keras.Model):
       key_dim: per-head query/key size (default d_model // n_heads).
       mlp_ratio: each block's MLP width as a multiple of d_model.
       std_eps: relative spread floor of the per-task standardisation.
+      absent_features: what the model is told of absent (zero-padded) input
+        features: "zero", "flags", "rescale" or "both" (see ContextStandardizer).
       classify: y is one-hot and the output are class logits (no y
         standardisation, no output map).
 
@@ -55,14 +57,16 @@ class InContextTransformer(keras.Model):
 
     def __init__(self, x_dim: int, y_dim: int, d_model: int = 64, n_layers: int = 4,
                  n_heads: int = 4, key_dim: Optional[int] = None, mlp_ratio: int = 4,
-                 std_eps: float = 1e-7, classify: bool = False, **kwargs):
+                 std_eps: float = 1e-7, classify: bool = False,
+                 absent_features: str = "zero", **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
         is_query = keras.Input((None,), name="is_query")
         # Statistics and the output map stay in float32 under mixed precision.
         feats, y_loc, y_scale = ContextStandardizer(
-            eps=std_eps, standardize_y=not classify, dtype="float32",
+            eps=std_eps, standardize_y=not classify, absent_features=absent_features,
+            dtype="float32",
             name="standardize")(x, y, is_query)
         mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
         h = keras.layers.Dense(d_model, name="embed")(feats)  # (B, N, D)
@@ -80,14 +84,14 @@ class InContextTransformer(keras.Model):
         self.x_dim, self.y_dim = x_dim, y_dim
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
         self.key_dim, self.mlp_ratio, self.std_eps = key_dim, mlp_ratio, std_eps
-        self.classify = classify
+        self.classify, self.absent_features = classify, absent_features
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
                 "x_dim": self.x_dim, "y_dim": self.y_dim, "d_model": self.d_model,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "key_dim": self.key_dim,
                 "mlp_ratio": self.mlp_ratio, "std_eps": self.std_eps,
-                "classify": self.classify}
+                "classify": self.classify, "absent_features": self.absent_features}
 
     @classmethod
     def from_config(cls, config):
@@ -100,7 +104,8 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
     return InContextTransformer(
         x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
-        classify=t.kind == "classification", name=cfg.name.replace("-", "_"))
+        classify=t.kind == "classification", absent_features=m.absent_features,
+        name=cfg.name.replace("-", "_"))
 
 
 INPUT_NAMES = ("x", "y", "is_query")

@@ -66,7 +66,7 @@ class Writer:
                 tf.summary.scalar(k, v)
 
     def predictions(self, step: int, model, cfg: ExperimentConfig) -> None:
-        if self.writer is None or cfg.task.x_dim != 1 or cfg.task.kind != "regression":
+        if self.writer is None or cfg.task.x_dim_min != 1 or cfg.task.kind != "regression":
             return
         from gpicl_tf.evaluate import prediction_figure  # evaluate imports this module
 

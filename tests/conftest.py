@@ -75,3 +75,10 @@ def tiny_export_2d(tmp_path_factory):
 def tiny_export_d8(tmp_path_factory):
     """An untrained tiny model for inputs of width 1 to 8 (task.x_dim=8, min_x_dim=1)."""
     return _export(tmp_path_factory, ["task.x_dim=8", "task.min_x_dim=1"], "exd8")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_d10(tmp_path_factory):
+    """An untrained tiny model for inputs of width 1 to 10: wide enough for every
+    scikit-learn estimator check (the widest feeds 10 features)."""
+    return _export(tmp_path_factory, ["task.x_dim=10", "task.min_x_dim=1"], "exd10")

@@ -65,3 +65,19 @@ def test_overrides_parse_types():
 def test_unknown_override_field_is_named():
     with pytest.raises(ValueError, match="model.width"):
         apply_overrides(get_preset("tiny"), ["model.width=3"])
+
+
+def test_default_is_the_general_learner_and_mlp1d_the_papers_setting():
+    import dataclasses
+
+    d, m = get_preset("default"), get_preset("mlp1d")
+    assert (d.task.x_dim, d.task.x_dim_min, d.task.family) == (8, 1, "prior")
+    assert dict(d.task.mix)["prior"] > dict(d.task.mix)["random_mlp"] > 0
+    assert d.model.absent_features in ("zero", "flags", "rescale", "both")
+    assert (m.task.family, m.task.x_dim, m.task.x_dim_min, m.task.mix) == ("random_mlp", 1, 1, ())
+    assert m.task.mlp_hidden == (16, 16, 16)
+    for size in ("tiny", "small", "paper"):  # the phase-transition sweeps keep mlp1d's tasks
+        t = get_preset(f"sweep-{size}").task
+        assert dataclasses.replace(t, n_points=m.task.n_points) == m.task
+    with pytest.raises(ValueError, match="model.absent_features='pad' is invalid"):
+        apply_overrides(d, ["model.absent_features=pad"])

@@ -207,6 +207,31 @@ def test_garg_suites_run_for_the_widths_the_model_reads_and_pad_for_the_model_on
         assert {m["8"]["n_tasks"] for m in suite["methods"].values()} == {16}
 
 
+def test_a_wide_model_meets_the_same_1d_suites_and_its_prior_at_its_widths():
+    from conftest import _tiny_model
+
+    model, cfg = _tiny_model(["task.x_dim=8", "task.min_x_dim=1", "task.family=prior",
+                              'task.mix=[["prior", 3], ["random_mlp", 1]]'])
+    general = {s.name: s for s in ev.default_suites(get_preset("default"))}
+    one_d = {s.name: s for s in ev.default_suites(get_preset("mlp1d"))}
+    assert general["prior"].kind == "in-distribution" and "prior" not in one_d
+    for name, s in one_d.items():  # the same tasks whatever the model's width
+        assert general[name] == s
+        x, _, _ = ev.context_batch(get_preset("default"), 4, 3, 5, 0, family=s.family,
+                                   **s.overrides)
+        ref, _, _ = ev.context_batch(get_preset("mlp1d"), 4, 3, 5, 0, family=s.family,
+                                     **s.overrides)
+        np.testing.assert_array_equal(x, ref)
+        assert x.shape == (3, 9, 1)
+    suites = {s.name: s for s in ev.default_suites(cfg)}
+    widths = []
+    keras_fn = ev.keras_predict_fn(model)
+    res = ev.evaluate(lambda cx, cy, qx: widths.append(cx.shape[-1]) or keras_fn(cx, cy, qx),
+                      cfg, [suites["prior"], suites["sine"]], ks=(8,), baselines=("mean",),
+                      n_tasks=8, progress=False)
+    assert set(widths) == {8} and set(res["suites"]) == {"prior", "sine"}
+
+
 @pytest.mark.parametrize("dy", [1, 2])
 def test_every_baseline_predicts_m_by_dy_and_linear_ones_are_exact_on_a_linear_task(dy):
     """A [m] answer to a [k, 1] target would broadcast against [m, 1] into an [m, m] error."""

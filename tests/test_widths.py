@@ -134,3 +134,53 @@ def test_query_independence_permutation_invariance_and_per_feature_equivariance_
     c, d = 1e2, -7.0
     got = run(a * cx + b, c * cy + d, a * qx + b)
     np.testing.assert_allclose((got - d) / c, base, atol=2e-3 * cy.std())
+
+
+@pytest.mark.parametrize("absent", ["zero", "flags", "rescale", "both"])
+def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
+    from gpicl_tf.layers import ContextStandardizer
+
+    cx, cy, qx = _task(3, nc=12, nq=4)
+    x = _pad(np.concatenate([cx, qx], 1))
+    x[1, :, 2] = 0.25  # task 1: feature 2 constant, so only 2 features carry information
+    y = np.concatenate([cy, np.zeros((2, 4, 1), np.float32)], 1)
+    q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
+    feats = ContextStandardizer(absent_features=absent)(x, y, q)[0].numpy()
+    plain = ContextStandardizer()(x, y, q)[0].numpy()
+    assert feats.shape[-1] == (18 if absent in ("flags", "both") else 10)
+    np.testing.assert_array_equal(plain[..., 3:8], 0.0)  # absent features are exactly 0
+    np.testing.assert_array_equal(plain[1, :12, 2], 0.0)  # and so is a constant one
+    d = np.array([3.0, 2.0])[:, None, None]
+    scale = np.sqrt(8 / d) if absent in ("rescale", "both") else 1.0
+    np.testing.assert_allclose(feats[..., :8], plain[..., :8] * scale, rtol=1e-6)
+    np.testing.assert_array_equal(feats[..., 8:10], plain[..., 8:10])
+    if absent in ("flags", "both"):
+        want = np.array([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], np.float32)
+        np.testing.assert_array_equal(feats[..., 10:], np.broadcast_to(want[:, None], (2, 16, 8)))
+
+
+@pytest.mark.parametrize("absent", ["flags", "rescale", "both"])
+def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent):
+    import keras
+
+    from gpicl_tf.model import build_model, masked_inputs
+
+    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=1",
+                                              f"model.absent_features={absent}"])
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg)
+    for w in model.get_layer("head").weights:
+        w.assign(tf.random.normal(w.shape, seed=5))
+    run = lambda cx, cy, qx: model(masked_inputs(_pad(cx), cy, _pad(qx)),
+                                   training=False).numpy()[:, cx.shape[1]:]
+    cx, cy, qx = _task(3, nc=12, nq=6)
+    base = run(cx, cy, qx)
+    assert np.abs(base).max() > 1e-3
+    other = qx.copy()
+    other[:, 1:] = _task(3, nc=12, nq=6, seed=7)[2][:, 1:]
+    np.testing.assert_allclose(run(cx, cy, other)[:, 0], base[:, 0], atol=1e-5)
+    perm = np.random.default_rng(0).permutation(12)
+    np.testing.assert_allclose(run(cx[:, perm], cy[:, perm], qx), base, atol=1e-5)
+    a, b = np.array([1e-3, 50.0, 2e3], np.float32), np.array([0.5, -3.0, 1e3], np.float32)
+    got = run(a * cx + b, 1e2 * cy - 7.0, a * qx + b)
+    np.testing.assert_allclose((got + 7.0) / 1e2, base, atol=2e-3 * cy.std())
