@@ -62,8 +62,13 @@ def main():
     print(f"stream alone:      {stream:10.0f} tasks/s")
     print(f"training consumes: {train:10.0f} tasks/s")
     print(f"ratio stream/train: {stream / train:.1f}x  (target >= 10x)")
-    pool = apply_overrides(cfg, ["task.n_tasks=1024"])
-    print(f"stream with n_tasks=1024 pool: {stream_tasks_per_sec(pool, a.batches // 2):.0f} tasks/s")
+    from gpicl_tf import tasks
+
+    families = [m[0] for m in cfg.task.mix] or [cfg.task.family]
+    if all(tasks.get_family(f).supports_pool for f in families):
+        pool = apply_overrides(cfg, ["task.n_tasks=1024"])
+        print(f"stream with n_tasks=1024 pool: {stream_tasks_per_sec(pool, a.batches // 2):.0f} "
+              "tasks/s")
 
 
 if __name__ == "__main__":

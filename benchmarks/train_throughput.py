@@ -90,7 +90,10 @@ def main():
     p.add_argument("--torch-python", default=sys.executable,
                    help="a Python interpreter with torch installed (default: this one)")
     p.add_argument("--rounds", type=int, default=5,
-                   help="with --peer: rounds of gpicl_tf and PyTorch timings, interleaved")
+                   help="with --peer or --compare: rounds of timings, interleaved")
+    p.add_argument("--compare", metavar="PRESET",
+                   help="also time PRESET (with the same --set) in --rounds rounds interleaved "
+                        "with --preset, each on a warm trainer of its own; medians and ratio")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:  # a worker of --scaling: the strategy comes before any other TF op
@@ -127,6 +130,30 @@ def main():
           f"model FLOP utilisation {achieved / peak:.1%}")
     if a.peer == "torch":
         compare_with_torch(a, cfg, peak, flops)
+    if a.compare:
+        compare_presets(a, cfg)
+
+
+def compare_presets(a, cfg):
+    """--preset against --compare: rounds interleaved on warm trainers (the tasks of each
+    preset from its own stream, so a costlier task prior shows), medians and their ratio."""
+    import statistics
+
+    cfgs = {a.preset: cfg, a.compare: apply_overrides(get_preset(a.compare), a.set)}
+    trainers = {}
+    for name, c in cfgs.items():
+        trainers[name] = Trainer(c, tempfile.mkdtemp())
+        run_steps(trainers[name], 2, c.train.steps_per_call)
+    rates = {name: [] for name in cfgs}
+    for r in range(a.rounds):
+        for name, t in trainers.items():
+            rates[name].append(timed(t, a.calls)[0])
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items())
+              + " steps/s")
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    print(f"median over {a.rounds} rounds: " + ", ".join(f"{n} {v:.2f} steps/s"
+                                                        for n, v in med.items())
+          + f"; {a.preset} / {a.compare} = {med[a.preset] / med[a.compare]:.3f}x")
 
 
 def compare_with_torch(a, cfg, peak: float, flops: float):

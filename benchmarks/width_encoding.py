@@ -40,7 +40,7 @@ def score(model, cfg, widths, ks, n_tasks: int, seed: int) -> dict:
     for d in widths:
         for k in ks:
             x, y, _ = evaluate.context_batch(cfg, k, n_tasks, 16, seed, family="prior",
-                                             x_dim=d, min_x_dim=None)
+                                             **evaluate.fixed_width(d))
             xm = evaluate.pad_features(x, cfg.task.x_dim)
             pred = predict(xm[:, :k], y[:, :k], xm[:, k:])
             var = np.maximum(y.var(axis=1).mean(-1), 1e-30)

@@ -120,6 +120,11 @@ class Suite:
     kind: str = "transfer"
 
 
+def fixed_width(d: int) -> dict:
+    """Task overrides for inputs of exactly d features (no per-example width)."""
+    return {"x_dim": d, "min_x_dim": None, "x_dim_weights": ()}
+
+
 def default_suites(cfg: ExperimentConfig) -> list:
     """Unseen tasks of the training prior (when it has one), the 1-D suites (random MLPs,
     transfer families, distribution shifts) and Garg et al.'s suites at widths 2, 4, 8.
@@ -128,7 +133,7 @@ def default_suites(cfg: ExperimentConfig) -> list:
     D > 1 sees them padded to D), so every model is compared on the same 1-D tasks."""
     t = cfg.task
     trained = [m[0] for m in t.mix] or [t.family]
-    one_d = {"x_dim": 1, "min_x_dim": None}
+    one_d = fixed_width(1)
     mlp = {"standardize_y": t.standardize_y, **one_d}
     raw = {"standardize_y": False, **one_d}
     wide = {"x_low": 2 * t.x_low, "x_high": 2 * t.x_high}
@@ -166,7 +171,7 @@ def garg_suites(cfg: ExperimentConfig) -> list:
         if not cfg.task.x_dim_min <= d <= cfg.task.x_dim:
             continue
         for comp in GARG_COMPONENTS:
-            base = {"x_dim": d, "min_x_dim": None, "prior_weights": ((comp, 1.0),),
+            base = {**fixed_width(d), "prior_weights": ((comp, 1.0),),
                     "standardize_y": False, "prior_noise": (GARG_NOISE, GARG_NOISE)}
             out.append(Suite(f"garg_{comp}_d{d}", "prior", {**base, "prior_noise_free": 1.0},
                              "garg"))
@@ -397,7 +402,8 @@ def plot_garg_by_width(results: dict, path: str) -> bool:
             ax.set_xlabel("context points k")
     axes[0][0].set_ylabel("normalised MSE")
     axes[1][0].set_ylabel("normalised MSE")
-    axes[0][0].legend(fontsize=6)
+    labelled = [ax for ax in axes.ravel() if ax.get_legend_handles_labels()[0]]
+    labelled[0].legend(fontsize=6)  # the first panel with curves (a suite may run alone)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -457,7 +463,7 @@ def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context:
     """In-context predictions of a Keras model on unseen 1-D tasks of its training
     distribution (TensorBoard, main job); a model of width D > 1 reads them padded to D."""
     task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + 200,
-                               max_context=None, min_context=0, x_dim=1, min_x_dim=None)
+                               max_context=None, min_context=0, **fixed_width(1))
     b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
                               n_context=n_context, stream=PICTURE_STREAM)
     inputs = dict(model_inputs(b), x=tf.constant(pad_features(b["x"].numpy(), cfg.task.x_dim)))

@@ -108,14 +108,19 @@ class TaskFamily:
 
     def sample_x(self, seed, u: int, n: int, x_low=None, x_high=None):
         """Inputs [U, N, x_dim] ~ U(x_low, x_high); with task.min_x_dim, example i
-        keeps its first d_i features (d_i ~ U[min_x_dim, x_dim]) and the rest are 0."""
+        keeps its first d_i features (d_i ~ U[min_x_dim, x_dim], or drawn with
+        task.x_dim_weights) and the rest are 0."""
         lo = self.cfg.x_low if x_low is None else x_low
         hi = self.cfg.x_high if x_high is None else x_high
         x = tf.random.stateless_uniform([u, n, self.x_dim], seed, lo, hi)
         if self.cfg.x_dim_min < self.x_dim:
-            width = tf.random.stateless_uniform(
-                [u, 1, 1], tf.random.experimental.stateless_fold_in(seed, WIDTH_SEED),
-                self.cfg.x_dim_min, self.x_dim + 1, dtype=tf.int32)
+            w_seed = tf.random.experimental.stateless_fold_in(seed, WIDTH_SEED)
+            if self.cfg.x_dim_weights:  # d - min_x_dim ~ categorical(x_dim_weights)
+                logits = tf.math.log(tf.constant([self.cfg.x_dim_weights], tf.float32))
+                width = tf.reshape(draw_index(logits, w_seed, u), [u, 1, 1]) + self.cfg.x_dim_min
+            else:
+                width = tf.random.stateless_uniform([u, 1, 1], w_seed, self.cfg.x_dim_min,
+                                                    self.x_dim + 1, dtype=tf.int32)
             x *= tf.cast(tf.range(self.x_dim) < width, x.dtype)
         return x
 

@@ -73,8 +73,10 @@ def tiny_export_2d(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_export_d8(tmp_path_factory):
-    """An untrained tiny model for inputs of width 1 to 8 (task.x_dim=8, min_x_dim=1)."""
-    return _export(tmp_path_factory, ["task.x_dim=8", "task.min_x_dim=1"], "exd8")
+    """An untrained tiny model for inputs of width 1 to 8 (task.x_dim=8, min_x_dim=1), told
+    which features are present as the `default` model is (model.absent_features=flags)."""
+    return _export(tmp_path_factory, ["task.x_dim=8", "task.min_x_dim=1",
+                                      "model.absent_features=flags"], "exd8")
 
 
 @pytest.fixture(scope="session")

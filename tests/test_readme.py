@@ -17,18 +17,32 @@ def _section(title):
     return README[start:README.index("\n## ", start + 1)]
 
 
-def test_the_results_table_matches_its_results_file():
-    with open(os.path.join(REPO, "docs", "results", "default_gpicl_eval.json")) as f:
-        res = json.load(f)
-    rows = re.findall(r"^\| (\w[\w.]*) \| (\d+) \| \**([\d.e-]+)\** \| (\w+) ([\d.e-]+)",
-                      _section("## Results"), re.M)
-    assert len(rows) >= 6
-    for suite, k, model, best_name, best in rows:
-        m = res["suites"][suite]["methods"]
-        assert float(model) == pytest.approx(m["model"][k]["nmse"], rel=6e-3), (suite, k)
+ROW = re.compile(r"^\| (\w[\w.]*) \| (\d+) \| \**([\d.e-]+)\** \| (\w+) ([\d.e-]+)")
+
+
+def test_the_results_tables_match_their_results_files():
+    """Each table row (suite | k | model | best learner) matches the results file named last
+    above it in the Results section."""
+    source, checked, files = None, 0, set()
+    for line in _section("## Results").splitlines():
+        named = re.findall(r"docs/results/([\w.-]+_eval\.json)", line)
+        if named:
+            source = named[-1]
+        row = ROW.match(line)
+        if not row:
+            continue
+        assert source, f"table row before any results file: {line}"
+        with open(os.path.join(REPO, "docs", "results", source)) as f:
+            m_all = json.load(f)["suites"]
+        suite, k, model, best_name, best = row.groups()
+        m = m_all[suite]["methods"]
+        assert float(model) == pytest.approx(m["model"][k]["nmse"], rel=6e-3), (source, suite, k)
         assert float(best) == pytest.approx(m[best_name.lower()][k]["nmse"], rel=2e-2)
         others = [v[k]["nmse"] for n, v in m.items() if n not in ("model", "bayes_optimal")]
-        assert float(best) == pytest.approx(min(others), rel=2e-2), (suite, k)
+        assert float(best) == pytest.approx(min(others), rel=2e-2), (source, suite, k)
+        checked += 1
+        files.add(source)
+    assert checked >= 12 and len(files) >= 2, (checked, files)
 
 
 def test_every_results_file_named_in_the_readme_exists_with_its_command():
@@ -46,9 +60,9 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert block and block.group(1).strip() in ci.splitlines()
 
 
-def test_the_estimator_snippet_runs_as_pasted(tiny_export_dir, tmp_path):
+def test_the_estimator_snippet_runs_as_pasted(tiny_export_d8, tmp_path):
     code = re.search(r"```python\n(import numpy as np\nfrom sklearn.*?)```", README, re.S).group(1)
     os.makedirs(tmp_path / "exports")
-    os.symlink(tiny_export_dir, tmp_path / "exports" / "gpicl")  # what the main job writes
+    os.symlink(tiny_export_d8, tmp_path / "exports" / "gpicl")  # the main job's widths: 1 to 8
     out = run_python(code + "\nprint('SNIPPET_OK', reg.predict(X_test).shape)", cwd=str(tmp_path))
     assert "SNIPPET_OK (20,)" in out.stdout

@@ -28,6 +28,21 @@ def test_each_example_draws_its_width_and_absent_features_are_zero_everywhere():
     np.testing.assert_array_equal(b["x"].numpy(), again["x"].numpy())  # (seed, step)-pure
 
 
+def test_width_weights_draw_each_width_with_its_probability():
+    w = (4.0, 2.0, 1.0, 1.0)
+    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=5", "task.min_x_dim=2",
+                                              "task.x_dim_weights=4,2,1,1"]).task
+    n = 4000
+    d, _ = _widths(data_lib.sample_batch(cfg, seed=0, n=n)["x"].numpy())
+    p = np.array(w) / sum(w)
+    counts = np.bincount(d, minlength=6)[2:]
+    assert (np.abs(counts - n * p) < 3 * np.sqrt(n * p * (1 - p))).all(), counts
+    with pytest.raises(ValueError, match=r"task.x_dim_weights=\(1.0, 1.0\) is invalid: "
+                       r"expected \(\) or 4 weights"):
+        apply_overrides(get_preset("tiny"), ["task.x_dim=5", "task.min_x_dim=2",
+                                            "task.x_dim_weights=1,1"])
+
+
 def test_absent_features_do_not_enter_the_function():
     """A linear task's y is the same whether the absent features are zero or not drawn at all."""
     cfg = apply_overrides(get_preset("tiny"), ["task.family=linear", "task.x_dim=4",
@@ -159,7 +174,7 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
         np.testing.assert_array_equal(feats[..., 10:], np.broadcast_to(want[:, None], (2, 16, 8)))
 
 
-@pytest.mark.parametrize("absent", ["flags", "rescale", "both"])
+@pytest.mark.parametrize("absent", ["zero", "flags", "rescale", "both"])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent):
     import keras
 

@@ -1,0 +1,170 @@
+"""The bar ("Riemann") distribution of PFNs (Mueller et al. 2022), with full support.
+
+A predictive distribution over a scalar y given by logits over B bins with borders
+b_0 < b_1 < ... < b_B. Inner bins (1..B-2) are uniform on [b_i, b_{i+1}]. The outer bins
+carry half-normal tails instead, so every y has a density: the first bin's mass lies
+below b_1 as b_1 - sigma_0 |Z|, the last bin's above b_{B-1} as b_{B-1} + sigma_B |Z|,
+each sigma chosen so that half the bin's mass falls within its original width (as
+PFNs' FullSupportBarDistribution does). Mean, variance, median, any quantile, the
+CDF and the log density follow from the logits in closed form; every function here is
+TensorFlow, so it runs inside a model and an exported signature.
+
+    bars = BarDistribution(borders_from_samples(y_prior, 64))
+    nll = -bars.log_prob(logits, y)        # logits [..., B], y [...]
+    lo, hi = bars.quantile(logits, 0.05), bars.quantile(logits, 0.95)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+# For a half-normal |Z| sigma: P(|Z| sigma < w) = 1/2 at w = sigma * PHI_INV_075.
+PHI_INV_075 = 0.6744897501960817
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def borders_from_samples(samples, n_bins: int) -> np.ndarray:
+    """B + 1 increasing borders at the quantiles of `samples` (e.g. standardised y drawn
+    from the training prior), so every bin holds about the same prior mass."""
+    if not (isinstance(n_bins, int) and n_bins >= 3):
+        raise ValueError(f"n_bins={n_bins!r} is invalid: expected an integer >= 3")
+    s = np.sort(np.asarray(samples, np.float64).ravel())
+    s = s[np.isfinite(s)]
+    if len(s) < n_bins + 1:
+        raise ValueError(f"borders need at least n_bins + 1 = {n_bins + 1} finite samples, got "
+                         f"{len(s)}")
+    b = np.quantile(s, np.linspace(0.0, 1.0, n_bins + 1))
+    # Ties (e.g. many identical samples) would make empty bins: keep a minimum width.
+    min_width = 1e-4 * max(b[-1] - b[0], 1e-6)
+    for i in range(1, len(b)):
+        b[i] = max(b[i], b[i - 1] + min_width)
+    return b.astype(np.float32)
+
+
+def check_levels(levels) -> np.ndarray:
+    """Quantile levels as a float32 array, each strictly inside (0, 1)."""
+    a = np.asarray(levels, np.float64).ravel()
+    bad = a[~((a > 0) & (a < 1))]
+    if a.size == 0 or bad.size:
+        raise ValueError(f"quantile levels {list(bad) if bad.size else []!r} are invalid: "
+                         "expected numbers strictly between 0 and 1")
+    return a.astype(np.float32)
+
+
+class BarDistribution:
+    """Closed-form statistics of bar distributions with half-normal tails.
+
+    Args:
+      borders: [B + 1] increasing bin borders (B >= 3).
+    """
+
+    def __init__(self, borders):
+        b = np.asarray(borders, np.float32)
+        if b.ndim != 1 or len(b) < 4 or not np.all(np.diff(b) > 0):
+            raise ValueError(f"borders of shape {b.shape} are invalid: expected at least 4 "
+                             "strictly increasing values (3 bins)")
+        self.n_bins = len(b) - 1
+        self.borders = tf.constant(b)
+        w = b[1:] - b[:-1]
+        self.widths = tf.constant(w)
+        self.sigma_lo = float(w[0] / PHI_INV_075)  # scale of the left half-normal tail
+        self.sigma_hi = float(w[-1] / PHI_INV_075)
+        self.b_lo, self.b_hi = float(b[1]), float(b[-2])  # where the tails start
+
+    # ------------------------------------------------------------------ densities
+    def _bin(self, y):
+        """Index of the bin (with tails: the first / last bin beyond b_1 / b_{B-1})."""
+        idx = tf.searchsorted(self.borders[1:-1], tf.reshape(y, [-1]), side="right")
+        return tf.reshape(idx, tf.shape(y))
+
+    def log_prob(self, logits, y):
+        """log p(y): logits [..., B], y [...] -> [...]."""
+        logp = tf.nn.log_softmax(logits, axis=-1)
+        idx = self._bin(y)
+        lp_bin = tf.gather(logp, idx, batch_dims=len(y.shape))
+        inner = lp_bin - tf.math.log(tf.gather(self.widths, idx))
+        lo_t = (self.b_lo - y) / self.sigma_lo
+        hi_t = (y - self.b_hi) / self.sigma_hi
+        half_normal = math.log(SQRT_2_OVER_PI)
+        lower = lp_bin + half_normal - math.log(self.sigma_lo) - 0.5 * tf.square(lo_t)
+        upper = lp_bin + half_normal - math.log(self.sigma_hi) - 0.5 * tf.square(hi_t)
+        return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
+
+    def cdf(self, logits, y):
+        """P(Y <= y): logits [..., B], y [...] -> [...]."""
+        p = tf.nn.softmax(logits, axis=-1)
+        idx = self._bin(y)
+        below = tf.gather(tf.math.cumsum(p, axis=-1, exclusive=True), idx,
+                          batch_dims=len(y.shape))  # mass of the bins left of idx
+        p_bin = tf.gather(p, idx, batch_dims=len(y.shape))
+        left = tf.gather(self.borders, idx)
+        frac_inner = (y - left) / tf.gather(self.widths, idx)
+        lo = 2.0 * (1.0 - _phi(tf.maximum(self.b_lo - y, 0.0) / self.sigma_lo))
+        hi = 1.0 - 2.0 * (1.0 - _phi(tf.maximum(y - self.b_hi, 0.0) / self.sigma_hi))
+        frac = tf.where(idx == 0, lo, tf.where(idx == self.n_bins - 1, hi, frac_inner))
+        return below + p_bin * frac
+
+    # ----------------------------------------------------------------- statistics
+    def _bin_moments(self):
+        """Each bin's first and second moments [B] (tails included)."""
+        b = self.borders
+        left, right = b[:-1], b[1:]
+        m1 = 0.5 * (left + right)
+        m2 = (tf.square(left) + left * right + tf.square(right)) / 3.0
+        s0, s1 = self.sigma_lo, self.sigma_hi
+        lo1 = self.b_lo - s0 * SQRT_2_OVER_PI
+        lo2 = self.b_lo**2 - 2 * self.b_lo * s0 * SQRT_2_OVER_PI + s0**2
+        hi1 = self.b_hi + s1 * SQRT_2_OVER_PI
+        hi2 = self.b_hi**2 + 2 * self.b_hi * s1 * SQRT_2_OVER_PI + s1**2
+        n = self.n_bins
+        first = tf.concat([[lo1], m1[1:n - 1], [hi1]], 0)
+        second = tf.concat([[lo2], m2[1:n - 1], [hi2]], 0)
+        return first, second
+
+    def mean(self, logits):
+        first, _ = self._bin_moments()
+        return tf.reduce_sum(tf.nn.softmax(logits, axis=-1) * first, axis=-1)
+
+    def variance(self, logits):
+        first, second = self._bin_moments()
+        p = tf.nn.softmax(logits, axis=-1)
+        mean = tf.reduce_sum(p * first, axis=-1)
+        return tf.maximum(tf.reduce_sum(p * second, axis=-1) - tf.square(mean), 0.0)
+
+    def stddev(self, logits):
+        return tf.sqrt(self.variance(logits))
+
+    def quantile(self, logits, level):
+        """The level-quantile, level a float in (0, 1) or a tensor broadcasting against
+        logits[..., 0]: logits [..., B] -> [...]."""
+        p = tf.nn.softmax(logits, axis=-1)
+        q = tf.broadcast_to(tf.cast(level, p.dtype), tf.shape(p)[:-1])
+        cum = tf.math.cumsum(p, axis=-1)  # mass up to and including each bin
+        idx = tf.minimum(tf.reduce_sum(tf.cast(cum < q[..., None], tf.int32), -1),
+                         self.n_bins - 1)
+        below = tf.gather(cum - p, idx, batch_dims=len(q.shape))
+        p_bin = tf.maximum(tf.gather(p, idx, batch_dims=len(q.shape)), 1e-30)
+        frac = tf.clip_by_value((q - below) / p_bin, 0.0, 1.0)
+        inner = tf.gather(self.borders, idx) + frac * tf.gather(self.widths, idx)
+        eps = 1e-7
+        # left tail: P(Y <= y) = p0 * 2 (1 - PHI((b_lo - y) / s0)) = frac * p0
+        lower = self.b_lo - self.sigma_lo * _phi_inv(tf.clip_by_value(1.0 - frac / 2.0, 0.5,
+                                                                      1.0 - eps))
+        # right tail: P(Y > y) = p_last * 2 (1 - PHI((y - b_hi) / s1)) = (1 - frac) * p_last
+        upper = self.b_hi + self.sigma_hi * _phi_inv(tf.clip_by_value(1.0 - (1.0 - frac) / 2.0,
+                                                                      0.5, 1.0 - eps))
+        return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
+
+    def median(self, logits):
+        return self.quantile(logits, 0.5)
+
+
+def _phi(t):
+    return 0.5 * (1.0 + tf.math.erf(t / math.sqrt(2.0)))
+
+
+def _phi_inv(p):
+    return math.sqrt(2.0) * tf.math.erfinv(2.0 * p - 1.0)

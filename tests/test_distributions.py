@@ -1,0 +1,104 @@
+"""The bar distribution with half-normal tails (issue 5/7's head): density, CDF, moments,
+quantiles, and the NLL of a fitted bar distribution against the density it fits."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpicl_tf.distributions import BarDistribution, borders_from_samples, check_levels
+
+BORDERS = np.array([-2.0, -1.0, -0.3, 0.0, 0.5, 1.5, 3.0], np.float32)  # 6 unequal bins
+
+
+def _logits(n=5, seed=0):
+    return tf.constant(np.random.default_rng(seed).normal(0, 1.5, (n, 6)), tf.float32)
+
+
+def _grid():
+    return np.linspace(-30.0, 40.0, 400001).astype(np.float64)
+
+
+def test_the_density_integrates_to_one_and_the_cdf_is_its_integral():
+    bars = BarDistribution(BORDERS)
+    logits = _logits(3)
+    y = _grid()
+    for i in range(3):
+        li = tf.repeat(logits[i:i + 1], len(y), 0)
+        dens = np.exp(bars.log_prob(li, tf.constant(y, tf.float32)).numpy().astype(np.float64))
+        assert np.trapezoid(dens, y) == pytest.approx(1.0, abs=1e-4)
+        cdf = bars.cdf(li, tf.constant(y, tf.float32)).numpy()
+        numeric = np.concatenate([[0.0], np.cumsum((dens[1:] + dens[:-1]) / 2 * np.diff(y))])
+        np.testing.assert_allclose(cdf[::1000], numeric[::1000], atol=2e-4)
+        assert np.all(np.diff(cdf) >= -1e-6)
+
+
+def test_mean_and_variance_equal_the_moments_of_the_density():
+    bars = BarDistribution(BORDERS)
+    logits = _logits(4, seed=1)
+    y = _grid()
+    mean, var = bars.mean(logits).numpy(), bars.variance(logits).numpy()
+    for i in range(4):
+        li = tf.repeat(logits[i:i + 1], len(y), 0)
+        dens = np.exp(bars.log_prob(li, tf.constant(y, tf.float32)).numpy().astype(np.float64))
+        m = np.trapezoid(dens * y, y)
+        v = np.trapezoid(dens * (y - m) ** 2, y)
+        assert mean[i] == pytest.approx(m, abs=2e-4)
+        assert var[i] == pytest.approx(v, rel=1e-3)
+
+
+def test_quantiles_are_monotone_in_the_level_and_invert_the_cdf():
+    bars = BarDistribution(BORDERS)
+    logits = _logits(6, seed=2)
+    levels = np.array([0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999], np.float32)
+    qs = np.stack([bars.quantile(logits, lv).numpy() for lv in levels], -1)  # (6, L)
+    assert np.all(np.diff(qs, axis=-1) > 0)
+    for j, lv in enumerate(levels):  # CDF(quantile(q)) = q, tails included
+        back = bars.cdf(logits, tf.constant(qs[:, j])).numpy()
+        np.testing.assert_allclose(back, lv, atol=2e-5)
+    assert np.all(qs[:, 0] < BORDERS[1]) and np.all(qs[:, -1] > BORDERS[-2])  # into the tails
+    np.testing.assert_allclose(bars.median(logits).numpy(), qs[:, 4])
+
+
+def test_the_nll_of_a_fitted_bar_distribution_approaches_the_density_it_fits():
+    """Bins at the quantiles of N(0, 1) samples, logits = log of each bin's true mass: the
+    expected NLL tends to N(0, 1)'s entropy as the bins get finer."""
+    rng = np.random.default_rng(0)
+    prior = rng.normal(size=200000)
+    test = tf.constant(rng.normal(size=20000), tf.float32)
+    entropy = 0.5 * math.log(2 * math.pi * math.e)
+    gaps = []
+    for n_bins in (8, 32, 128, 512):
+        b = borders_from_samples(prior, n_bins).astype(np.float64)
+        cdf = 0.5 * (1 + np.vectorize(math.erf)(b / math.sqrt(2)))
+        mass = np.diff(cdf)
+        mass[0] += cdf[0]
+        mass[-1] += 1 - cdf[-1]
+        bars = BarDistribution(b)
+        logits = tf.constant(np.log(mass)[None].repeat(len(test), 0), tf.float32)
+        nll = -float(tf.reduce_mean(bars.log_prob(logits, test)))
+        gaps.append(nll - entropy)
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] >= -0.005, gaps
+    assert gaps[3] < 0.01, gaps  # about 1/n_bins: the outer bins' tails
+
+
+def test_levels_outside_zero_one_and_bad_borders_are_refused():
+    for bad in ([0.0], [1.0], [0.5, 1.2], [-0.1], [float("nan")], []):
+        with pytest.raises(ValueError, match="expected numbers strictly between 0 and 1"):
+            check_levels(bad)
+    np.testing.assert_allclose(check_levels([0.05, 0.95]), [0.05, 0.95])
+    with pytest.raises(ValueError, match="expected at least 4 strictly increasing"):
+        BarDistribution([0.0, 1.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="n_bins=2 is invalid"):
+        borders_from_samples(np.arange(10.0), 2)
+
+
+def test_borders_hold_equal_prior_mass_and_stay_increasing_with_ties():
+    rng = np.random.default_rng(1)
+    s = rng.standard_t(3, size=50000)
+    b = borders_from_samples(s, 10)
+    counts = np.histogram(s, b)[0]
+    assert counts.min() > 0.9 * len(s) / 10
+    tied = borders_from_samples(np.r_[np.zeros(900), rng.normal(size=100)], 10)
+    assert np.all(np.diff(tied) > 0)
