@@ -64,8 +64,7 @@ def main():
     print(f"ratio stream/train: {stream / train:.1f}x  (target >= 10x)")
     from gpicl_tf import tasks
 
-    families = [m[0] for m in cfg.task.mix] or [cfg.task.family]
-    if all(tasks.get_family(f).supports_pool for f in families):
+    if all(tasks.get_family(f).supports_pool for f in cfg.task.families):
         pool = apply_overrides(cfg, ["task.n_tasks=1024"])
         print(f"stream with n_tasks=1024 pool: {stream_tasks_per_sec(pool, a.batches // 2):.0f} "
               "tasks/s")

@@ -19,13 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gpicl_tf.evaluate import best_baseline, plot_garg_by_width  # noqa: E402
+
 KS = ("16", "32")
-
-
-def best_baseline(methods: dict, k: str):
-    name = min((n for n in methods if n not in ("model", "bayes_optimal")),
-               key=lambda n: methods[n][k]["nmse"])
-    return name, methods[name][k]["nmse"]
 
 
 def main(argv=None) -> int:
@@ -85,8 +81,6 @@ def main(argv=None) -> int:
         print(f"\nGarg cells first or within {a.max_ratio}x: {met_g}/{total_g} "
               f"({100 * met_g / total_g:.0f}%; target 80%)")
     if a.plot:
-        from gpicl_tf.evaluate import plot_garg_by_width
-
         plot_garg_by_width({"suites": suites}, a.plot)
         print(f"\nwrote {a.plot}")
     if "random_mlp" in suites and "16" in suites["random_mlp"]["methods"]["model"]:

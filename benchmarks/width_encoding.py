@@ -34,18 +34,13 @@ from gpicl_tf.train import Trainer  # noqa: E402
 
 
 def score(model, cfg, widths, ks, n_tasks: int, seed: int) -> dict:
-    """{f"d{d}_k{k}": normalised MSE} on unseen tasks of the `prior` family at width d."""
-    predict = evaluate.keras_predict_fn(model)
-    out = {}
-    for d in widths:
-        for k in ks:
-            x, y, _ = evaluate.context_batch(cfg, k, n_tasks, 16, seed, family="prior",
-                                             **evaluate.fixed_width(d))
-            xm = evaluate.pad_features(x, cfg.task.x_dim)
-            pred = predict(xm[:, :k], y[:, :k], xm[:, k:])
-            var = np.maximum(y.var(axis=1).mean(-1), 1e-30)
-            out[f"d{d}_k{k}"] = float(np.mean(np.mean((pred - y[:, k:]) ** 2, axis=(1, 2)) / var))
-    return out
+    """{f"d{d}_k{k}": normalised MSE} on unseen tasks of the `prior` family at width d
+    (gpicl_tf.evaluate.evaluate, the model alone)."""
+    suites = [evaluate.Suite(f"d{d}", "prior", evaluate.fixed_width(d)) for d in widths]
+    res = evaluate.evaluate(evaluate.keras_predict_fn(model), cfg, suites, ks, baselines=(),
+                            n_tasks=n_tasks, seed=seed, progress=False)["suites"]
+    return {f"d{d}_k{k}": res[f"d{d}"]["methods"]["model"][str(k)]["nmse"]
+            for d in widths for k in ks}
 
 
 def main():

@@ -203,8 +203,7 @@ class TaskConfig:
                  self.biased_fraction, f"a multiple of 1/block_size = 1/{self.block_size} (it is "
                  "applied as a whole number of examples per block)")
         if self.biased_fraction > 0:
-            fams = [m[0] for m in self.mix] or [self.family]
-            unpooled = [f for f in fams if not tasks.get_family(f).supports_pool]
+            unpooled = [f for f in self.families if not tasks.get_family(f).supports_pool]
             _require(not unpooled, o, "biased_fraction", self.biased_fraction,
                      f"0 for families {unpooled}: their functions are drawn jointly on the "
                      "inputs, so one fixed task cannot be evaluated at new inputs")
@@ -221,6 +220,11 @@ class TaskConfig:
         from gpicl_tf import tasks
 
         return tasks.get_family(self.mix[0][0] if self.mix else self.family).kind
+
+    @property
+    def families(self) -> list:
+        """The families the stream draws from: the mix's, else the one family."""
+        return [m[0] for m in self.mix] or [self.family]
 
     @property
     def x_dim_min(self) -> int:

@@ -48,10 +48,9 @@ class TaskSampler:
 
     def __init__(self, cfg: TaskConfig, seed: int, stream: int = TRAIN_STREAM):
         self.cfg = cfg
-        names = [m[0] for m in cfg.mix] or [cfg.family]
-        self.families = [tasks.get_family(n)(cfg) for n in names]
+        self.families = [tasks.get_family(n)(cfg) for n in cfg.families]
         weights = [float(m[1]) for m in cfg.mix] or [1.0]
-        self.logits = tf.math.log(tf.constant([weights], tf.float32))  # (1, F)
+        self.logits = tasks.weight_logits(weights)  # (1, F)
         self.seed = seed
         self.stream_seed = tf.constant([seed, stream], tf.int64)
         self.pool_seed = tf.constant([seed, POOL], tf.int64)

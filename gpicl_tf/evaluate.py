@@ -132,7 +132,7 @@ def default_suites(cfg: ExperimentConfig) -> list:
     The 1-D suites have one input feature whatever the model's width (a model of width
     D > 1 sees them padded to D), so every model is compared on the same 1-D tasks."""
     t = cfg.task
-    trained = [m[0] for m in t.mix] or [t.family]
+    trained = t.families
     one_d = fixed_width(1)
     mlp = {"standardize_y": t.standardize_y, **one_d}
     raw = {"standardize_y": False, **one_d}
@@ -293,6 +293,16 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
     return out
 
 
+def best_baseline(methods: dict, k: str, metric: str = "nmse"):
+    """(name, value) of the best per-task learner of a results cell (not the model, not
+    the Bayes-optimal predictor); None when the cell has no baseline."""
+    base = [n for n in methods if n not in ("model", "bayes_optimal")]
+    if not base:
+        return None
+    name = min(base, key=lambda n: methods[n][k][metric])
+    return name, methods[name][k][metric]
+
+
 def _checked(name: str, pred, target):
     """pred as an array of target's shape; a baseline of another shape is a bug, not a score
     (a [m] answer against [m, 1] targets would broadcast to an [m, m] error)."""
@@ -389,12 +399,11 @@ def plot_garg_by_width(results: dict, path: str) -> bool:
                     continue
                 m = s["methods"]
                 ks = sorted(int(k) for k in m["model"])
-                base = [n for n in m if n not in ("model", "bayes_optimal")]
                 color = f"C{i}"
                 ax.plot(ks, [m["model"][str(k)]["nmse"] for k in ks], color=color, marker="o",
                         ms=3, label=f"{comp}: model")
-                if base:
-                    best = [min(m[n][str(k)]["nmse"] for n in base) for k in ks]
+                if best_baseline(m, str(ks[0])):
+                    best = [best_baseline(m, str(k))[1] for k in ks]
                     ax.plot(ks, best, color=color, ls="--", lw=1, label=f"{comp}: best baseline")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -444,8 +453,7 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
     methods = results["suites"][suite.name]["methods"]
     kk = str(k) if str(k) in methods["model"] else list(methods["model"])[-1]
     k = int(kk)
-    base = min((m for m in methods if m not in ("model", "bayes_optimal")),
-               key=lambda m: methods[m][kk]["nmse"])
+    base = best_baseline(methods, kk)[0]
     x, y, _ = context_batch(cfg, k, n, 200, seed + 1, family=suite.family, **suite.overrides)
     fn = baselines_lib.get_baseline(base)
     bpred = np.stack([np.asarray(fn(x[i, :k], y[i, :k], x[i, k:])) for i in range(n)])

@@ -69,6 +69,11 @@ def present_features(x):
     return tf.cast(tf.reduce_any(x != 0.0, axis=1, keepdims=True), x.dtype)
 
 
+def weight_logits(weights):
+    """Logits [1, C] of the categorical distribution with probabilities weights / sum."""
+    return tf.math.log(tf.constant([[float(w) for w in weights]], tf.float32))
+
+
 def draw_index(logits, seed, u: int):
     """Index of each of u examples drawn from the probabilities exp(logits) [1, C]: [U]."""
     return tf.cast(tf.random.stateless_categorical(tf.tile(logits, [u, 1]), 1, seed)[:, 0],
@@ -116,8 +121,8 @@ class TaskFamily:
         if self.cfg.x_dim_min < self.x_dim:
             w_seed = tf.random.experimental.stateless_fold_in(seed, WIDTH_SEED)
             if self.cfg.x_dim_weights:  # d - min_x_dim ~ categorical(x_dim_weights)
-                logits = tf.math.log(tf.constant([self.cfg.x_dim_weights], tf.float32))
-                width = tf.reshape(draw_index(logits, w_seed, u), [u, 1, 1]) + self.cfg.x_dim_min
+                index = draw_index(weight_logits(self.cfg.x_dim_weights), w_seed, u)
+                width = tf.reshape(index, [u, 1, 1]) + self.cfg.x_dim_min
             else:
                 width = tf.random.stateless_uniform([u, 1, 1], w_seed, self.cfg.x_dim_min,
                                                     self.x_dim + 1, dtype=tf.int32)
@@ -356,7 +361,8 @@ class Prior(TaskFamily):
     Components, all drawn in-graph and vectorised over the block:
       mlp: 1-4 hidden layers (layers beyond an example's depth are skipped), width
         4-32 (hidden units beyond it are masked), an activation per layer from
-        tanh, relu, swish, sin, sigmoid, and a weight scale log-uniform in [0.5, 2];
+        tanh, relu, swish, sin, sigmoid (drawn once per block of examples), and a
+        weight scale log-uniform in [0.5, 2];
       gp: an exact GP sample with an RBF or Matern-3/2 kernel and a length scale
         log-uniform in [0.1, 1] times sqrt(d), d the example's input width;
       linear: y = x w, w ~ N(0, I) (Garg et al.);
@@ -378,8 +384,7 @@ class Prior(TaskFamily):
     def __init__(self, cfg):
         super().__init__(cfg)
         weights = dict(cfg.prior_weights)
-        self.logits = tf.math.log(tf.constant([[float(weights.get(c, 0.0))
-                                                for c in self.components]], tf.float32))
+        self.logits = weight_logits(weights.get(c, 0.0) for c in self.components)
 
     @classmethod
     def check_config(cls, cfg) -> None:
