@@ -65,24 +65,41 @@ def poly_ridge(x_ctx, y_ctx, x_query, degree: int = 3, alpha: float = 1e-2):
     return model.fit(x_ctx, y_ctx).predict(x_query).reshape(len(x_query), -1)
 
 
-def _gp(x_ctx, y_ctx, x_query, length_scale):
+def _gp(x_ctx, y_ctx, x_query, length_scale, return_std=False):
     """GP regression, constant x RBF(length_scale) + noise kernel, hyperparameters by
-    maximum likelihood."""
+    maximum likelihood. With return_std, also the predictive std of a noisy observation
+    (the fitted noise included) [m, dy]: a Gaussian predictive distribution."""
     if len(x_ctx) == 0:
-        return _empty(x_query, y_ctx.shape[1])
+        empty = _empty(x_query, y_ctx.shape[1])
+        return (empty, np.ones_like(empty)) if return_std else empty
     kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(length_scale, (1e-2, 1e2))
               + WhiteKernel(1e-3, (1e-6, 1e0)))
     gp = GaussianProcessRegressor(kernel, normalize_y=len(x_ctx) > 1, n_restarts_optimizer=0,
                                   random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        out = gp.fit(x_ctx, y_ctx).predict(x_query)
-    return out.reshape(len(x_query), -1)
+        gp.fit(x_ctx, y_ctx)
+        if not return_std:
+            return gp.predict(x_query).reshape(len(x_query), -1)
+        mean, std = gp.predict(x_query, return_std=True)  # WhiteKernel: noise included
+    mean = mean.reshape(len(x_query), -1)
+    std = np.broadcast_to(std.reshape(len(x_query), -1), mean.shape)
+    return mean, np.maximum(std, 1e-9)
 
 
 def gp_regression(x_ctx, y_ctx, x_query):
     """GP regression, RBF + noise kernel, hyperparameters by maximum likelihood."""
     return _gp(x_ctx, y_ctx, x_query, 0.3)
+
+
+def gp_regression_dist(x_ctx, y_ctx, x_query):
+    """gp_regression's Gaussian predictive distribution: (mean, std), each [m, dy]."""
+    return _gp(x_ctx, y_ctx, x_query, 0.3, return_std=True)
+
+
+def gp_ard_dist(x_ctx, y_ctx, x_query):
+    """gp_ard's Gaussian predictive distribution: (mean, std), each [m, dy]."""
+    return _gp(x_ctx, y_ctx, x_query, np.full(x_ctx.shape[1], 0.5), return_std=True)
 
 
 def lasso(x_ctx, y_ctx, x_query):
@@ -146,6 +163,10 @@ BASELINES = {
     "random_forest": random_forest,
     "mlp": mlp,
 }
+
+
+# Baselines with a predictive distribution (Gaussian): name -> fn returning (mean, std).
+DISTRIBUTIONS = {"gp": gp_regression_dist, "gp_ard": gp_ard_dist}
 
 
 def get_baseline(name: str):

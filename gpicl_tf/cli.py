@@ -139,10 +139,17 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
     ks = [k for k in (4, 16, 32) if k <= cfg.task.context_max]
     print(f"\nShort evaluation on unseen tasks (full suite: gpicl-eval --model "
           f"{os.path.dirname(export_path) if export_path else 'exports/NAME'} --out {out}):")
-    results = evaluate.evaluate(predict, cfg, suites, ks, baselines=("knn", "gp"), n_tasks=128)
-    evaluate.write_outputs(results, out, predict, cfg, suites, logdir=os.path.join(logdir, "eval"))
+    dist = evaluate.saved_model_dist_fn(export_path) if export_path else None  # bar head
+    results = evaluate.evaluate(predict, cfg, suites, ks, baselines=("knn", "gp"), n_tasks=128,
+                                dist_fn=dist)
+    evaluate.write_outputs(results, out, predict, cfg, suites, logdir=os.path.join(logdir, "eval"),
+                           dist_fn=dist)
     print(evaluate.markdown(results))
-    print(f"report: {out}/results.md, {out}/mse_vs_k.png")
+    if dist is not None:
+        for metric in ("nll", "cover90"):
+            print("\n" + evaluate.markdown(results, metric))
+    print(f"report: {out}/results.md, {out}/mse_vs_k.png"
+          + (f", {out}/calibration.png" if dist is not None else ""))
 
 
 def _train(argv) -> int:

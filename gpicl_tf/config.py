@@ -22,7 +22,8 @@ from typing import Any, Optional, Tuple
 ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
-LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy")
+LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
+HEADS = ("mse", "bar")  # gpicl_tf.model.InContextTransformer
 # Classes of the base datasets of classification tasks (gpicl_tf.datasets).
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "kmnist": 10, "cifar10": 10,
                    "svhn_cropped": 10}
@@ -252,6 +253,12 @@ class ModelConfig:
         input narrower than task.x_dim: "zero" (nothing), "flags" (a presence
         flag per feature), "rescale" (present features scaled by sqrt(D / d), as
         TabPFN does) or "both" (benchmarks/width_encoding.py measures them).
+      head: "mse" (a point prediction, the mean, trained by squared error) or
+        "bar" (a predictive distribution: logits over n_bins bins of the
+        standardised y, with half-normal tails, trained by the negative
+        log-likelihood of the queries; PFNs' Riemann distribution). Regression only.
+      n_bins: bins of the bar head; their borders are quantiles of the training
+        prior's standardised query y, drawn when training starts.
     """
 
     d_model: int = 64
@@ -261,9 +268,14 @@ class ModelConfig:
     mlp_ratio: int = 4
     std_eps: float = 1e-7
     absent_features: str = "zero"
+    head: str = "mse"
+    n_bins: int = 64
 
     def __post_init__(self):
         o = "model"
+        _require(self.head in HEADS, o, "head", self.head, f"one of {HEADS}")
+        _require(_is_int(self.n_bins) and 3 <= self.n_bins <= 10_000, o, "n_bins",
+                 self.n_bins, "an integer in [3, 10,000]")
         _require(self.absent_features in ABSENT_FEATURES, o, "absent_features",
                  self.absent_features, f"one of {ABSENT_FEATURES}")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
@@ -300,9 +312,10 @@ class TrainConfig:
       log_every, eval_every, checkpoint_every: intervals in steps.
       eval_tasks: unseen tasks in each evaluation.
       keep_checkpoints: how many checkpoints the manager keeps.
-      loss: "auto" (mse for regression, cross_entropy for classification),
-        "mse", "normalized_mse" (each task's errors divided by the variance
-        of its y) or "cross_entropy".
+      loss: "auto" (mse for regression, nll with model.head="bar",
+        cross_entropy for classification), "mse", "normalized_mse" (each task's
+        errors divided by the variance of its y), "cross_entropy" or "nll"
+        (the bar head's negative log-likelihood per query, in standardised units).
     """
 
     steps: int = 3000
@@ -360,11 +373,16 @@ class ExperimentConfig:
         _require(self.train.batch_size % self.task.block_size == 0, "train", "batch_size",
                  self.train.batch_size, f"a multiple of task.block_size={self.task.block_size} "
                  "(tasks are generated in blocks; with R replicas, a multiple of R x block_size)")
-        loss, kind = self.train.loss, self.task.kind
+        loss, kind, head = self.train.loss, self.task.kind, self.model.head
+        _require(head == "mse" or kind == "regression", "model", "head", head,
+                 "'mse' for classification tasks (the bar head is a regression head)")
         if loss != "auto":
-            _require((loss == "cross_entropy") == (kind == "classification"), "train", "loss",
-                     loss, f"a loss for {kind} tasks ('auto', or "
-                     f"{'cross_entropy' if kind == 'classification' else 'mse or normalized_mse'})")
+            want = ("cross_entropy" if kind == "classification" else
+                    "nll" if head == "bar" else "mse or normalized_mse")
+            ok = {"cross_entropy": kind == "classification", "nll": head == "bar"}.get(
+                loss, kind == "regression" and head == "mse")
+            _require(ok, "train", "loss", loss,
+                     f"a loss for {kind} tasks with model.head={head!r} ('auto', or {want})")
         check_name(self.name, "name")
 
     @property
@@ -372,7 +390,9 @@ class ExperimentConfig:
         """The resolved training loss."""
         if self.train.loss != "auto":
             return self.train.loss
-        return "cross_entropy" if self.task.kind == "classification" else "mse"
+        if self.task.kind == "classification":
+            return "cross_entropy"
+        return "nll" if self.model.head == "bar" else "mse"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,7 +28,14 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def borders_from_samples(samples, n_bins: int) -> np.ndarray:
     """B + 1 increasing borders at the quantiles of `samples` (e.g. standardised y drawn
-    from the training prior), so every bin holds about the same prior mass."""
+    from the training prior), so every bin holds about the same prior mass, 1/B.
+
+    The inner borders b_1..b_{B-1} are the quantiles at levels i/B. The outer two are
+    the quantiles at levels 1/(2B) and 1 - 1/(2B), not the sample's minimum and
+    maximum: each half-normal tail keeps half its mass within the outer bin's width,
+    so the tail's median then sits at the samples' median beyond b_1 (b_{B-1}), and
+    a few extreme samples do not widen the tails.
+    """
     if not (isinstance(n_bins, int) and n_bins >= 3):
         raise ValueError(f"n_bins={n_bins!r} is invalid: expected an integer >= 3")
     s = np.sort(np.asarray(samples, np.float64).ravel())
@@ -36,7 +43,9 @@ def borders_from_samples(samples, n_bins: int) -> np.ndarray:
     if len(s) < n_bins + 1:
         raise ValueError(f"borders need at least n_bins + 1 = {n_bins + 1} finite samples, got "
                          f"{len(s)}")
-    b = np.quantile(s, np.linspace(0.0, 1.0, n_bins + 1))
+    levels = np.linspace(0.0, 1.0, n_bins + 1)
+    levels[0], levels[-1] = 0.5 / n_bins, 1.0 - 0.5 / n_bins
+    b = np.quantile(s, levels)
     # Ties (e.g. many identical samples) would make empty bins: keep a minimum width.
     min_width = 1e-4 * max(b[-1] - b[0], 1e-6)
     for i in range(1, len(b)):
@@ -49,7 +58,7 @@ def check_levels(levels) -> np.ndarray:
     a = np.asarray(levels, np.float64).ravel()
     bad = a[~((a > 0) & (a < 1))]
     if a.size == 0 or bad.size:
-        raise ValueError(f"quantile levels {list(bad) if bad.size else []!r} are invalid: "
+        raise ValueError(f"quantile levels {bad.tolist()!r} are invalid: "
                          "expected numbers strictly between 0 and 1")
     return a.astype(np.float32)
 
@@ -62,17 +71,38 @@ class BarDistribution:
     """
 
     def __init__(self, borders):
+        if isinstance(borders, (tf.Variable, tf.Tensor)):  # e.g. a model's borders weight
+            self.borders = borders
+            self.n_bins = int(borders.shape[0]) - 1
+            return
         b = np.asarray(borders, np.float32)
         if b.ndim != 1 or len(b) < 4 or not np.all(np.diff(b) > 0):
             raise ValueError(f"borders of shape {b.shape} are invalid: expected at least 4 "
                              "strictly increasing values (3 bins)")
         self.n_bins = len(b) - 1
         self.borders = tf.constant(b)
-        w = b[1:] - b[:-1]
-        self.widths = tf.constant(w)
-        self.sigma_lo = float(w[0] / PHI_INV_075)  # scale of the left half-normal tail
-        self.sigma_hi = float(w[-1] / PHI_INV_075)
-        self.b_lo, self.b_hi = float(b[1]), float(b[-2])  # where the tails start
+
+    # Derived from the borders at each call, so a borders variable may change (restore).
+    @property
+    def widths(self):
+        b = tf.convert_to_tensor(self.borders)
+        return b[1:] - b[:-1]
+
+    @property
+    def sigma_lo(self):  # scale of the left half-normal tail
+        return self.widths[0] / PHI_INV_075
+
+    @property
+    def sigma_hi(self):
+        return self.widths[-1] / PHI_INV_075
+
+    @property
+    def b_lo(self):  # where the tails start
+        return tf.convert_to_tensor(self.borders)[1]
+
+    @property
+    def b_hi(self):
+        return tf.convert_to_tensor(self.borders)[-2]
 
     # ------------------------------------------------------------------ densities
     def _bin(self, y):
@@ -89,8 +119,8 @@ class BarDistribution:
         lo_t = (self.b_lo - y) / self.sigma_lo
         hi_t = (y - self.b_hi) / self.sigma_hi
         half_normal = math.log(SQRT_2_OVER_PI)
-        lower = lp_bin + half_normal - math.log(self.sigma_lo) - 0.5 * tf.square(lo_t)
-        upper = lp_bin + half_normal - math.log(self.sigma_hi) - 0.5 * tf.square(hi_t)
+        lower = lp_bin + half_normal - tf.math.log(self.sigma_lo) - 0.5 * tf.square(lo_t)
+        upper = lp_bin + half_normal - tf.math.log(self.sigma_hi) - 0.5 * tf.square(hi_t)
         return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
 
     def cdf(self, logits, y):
@@ -120,8 +150,8 @@ class BarDistribution:
         hi1 = self.b_hi + s1 * SQRT_2_OVER_PI
         hi2 = self.b_hi**2 + 2 * self.b_hi * s1 * SQRT_2_OVER_PI + s1**2
         n = self.n_bins
-        first = tf.concat([[lo1], m1[1:n - 1], [hi1]], 0)
-        second = tf.concat([[lo2], m2[1:n - 1], [hi2]], 0)
+        first = tf.concat([lo1[None], m1[1:n - 1], hi1[None]], 0)
+        second = tf.concat([lo2[None], m2[1:n - 1], hi2[None]], 0)
         return first, second
 
     def mean(self, logits):

@@ -14,6 +14,16 @@ export's config): with `context_strategy="nearest"` every query gets its own
 context of the `max_context` training points nearest to it (in standardised
 x); with `"subsets"` the prediction is the average over `n_subsets` random
 subsets of `max_context` points.
+
+A model trained with the bar head (model.head="bar") predicts distributions:
+
+    mean, std = reg.predict(X_test, return_std=True)
+    lo, hi = reg.predict_quantiles(X_test, quantiles=[0.05, 0.95]).T
+    median = reg.predict(X_test, output_type="median")
+
+With context_strategy="subsets" the subsets' predictive distributions are
+combined as an equal-weight mixture: its mean is the average mean, its variance
+the mixture's, and its quantiles invert the mixture's CDF (by bisection).
 """
 
 from __future__ import annotations
@@ -44,14 +54,31 @@ class _SavedModelBackend:
             vdir = resolve_version(path, version)
         self.cfg = load_config(vdir)
         self.sig = load_signature(vdir)
+        self.vdir = vdir
+        self._sigs = {"serving_default": self.sig}
 
-    def __call__(self, cx, cy, qx):
+    def _run(self, name, cx, cy, qx, **extra):
         import tensorflow as tf
 
-        out = self.sig(context_x=tf.constant(cx, tf.float32),
-                       context_y=tf.constant(cy, tf.float32),
-                       query_x=tf.constant(qx, tf.float32))
-        return out["mean"].numpy()
+        if name not in self._sigs:  # the bar head's signatures, loaded on first use
+            self._sigs = tf.saved_model.load(self.vdir).signatures
+        sig = self._sigs[name]
+        f32 = lambda a: tf.constant(a, tf.float32)
+        out = sig(context_x=f32(cx), context_y=f32(cy), query_x=f32(qx),
+                  **{k: f32(v) for k, v in extra.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+    def __call__(self, cx, cy, qx):
+        return self._run("serving_default", cx, cy, qx)["mean"]
+
+    def distribution(self, cx, cy, qx):
+        return self._run("serving_default", cx, cy, qx)
+
+    def quantiles(self, cx, cy, qx, levels):
+        return self._run("quantiles", cx, cy, qx, levels=levels)["quantiles"]
+
+    def cdf(self, cx, cy, qx, qy):
+        return self._run("log_prob", cx, cy, qx, query_y=qy)["cdf"]
 
 
 class _ServingBackend:
@@ -66,15 +93,27 @@ class _ServingBackend:
         # Widths and the context limit come from the served model itself.
         self.cfg = ExperimentConfig.from_json(self.client.model_config())
 
-    def __call__(self, cx, cy, qx):
+    def _run(self, method, *args):
         from gpicl_tf.serving import ServingError
 
         try:
-            return self.client.predict(cx, cy, qx)
+            return getattr(self.client, method)(*args)
         except ServingError as e:
             if e.status == 400:  # the signature refused the input: a data error
                 raise ValueError(f"the served model refused the input: {e}") from None
             raise
+
+    def __call__(self, cx, cy, qx):
+        return self._run("predict", cx, cy, qx)
+
+    def distribution(self, cx, cy, qx):
+        return self._run("predict_distribution", cx, cy, qx)
+
+    def quantiles(self, cx, cy, qx, levels):
+        return self._run("quantiles", cx, cy, qx, levels)
+
+    def cdf(self, cx, cy, qx, qy):
+        return self._run("log_prob", cx, cy, qx, qy)["cdf"]
 
 
 class InContextRegressor(RegressorMixin, BaseEstimator):
@@ -176,11 +215,64 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         self.max_context_ = min(self.max_context or limit, limit)
         return self
 
-    def predict(self, X, return_std: bool = False):
-        """Predicted y for X: [m] (1-D y at fit) or [m, dy]."""
-        if return_std:
-            raise ValueError("return_std=True: this model predicts a mean only (it has no "
-                             "variance head); expected return_std=False")
+    def predict(self, X, return_std: bool = False, output_type: str = "mean",
+                quantiles=None):
+        """Predicted y for X: [m] (1-D y at fit) or [m, dy].
+
+        Args:
+          return_std: also return the predictive standard deviation (bar head).
+          output_type: "mean", "median" or "quantiles" (TabPFN's contract: a list
+            with one array per level of `quantiles`); all but "mean" need the bar head.
+          quantiles: levels for output_type="quantiles" (default 0.1, 0.2, ..., 0.9).
+        Returns: the mean, (mean, std) with return_std, the median, or a list of
+          quantile arrays.
+        """
+        if output_type not in ("mean", "median", "quantiles"):
+            raise ValueError(f"output_type={output_type!r}: expected 'mean', 'median' or "
+                             "'quantiles'")
+        if output_type != "mean" or return_std:
+            what = "return_std=True" if return_std else f"output_type={output_type!r}"
+            self._require_distribution(what)
+        if output_type == "median":
+            return self.predict_quantiles(X, [0.5])[..., 0]
+        if output_type == "quantiles":
+            levels = np.arange(1, 10) / 10 if quantiles is None else quantiles
+            qs = self.predict_quantiles(X, levels)
+            return [qs[..., j] for j in range(qs.shape[-1])]
+        Xs = self._queries(X)
+        if not return_std:
+            return self._out(self._chunks(Xs, self._mean_chunk), loc=True)
+        both = self._chunks(Xs, self._mean_std_chunk, (2,))  # (m, dy, 2)
+        return self._out(both[..., 0], loc=True), self._out(both[..., 1], loc=False)
+
+    def predict_quantiles(self, X, quantiles=(0.05, 0.5, 0.95)):
+        """Quantiles of the predictive distribution: [m, L] (1-D y at fit) or [m, dy, L].
+
+        quantiles: levels, each strictly between 0 and 1. Needs the bar head.
+        """
+        from gpicl_tf.distributions import check_levels
+
+        try:
+            levels = check_levels(quantiles)
+        except ValueError as e:
+            raise ValueError(f"quantiles: {e}") from None
+        self._require_distribution("predict_quantiles")
+        Xs = self._queries(X)
+        qs = self._chunks(Xs, lambda xq: self._quantile_chunk(xq, levels),
+                          (len(levels),))  # (m, dy, L)
+        qs = qs * self._y_scale[:, None] + self._y_loc[:, None]
+        return qs[:, 0] if self._y_1d else qs
+
+    # ------------------------------------------------------------- helpers
+    def _require_distribution(self, what: str):
+        check_is_fitted(self, "X_context_")
+        if self._backend().cfg.model.head != "bar":
+            raise ValueError(f"{what}: the model {self.model!r} predicts a mean only "
+                             "(model.head='mse'); expected a model trained with "
+                             "model.head=bar, whose export predicts distributions")
+
+    def _queries(self, X):
+        """X checked and standardised like the context."""
         check_is_fitted(self, "X_context_")
         if self.n_features_in_ > 1 and np.asarray(X).ndim == 1:  # one sample or one feature?
             raise ValueError(f"X: expected a 2-D array of {self.n_features_in_} features, got a "
@@ -192,26 +284,80 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         if len(X) and np.abs(Xs).max() > MAX_ABS_VALUE:
             raise ValueError("X: a query lies more than 1e36 context spreads from the context; "
                              "expected inputs on the scale of the fitted data")
-        out = np.concatenate([self._predict_chunk(Xs[i:i + self.batch_size])
-                              for i in range(0, len(X), self.batch_size)]) if len(X) else \
-            np.zeros((0, self.y_context_.shape[1]))
-        out = out * self._y_scale + self._y_loc
-        return out[:, 0] if self._y_1d else out
+        return Xs
 
-    def _predict_chunk(self, Xq):
-        """Predictions for standardised queries Xq, in standardised units of y."""
+    def _chunks(self, Xs, fn, tail=()):
+        """fn over batches of batch_size queries, concatenated ([0, dy, *tail] for none)."""
+        if not len(Xs):
+            return np.zeros((0, self.y_context_.shape[1], *tail))
+        return np.concatenate([fn(Xs[i:i + self.batch_size])
+                               for i in range(0, len(Xs), self.batch_size)])
+
+    def _out(self, a, loc: bool):
+        """Standardised units of y to the raw scale, shaped as y was at fit."""
+        a = a * self._y_scale + (self._y_loc if loc else 0.0)
+        return a[:, 0] if self._y_1d else a
+
+    def _contexts(self, Xq):
+        """(how, contexts): "shared" with [(cx, cy)], "nearest" with per-query contexts
+        [(cx [q, m, d], cy [q, m, dy])], or "subsets" with n_subsets shared contexts."""
         cx, cy, m = self._cx, self._cy, self.max_context_
-        run = self._backend()
         if len(cx) <= m:  # one shared context for every query
-            return run(cx[None], cy[None], Xq[None])[0]
+            return "shared", [(cx, cy)]
         if self.context_strategy == "nearest":
             d = np.sum((Xq[:, None, :] - cx[None]) ** 2, -1)  # (q, n), standardised x
             idx = np.argpartition(d, m - 1, axis=1)[:, :m]  # (q, m)
-            return run(cx[idx], cy[idx], Xq[:, None, :])[:, 0]
+            return "nearest", [(cx[idx], cy[idx])]
         rng = np.random.default_rng(self.random_state)
-        preds = [run(cx[s][None], cy[s][None], Xq[None])[0]
-                 for s in (rng.choice(len(cx), m, replace=False) for _ in range(self.n_subsets))]
-        return np.mean(preds, 0)
+        subsets = [rng.choice(len(cx), m, replace=False) for _ in range(self.n_subsets)]
+        return "subsets", [(cx[s], cy[s]) for s in subsets]
+
+    def _each(self, Xq, fn):
+        """fn(cx, cy, qx) over the contexts of Xq; one result per context, each [q, ...]."""
+        how, contexts = self._contexts(Xq)
+        if how == "nearest":
+            (cx, cy), = contexts
+            return how, [fn(cx, cy, Xq[:, None, :])[:, 0]]
+        return how, [fn(c[None], y[None], Xq[None])[0] for c, y in contexts]
+
+    def _mean_chunk(self, Xq):
+        """Predictions for standardised queries Xq, in standardised units of y."""
+        _, means = self._each(Xq, self._backend())
+        return np.mean(means, 0)
+
+    def _mean_std_chunk(self, Xq):
+        """Mean and std [q, dy, 2]: a mixture's over subsets."""
+        def mean_std(cx, cy, qx):
+            d = self._backend().distribution(cx, cy, qx)
+            return np.stack([d["mean"], d["std"]], -1)
+
+        _, outs = self._each(Xq, mean_std)
+        outs = np.asarray(outs, np.float64)  # (S, q, dy, 2)
+        mean = outs[..., 0].mean(0)
+        var = np.mean(outs[..., 1] ** 2 + outs[..., 0] ** 2, 0) - mean ** 2
+        return np.stack([mean, np.sqrt(np.maximum(var, 0.0))], -1)
+
+    def _quantile_chunk(self, Xq, levels, iters: int = 40):
+        """Quantiles [q, dy, L]; over subsets, the mixture's (its CDF inverted by bisection
+        between the smallest and largest component quantile, which bracket it)."""
+        run = self._backend()
+        how, qs = self._each(Xq, lambda *a: run.quantiles(*a, levels))
+        if how != "subsets":
+            return qs[0]
+        qs = np.asarray(qs, np.float64)  # (S, q, dy, L)
+        lo, hi = qs.min(0), qs.max(0)
+        n, dy, n_levels = lo.shape
+        # Query i at level j becomes query i*L + j, so one call scores every level.
+        xq = np.repeat(Xq, n_levels, axis=0)  # (q L, d)
+        target = np.broadcast_to(levels, lo.shape)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            y = np.transpose(mid, (0, 2, 1)).reshape(n * n_levels, dy)
+            _, cdfs = self._each(xq, lambda cx, cy, qx: run.cdf(cx, cy, qx, y[None]))
+            f = np.mean(cdfs, 0).reshape(n, n_levels, dy).transpose(0, 2, 1)
+            below = f < target
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        return 0.5 * (lo + hi)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

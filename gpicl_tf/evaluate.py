@@ -27,6 +27,14 @@ Output in --out:
   results.md     one table per suite (normalised MSE at every k, best in bold)
   mse_vs_k.png   normalised MSE against k per suite, all methods
   fits_<suite>.png  example fits: context, truth, model, best baseline
+
+A model with the bar head (model.head="bar") is also scored as a predictive
+distribution, through the export's `log_prob` and `quantiles` signatures, beside
+GP regression's Gaussian predictive and, on gp_rbf suites, the exact GP posterior:
+each such cell adds "nll" (negative log density per query point), "crps", "cover50"
+and "cover90" (fractions of queries inside the central 50% / 90% intervals), each
+with a "<metric>_ci95", and "pit_hist" (PIT counts in 10 bins); results.md adds a
+table per metric and calibration.png the PIT histograms per suite.
 """
 
 from __future__ import annotations
@@ -46,10 +54,10 @@ from gpicl_tf import data as data_lib
 from gpicl_tf.config import ExperimentConfig, unseen_task_config
 from gpicl_tf.files import write_atomic
 from gpicl_tf.losses import masked_query_loss, query_accuracy
-from gpicl_tf.model import masked_inputs, model_inputs
+from gpicl_tf.model import bar_distribution, masked_inputs, model_inputs, point_prediction
 from gpicl_tf.progress import progress_bar
 from gpicl_tf.summaries import pyplot
-from gpicl_tf.tasks import GPRBF, get_family, gp_posterior_mean
+from gpicl_tf.tasks import GPRBF, get_family, gp_posterior
 
 EVAL_SEED = 20221208  # suites are fixed: this seed is never a training stream
 REPORT_STREAM = data_lib.EVAL_STREAM + 7  # transfer suites: tasks no training run draws
@@ -85,7 +93,7 @@ def keras_predict_fn(model):
     """predict_fn over a Keras model with the masked-input interface."""
 
     def predict(cx, cy, qx):
-        pred = model(masked_inputs(cx, cy, qx), training=False)
+        pred = point_prediction(model(masked_inputs(cx, cy, qx), training=False))
         return pred.numpy()[:, cx.shape[1]:]
 
     return predict
@@ -102,7 +110,10 @@ def unseen_batch(cfg: ExperimentConfig, n: int, n_context=None, stream=data_lib.
 def batch_metrics(model, cfg: ExperimentConfig, batch: dict) -> dict:
     """The training loss on a batch (and accuracy for classification), outside a strategy."""
     pred = model(model_inputs(batch), training=False)
-    out = {"loss": float(masked_query_loss(batch["y"], pred, batch["is_query"], cfg.loss))}
+    out = {"loss": float(masked_query_loss(batch["y"], pred, batch["is_query"], cfg.loss,
+                                           bars=bar_distribution(model)))}
+    if cfg.loss == "nll":  # the mean's error too, comparable with an mse model's loss
+        out["mse"] = float(masked_query_loss(batch["y"], pred, batch["is_query"], "mse"))
     if cfg.task.kind == "classification":
         out["accuracy"] = float(query_accuracy(batch["y"], pred, batch["is_query"]))
     return out
@@ -209,19 +220,84 @@ def saved_model_predict_fn(version_dir: str):
     return predict
 
 
+# Predictive distributions are scored at these quantile levels: CRPS from the 100
+# midpoint levels, the 50% and 90% central intervals from the last four.
+CRPS_LEVELS = (np.arange(100) + 0.5) / 100
+INTERVALS = {"cover50": (0.25, 0.75), "cover90": (0.05, 0.95)}
+DIST_LEVELS = np.concatenate([CRPS_LEVELS, [0.25, 0.75, 0.05, 0.95]]).astype(np.float32)
+PIT_BINS = 10
+
+
+def saved_model_dist_fn(version_dir: str):
+    """dist_fn(cx, cy, qx, qy) -> {log_prob, cdf [T, Nq, dy], quantiles [T, Nq, dy, L] at
+    DIST_LEVELS} through the export's log_prob and quantiles signatures; None when the
+    export predicts a mean only."""
+    from gpicl_tf.export import load_signature
+
+    try:
+        lp_sig = load_signature(version_dir, "log_prob")
+        q_sig = load_signature(version_dir, "quantiles")
+    except ValueError:
+        return None
+
+    def dist(cx, cy, qx, qy):
+        f32 = lambda a: tf.constant(a, tf.float32)
+        out = lp_sig(context_x=f32(cx), context_y=f32(cy), query_x=f32(qx), query_y=f32(qy))
+        q = q_sig(context_x=f32(cx), context_y=f32(cy), query_x=f32(qx),
+                  levels=f32(DIST_LEVELS))["quantiles"]
+        return {"log_prob": out["log_prob"].numpy(), "cdf": out["cdf"].numpy(),
+                "quantiles": q.numpy()}
+
+    return dist
+
+
+def gaussian_dist(mean, std, y) -> dict:
+    """What dist_fn returns, for Gaussian predictive distributions (mean, std, y [..., dy])."""
+    from scipy.stats import norm
+
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return {"log_prob": norm.logpdf(y, mean, std), "cdf": norm.cdf(y, mean, std),
+            "quantiles": mean[..., None] + std[..., None] * norm.ppf(DIST_LEVELS)}
+
+
+def distribution_scores(dist: dict, y) -> dict:
+    """Per-task scores of predictive distributions at targets y [T, Nq, dy]:
+    nll (mean negative log density per point), crps (by the quantile decomposition
+    CRPS = 2 * integral over levels of the pinball loss, at the 100 CRPS_LEVELS), the
+    fraction of targets inside the 50% and 90% central intervals, and the PIT values
+    (the CDF at each target; uniform when calibrated)."""
+    y = np.asarray(y, np.float64)
+    q = np.asarray(dist["quantiles"], np.float64)  # (T, Nq, dy, L)
+    m = len(CRPS_LEVELS)
+    u = y[..., None] - q[..., :m]
+    pinball = np.maximum(CRPS_LEVELS * u, (CRPS_LEVELS - 1) * u)
+    out = {"nll": -np.mean(np.asarray(dist["log_prob"], np.float64), axis=(1, 2)),
+           "crps": np.mean(2 * pinball.mean(-1), axis=(1, 2))}
+    for j, name in enumerate(INTERVALS):
+        lo, hi = q[..., m + 2 * j], q[..., m + 2 * j + 1]
+        out[name] = np.mean((lo <= y) & (y <= hi), axis=(1, 2))
+    out["pit"] = np.asarray(dist["cdf"], np.float64).ravel()
+    return out
+
+
 def bayes_optimal(suite_cfg_task, x, y, k):
-    """Per-task MSE of the exact GP posterior mean with the true kernel."""
+    """Per-task MSE and Gaussian predictive distributions of the exact GP posterior with
+    the true kernel: (errors [T], dist (see gaussian_dist), seconds per task)."""
     noise = GPRBF.jitter + suite_cfg_task.noise_std**2
-    errs = []
+    errs, means, stds = [], [], []
     tic = time.perf_counter()
     for i in range(len(x)):
         if k == 0:
-            pred = np.zeros_like(y[i, k:])
+            mean = np.zeros_like(y[i, k:], np.float64)
+            var = np.full((len(mean), 1), 1.0 + noise)
         else:
-            pred = gp_posterior_mean(x[i, :k], y[i, :k], x[i, k:],
-                                     suite_cfg_task.gp_length_scale, noise).numpy()
-        errs.append(np.mean((pred - y[i, k:]) ** 2))
-    return np.asarray(errs), (time.perf_counter() - tic) / len(x)
+            mean, var = (t.numpy() for t in gp_posterior(
+                x[i, :k], y[i, :k], x[i, k:], suite_cfg_task.gp_length_scale, noise))
+        errs.append(np.mean((mean.astype(np.float32) - y[i, k:]) ** 2))
+        means.append(mean)
+        stds.append(np.broadcast_to(np.sqrt(var), mean.shape))
+    sec = (time.perf_counter() - tic) / len(x)
+    return np.asarray(errs), gaussian_dist(np.stack(means), np.stack(stds), y[:, k:]), sec
 
 
 def check_request(cfg: ExperimentConfig, suites: list, ks, baselines) -> None:
@@ -239,7 +315,7 @@ def check_request(cfg: ExperimentConfig, suites: list, ks, baselines) -> None:
 
 def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
              baselines=DEFAULT_BASELINES, n_tasks: int = 128, n_queries: int = 16,
-             seed: int = EVAL_SEED, progress: bool = True) -> dict:
+             seed: int = EVAL_SEED, progress: bool = True, dist_fn=None) -> dict:
     """Runs every suite at every k; returns the results.json dictionary.
 
     Every method (the model, each baseline, the Bayes-optimal predictor) is
@@ -257,6 +333,11 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
       n_tasks: tasks per suite and k, the same for every method.
       n_queries: query points per task.
       seed: the suites' seed.
+      dist_fn: (context_x, context_y, query_x, query_y) -> the model's predictive
+        distributions (see saved_model_dist_fn), for a model with the bar head: then
+        the model, the baselines with a Gaussian predictive (GP regression) and the
+        Bayes-optimal GP posterior are also scored by NLL, CRPS, interval coverage
+        and a PIT histogram, on the same tasks.
     """
     check_request(cfg, suites, ks, baselines)
     bar = progress_bar(len(suites) * len(ks), progress, label="suite x k")
@@ -273,17 +354,31 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
             pred = predict_fn(xm[:, :k], y[:, :k], xm[:, k:])
             sec = (time.perf_counter() - tic) / len(x)
             _put(methods, "model", k, np.mean((pred - y[:, k:]) ** 2, axis=(1, 2)), var, sec)
+            if dist_fn is not None:
+                _put_dist(methods, "model", k,
+                          distribution_scores(dist_fn(xm[:, :k], y[:, :k], xm[:, k:], y[:, k:]),
+                                              y[:, k:]))
             for b in baselines:
-                fn = baselines_lib.get_baseline(b)
+                with_dist = dist_fn is not None and b in baselines_lib.DISTRIBUTIONS
+                fn = (baselines_lib.DISTRIBUTIONS[b] if with_dist else
+                      baselines_lib.get_baseline(b))
                 tic = time.perf_counter()
-                errs = [np.mean((_checked(b, fn(x[i, :k], y[i, :k], x[i, k:]), y[i, k:])
-                                 - y[i, k:]) ** 2) for i in range(len(x))]
-                _put(methods, b, k, errs, var, (time.perf_counter() - tic) / len(x))
+                outs = [fn(x[i, :k], y[i, :k], x[i, k:]) for i in range(len(x))]
+                sec = (time.perf_counter() - tic) / len(x)
+                means = [_checked(b, o[0] if with_dist else o, y[i, k:])
+                         for i, o in enumerate(outs)]
+                errs = [np.mean((m - y[i, k:]) ** 2) for i, m in enumerate(means)]
+                _put(methods, b, k, errs, var, sec)
+                if with_dist:
+                    d = gaussian_dist(np.stack(means), np.stack([o[1] for o in outs]), y[:, k:])
+                    _put_dist(methods, b, k, distribution_scores(d, y[:, k:]))
             if s.family == "gp_rbf":
                 task = dataclasses.replace(unseen_task_config(cfg.task), family="gp_rbf", mix=(),
                                            **s.overrides)
-                errs, sec = bayes_optimal(task, x, y, k)
+                errs, d, sec = bayes_optimal(task, x, y, k)
                 _put(methods, "bayes_optimal", k, errs, var, sec)
+                if dist_fn is not None:
+                    _put_dist(methods, "bayes_optimal", k, distribution_scores(d, y[:, k:]))
             if bar is not None:
                 bar.add(1)
         out["suites"][s.name] = {"family": s.family, "kind": s.kind,
@@ -322,27 +417,96 @@ def _put(methods, name, k, errs, var, sec):
                                             "sec_per_task": sec}
 
 
+def _put_dist(methods, name, k, scores):
+    """Adds a method's distribution scores to its cell: nll, crps, cover50, cover90 (with
+    95% intervals over tasks) and a PIT histogram (counts in PIT_BINS equal bins)."""
+    cell = methods[name][str(k)]
+    for metric in ("nll", "crps", *INTERVALS):
+        v = np.asarray(scores[metric], np.float64)
+        cell[metric], cell[f"{metric}_ci95"] = mean_ci95(v)
+    hist = np.histogram(np.clip(scores["pit"], 0.0, 1.0), PIT_BINS, (0.0, 1.0))[0]
+    cell["pit_hist"] = hist.tolist()
+
+
+DIST_METRICS = ("nll", "crps", "cover50", "cover90")
+
+
+def has_distributions(results: dict) -> bool:
+    """The model of these results was scored as a predictive distribution (bar head)."""
+    return any("nll" in next(iter(s["methods"]["model"].values()))
+               for s in results["suites"].values())
+
+
+def plot_calibration(results: dict, path: str) -> bool:
+    """PIT histograms, one panel per suite (all k pooled), one line per method with a
+    predictive distribution; a calibrated method is flat at 1. False if none."""
+    if not has_distributions(results):
+        return False
+    plt = pyplot()
+    names = list(results["suites"])
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    edges = np.linspace(0, 1, PIT_BINS + 1)
+    for ax, name in zip(axes.ravel(), names):
+        for meth, cells in results["suites"][name]["methods"].items():
+            hists = [c["pit_hist"] for c in cells.values() if "pit_hist" in c]
+            if not hists:
+                continue
+            h = np.sum(hists, 0).astype(np.float64)
+            density = h / max(h.sum(), 1) * PIT_BINS
+            ax.stairs(density, edges, label=meth, **STYLES.get(meth, {"lw": 1}))
+        ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("PIT (predictive CDF at the truth)", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("density (1 = calibrated)", fontsize=7)
+    handles = {}
+    for ax in axes.ravel():
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7,
+               ncol=len(handles))
+    fig.suptitle("Calibration: PIT histograms on the same tasks, every k pooled (a hump: "
+                 "too wide; a U: too narrow)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def markdown(results: dict, metric: str = "nmse") -> str:
     """One Markdown table per suite: methods x k of `metric`, the best in bold.
 
     Every row of a table was measured on the same tasks (paired).
     """
+    what = {"nmse": " (normalised: squared error / the task's y variance)",
+            "nll": " (negative log density per query point, nats; lower is better)",
+            "crps": " (continuous ranked probability score, raw scale; lower is better)",
+            "cover50": " (fraction of queries inside the 50% central interval; 0.5 is right)",
+            "cover90": " (fraction of queries inside the 90% central interval; 0.9 is right)"}
+    nominal = {"cover50": 0.5, "cover90": 0.9}.get(metric)
     lines = [f"{metric.upper()} on {results.get('n_tasks', '?')} tasks per suite and k, the "
-             "same tasks for every method" + (" (normalised: squared error / the task's y "
-                                              "variance)" if metric == "nmse" else ""), ""]
+             "same tasks for every method" + what.get(metric, ""), ""]
     for name, suite in results["suites"].items():
-        methods = suite["methods"]
+        methods = {n: m for n, m in suite["methods"].items()
+                   if metric in next(iter(m.values()))}
+        if "model" not in methods:
+            continue
         ks = list(methods["model"].keys())
         lines += [f"### {name} ({suite['kind']})", "",
                   "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
-        best = {k: min(m[k][metric] for n, m in methods.items() if n != "bayes_optimal")
-                for k in ks}
+        badness = (lambda v: abs(v - nominal)) if nominal is not None else (lambda v: v)
+        best = {k: min(badness(m[k][metric]) for n, m in methods.items()
+                       if n != "bayes_optimal") for k in ks}
         for meth, row in methods.items():
             cells = []
             for k in ks:
                 v = row[k][metric]
-                cells.append(f"**{v:.4g}**" if v == best[k] else f"{v:.4g}")
+                cells.append(f"**{v:.4g}**" if badness(v) == best[k] else f"{v:.4g}")
             lines.append(f"| {meth} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -419,7 +583,7 @@ def plot_garg_by_width(results: dict, path: str) -> bool:
     return True
 
 
-def fits_figure(x, y, context, predictions: dict, titles):
+def fits_figure(x, y, context, predictions: dict, titles, band=None):
     """Context, truth and each prediction on 1-D tasks, one panel per task.
 
     Args:
@@ -428,6 +592,7 @@ def fits_figure(x, y, context, predictions: dict, titles):
       predictions: {label: [T, Nq, 1]} predictions at the query points (the
         points where context is False, in their order); the first is the model.
       titles: a panel title per task.
+      band: (lo, hi), each [T, Nq, 1]: the model's 90% central interval, shaded.
     """
     plt = pyplot()
     n = len(x)
@@ -438,6 +603,10 @@ def fits_figure(x, y, context, predictions: dict, titles):
         qx, qy = x[i, ~ctx, 0], y[i, ~ctx, 0]
         order = np.argsort(qx)
         ax.plot(qx[order], qy[order], color="0.4", lw=1.5, label="truth")
+        if band is not None:
+            ax.fill_between(qx[order], np.asarray(band[0])[i, order, 0],
+                            np.asarray(band[1])[i, order, 0], color="C1", alpha=0.2, lw=0,
+                            label="model 90% interval")
         for (label, pred), style in zip(predictions.items(), styles):
             ax.plot(qx[order], np.asarray(pred)[i, order, 0], label=label, **style)
         ax.scatter(x[i, ctx, 0], y[i, ctx, 0], color="C0", zorder=3, s=18, label="context")
@@ -448,8 +617,9 @@ def fits_figure(x, y, context, predictions: dict, titles):
 
 
 def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 8,
-              n: int = 3, seed: int = EVAL_SEED) -> None:
-    """Context points, truth, model and best baseline on n tasks of a 1-D suite."""
+              n: int = 3, seed: int = EVAL_SEED, dist_fn=None) -> None:
+    """Context points, truth, model and best baseline on n tasks of a 1-D suite (with
+    dist_fn, the model's 90% interval shaded)."""
     methods = results["suites"][suite.name]["methods"]
     kk = str(k) if str(k) in methods["model"] else list(methods["model"])[-1]
     k = int(kk)
@@ -459,9 +629,13 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
     bpred = np.stack([np.asarray(fn(x[i, :k], y[i, :k], x[i, k:])) for i in range(n)])
     context = np.arange(x.shape[1])[None, :].repeat(n, 0) < k  # context first
     xm = pad_features(x, cfg.task.x_dim)
+    band = None
+    if dist_fn is not None:
+        q = dist_fn(xm[:, :k], y[:, :k], xm[:, k:], y[:, k:])["quantiles"]
+        band = (q[..., -2], q[..., -1])  # DIST_LEVELS ends with 0.05, 0.95
     fig = fits_figure(x, y, context, {"model": predict_fn(xm[:, :k], y[:, :k], xm[:, k:]),
                                       f"{base} (best baseline)": bpred},
-                      [f"{suite.name}, k={k}"] * n)
+                      [f"{suite.name}, k={k}"] * n, band=band)
     fig.savefig(path, dpi=90)
     pyplot().close(fig)
 
@@ -475,28 +649,33 @@ def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context:
     b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
                               n_context=n_context, stream=PICTURE_STREAM)
     inputs = dict(model_inputs(b), x=tf.constant(pad_features(b["x"].numpy(), cfg.task.x_dim)))
-    pred = model(inputs, training=False).numpy()
+    pred = point_prediction(model(inputs, training=False)).numpy()
     ctx = b["is_query"].numpy() < 0.5  # (T, N): every task has n_context of them
     at_queries = np.stack([pred[i, ~ctx[i]] for i in range(n_tasks)])  # (T, Nq, 1)
     return fits_figure(b["x"].numpy(), b["y"].numpy(), ctx, {"model": at_queries},
                        [f"unseen task {i}, {n_context} context points" for i in range(n_tasks)])
 
 
-def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None) -> None:
+def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None,
+                  dist_fn=None) -> None:
     """results.json, results.md, PNG plots and (with logdir) TensorBoard summaries."""
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(results))
+        for metric in DIST_METRICS if has_distributions(results) else ():
+            f.write("\n\n" + markdown(results, metric))
     plot_mse_vs_k(results, os.path.join(out, "mse_vs_k.png"))
     pictures = []
+    if plot_calibration(results, os.path.join(out, "calibration.png")):
+        pictures.append(os.path.join(out, "calibration.png"))
     if plot_garg_by_width(results, os.path.join(out, "garg_by_width.png")):
         pictures.append(os.path.join(out, "garg_by_width.png"))
     if cfg.task.x_dim_min == 1:  # pictures of the 1-D suites
         for s in suites:
             if s.name in ("sine", "linear", "gp_rbf_l0.5", "random_mlp"):
                 p = os.path.join(out, f"fits_{s.name}.png")
-                plot_fits(predict_fn, cfg, s, results, p)
+                plot_fits(predict_fn, cfg, s, results, p, dist_fn=dist_fn)
                 pictures.append(p)
     if logdir:
         _to_tensorboard(results, [os.path.join(out, "mse_vs_k.png")] + pictures, logdir)
@@ -535,11 +714,17 @@ def run_cli(a, ks) -> int:
                  else list(DEFAULT_BASELINES))
     check_request(cfg, suites, ks, baselines)
     predict_fn = saved_model_predict_fn(version_dir)
-    results = evaluate(predict_fn, cfg, suites, ks, baselines, a.tasks, a.queries)
+    dist_fn = saved_model_dist_fn(version_dir)
+    results = evaluate(predict_fn, cfg, suites, ks, baselines, a.tasks, a.queries,
+                       dist_fn=dist_fn)
     results["model"] = os.path.abspath(version_dir)
-    write_outputs(results, a.out, predict_fn, cfg, suites, a.logdir)
+    write_outputs(results, a.out, predict_fn, cfg, suites, a.logdir, dist_fn)
     print(markdown(results))
-    print(f"wrote {a.out}/results.json, results.md, mse_vs_k.png")
+    extra = ""
+    if has_distributions(results):
+        print("\n\n".join(markdown(results, m) for m in DIST_METRICS))
+        extra = ", calibration.png"
+    print(f"wrote {a.out}/results.json, results.md, mse_vs_k.png{extra}")
     return 0
 
 

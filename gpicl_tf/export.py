@@ -16,6 +16,15 @@ Signatures:
   to task.x_dim = D); the graph pads it with zero features to D.
   model_config: unused [any] -> config_json (the resolved config as a JSON
     string), so a TF Serving client learns the widths and context limit.
+A model with the bar head (model.head="bar") predicts a distribution; its
+serving_default also returns std [B, Nq, dy] and quantiles [B, Nq, dy, L] at the
+L levels fixed at export (default 0.05, 0.25, 0.5, 0.75, 0.95; model_config
+returns them as quantile_levels), and two more signatures answer:
+  quantiles: context_x, context_y, query_x, levels [L] (each in (0, 1))
+    -> quantiles [B, Nq, dy, L] at the requested levels;
+  log_prob: context_x, context_y, query_x, query_y [B, Nq, dy]
+    -> log_prob (log density of query_y) and cdf (P(Y <= query_y)), [B, Nq, dy].
+Every value is on the raw scale of y.
 Both check their inputs in the graph (width, batch and length agreement,
 finite values of magnitude at most 1e36, 0/1 query flags), so a bad request
 fails with a message naming the input.
@@ -35,7 +44,10 @@ import keras
 import tensorflow as tf
 
 from gpicl_tf.config import MAX_ABS_VALUE, ExperimentConfig, check_name, read_config
-from gpicl_tf.model import masked_inputs
+from gpicl_tf.distributions import check_levels
+from gpicl_tf.model import Predictive, bar_distribution, masked_inputs, point_prediction
+
+DEFAULT_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)  # serving_default's quantiles (bar head)
 
 CONFIG_ASSET = "gpicl_config.json"
 PROVENANCE_ASSET = "gpicl_export.json"
@@ -87,15 +99,19 @@ def _check_inputs(dx: int, dy: int, dx_min: int, context_x, context_y, query_x):
     return checks
 
 
-def build_archive(model: keras.Model, cfg: ExperimentConfig,
-                  jit_compile: bool = False) -> keras.export.ExportArchive:
-    """An ExportArchive with the `serving_default` and `masked` signatures.
+def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool = False,
+                  quantile_levels=DEFAULT_LEVELS) -> keras.export.ExportArchive:
+    """An ExportArchive with the `serving_default` and `masked` signatures (and, for the
+    bar head, `quantiles` and `log_prob`).
 
     With jit_compile the model part of each signature is XLA-compiled (about
     2.2x lower CPU latency per request: p50 1.6 ms against 3.6 ms); TF Serving on CPU then needs
     `--xla_cpu_compilation_enabled=true`. Input checks stay outside XLA.
+    quantile_levels: the levels of serving_default's quantiles (bar head only).
     """
     dx, dy, dx_min = cfg.task.x_dim, cfg.task.y_dim, cfg.task.x_dim_min
+    bars = bar_distribution(model)
+    levels = tf.constant(check_levels(quantile_levels))
     archive = keras.export.ExportArchive()
     archive.track(model)
 
@@ -103,12 +119,41 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig,
     def run(x, y, is_query):
         return model({"x": x, "y": y, "is_query": is_query}, training=False)
 
-    def serve(context_x, context_y, query_x):
+    def run_queries(context_x, context_y, query_x):
+        """The model's output at the queries (a tensor, or the bar head's dict)."""
         with tf.control_dependencies(_check_inputs(dx, dy, dx_min, context_x, context_y,
                                                    query_x)):
             inputs = masked_inputs(pad_width(context_x, dx), context_y, pad_width(query_x, dx))
-        pred = run(inputs["x"], inputs["y"], inputs["is_query"])
-        return {"mean": tf.cast(pred[:, tf.shape(context_x)[1]:, :], tf.float32)}
+        out, nc = run(inputs["x"], inputs["y"], inputs["is_query"]), tf.shape(context_x)[1]
+        if bars is None:
+            return tf.cast(out[:, nc:, :], tf.float32)
+        return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:])
+
+    def serve(context_x, context_y, query_x):
+        out = run_queries(context_x, context_y, query_x)
+        if bars is None:
+            return {"mean": out}
+        dist = Predictive(bars, out)
+        return {"mean": out["y_pred"], "std": dist.std(), "quantiles": dist.quantiles(levels)}
+
+    def quantiles(context_x, context_y, query_x, levels):
+        check = tf.debugging.assert_equal(
+            tf.reduce_all((levels > 0.0) & (levels < 1.0)), True,
+            message="levels: expected quantile levels strictly between 0 and 1")
+        with tf.control_dependencies([check]):
+            levels = tf.identity(levels)
+        dist = Predictive(bars, run_queries(context_x, context_y, query_x))
+        return {"quantiles": dist.quantiles(levels)}
+
+    def log_prob(context_x, context_y, query_x, query_y):
+        checks = [tf.debugging.assert_equal(tf.shape(query_y), tf.concat(
+            [tf.shape(query_x)[:2], [dy]], 0), message=(
+                f"query_y: expected shape [batch, queries, {dy}] matching query_x")),
+            *_value_checks("query_y", query_y)]
+        with tf.control_dependencies(checks):
+            query_y = tf.identity(query_y)
+        dist = Predictive(bars, run_queries(context_x, context_y, query_x))
+        return {"log_prob": dist.log_prob(query_y), "cdf": dist.cdf(query_y)}
 
     def masked(x, y, is_query):
         checks = [
@@ -125,13 +170,15 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig,
         ]
         with tf.control_dependencies(checks):  # no model op runs before the checks
             x, y, is_query = pad_width(x, dx), tf.identity(y), tf.identity(is_query)
-        return {"y_pred": tf.cast(run(x, y, is_query), tf.float32)}
+        return {"y_pred": tf.cast(point_prediction(run(x, y, is_query)), tf.float32)}
 
     config_json = tf.constant(cfg.to_json())
 
     def model_config(unused):
         del unused  # TF Serving needs an input; the answer is a constant
-        return {"config_json": config_json}
+        if bars is None:
+            return {"config_json": config_json}
+        return {"config_json": config_json, "quantile_levels": levels}
 
     f32 = tf.float32
     archive.add_endpoint("serving_default", serve, input_signature=[
@@ -144,6 +191,14 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig,
         tf.TensorSpec([None, None], f32, name="is_query")])
     archive.add_endpoint("model_config", model_config, input_signature=[
         tf.TensorSpec([None], f32, name="unused")])
+    if bars is not None:
+        queries = [tf.TensorSpec([None, None, None], f32, name="context_x"),
+                   tf.TensorSpec([None, None, dy], f32, name="context_y"),
+                   tf.TensorSpec([None, None, None], f32, name="query_x")]
+        archive.add_endpoint("quantiles", quantiles, input_signature=[
+            *queries, tf.TensorSpec([None], f32, name="levels")])
+        archive.add_endpoint("log_prob", log_prob, input_signature=[
+            *queries, tf.TensorSpec([None, None, dy], f32, name="query_y")])
     return archive
 
 
@@ -158,7 +213,7 @@ def versions(base: str) -> list:
 def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "exports",
                  model_name: Optional[str] = None, version: Optional[int] = None,
                  jit_compile: bool = False, attempts: int = 20,
-                 provenance: Optional[dict] = None) -> str:
+                 provenance: Optional[dict] = None, quantile_levels=DEFAULT_LEVELS) -> str:
     """Writes a new version of the SavedModel atomically; returns its path.
 
     The version is written to a hidden `.tmp-<version>-<pid>-<random>` folder
@@ -178,7 +233,9 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
       attempts: versions tried before giving up when exporters race.
       provenance: written as assets.extra/gpicl_export.json (run folder and
         step the weights come from), so an unchanged model is not exported again.
+      quantile_levels: levels of serving_default's quantiles (bar head), each in (0, 1).
     """
+    check_levels(quantile_levels)  # before any folder is made
     name = check_name(model_name or cfg.name, "--model-name")
     base = os.path.join(export_dir, name)
     if version is not None and os.path.exists(os.path.join(base, str(version))):
@@ -188,7 +245,7 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
     clean_stale_tmp(base)
     tmp = os.path.join(base, f".tmp-{version or 0}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        build_archive(model, cfg, jit_compile).write_out(tmp, verbose=False)
+        build_archive(model, cfg, jit_compile, quantile_levels).write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, "assets.extra", CONFIG_ASSET), "w") as f:
             f.write(cfg.to_json())

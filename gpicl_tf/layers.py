@@ -212,3 +212,60 @@ class Destandardize(keras.layers.Layer):
 
     def compute_output_spec(self, out, y_loc, y_scale):
         return keras.KerasTensor(out.shape, dtype=y_loc.dtype)
+
+
+def normal_borders(n_bins: int) -> list:
+    """n_bins + 1 borders at standard-normal quantiles (levels 0.5/n_bins .. 1 - 0.5/n_bins
+    at the ends): the bar head's borders before training draws the prior's."""
+    from statistics import NormalDist
+
+    levels = [(i + 0.5) / (n_bins + 1) for i in range(n_bins + 1)]
+    return [NormalDist().inv_cdf(p) for p in levels]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BarHead(keras.layers.Layer):
+    """The bar-distribution head: logits over n_bins bins of each standardised output.
+
+    Holds the bins' borders as a non-trainable weight [n_bins + 1], so they travel
+    with checkpoints, .keras files and SavedModels; training sets them to quantiles
+    of the prior's standardised query y before the first step.
+
+    Call args: h [B, N, D], y_loc [B, 1, dy], y_scale [B, 1, dy].
+    Returns: logits [B, N, dy, n_bins] and the distribution's mean on the raw
+      scale of y [B, N, dy].
+    """
+
+    def __init__(self, y_dim: int, n_bins: int, **kwargs):
+        super().__init__(**kwargs)
+        self.y_dim, self.n_bins = y_dim, n_bins
+        self.dense = keras.layers.Dense(y_dim * n_bins, kernel_initializer="zeros",
+                                        name="logits")
+
+    def build(self, h_shape, y_loc_shape=None, y_scale_shape=None):
+        self.dense.build(h_shape)
+        self.borders = self.add_weight(
+            shape=(self.n_bins + 1,), name="borders", trainable=False,
+            initializer=keras.initializers.Constant(normal_borders(self.n_bins)))
+
+    def distribution(self):
+        """The BarDistribution over this head's borders (standardised units)."""
+        from gpicl_tf.distributions import BarDistribution
+
+        return BarDistribution(self.borders.value if hasattr(self.borders, "value")
+                               else self.borders)
+
+    def call(self, h, y_loc, y_scale):
+        logits = ops.cast(self.dense(h), "float32")
+        shape = ops.shape(h)
+        logits = ops.reshape(logits, (shape[0], shape[1], self.y_dim, self.n_bins))
+        mean = self.distribution().mean(logits)  # (B, N, dy), standardised
+        return logits, mean * y_scale + y_loc
+
+    def compute_output_spec(self, h, y_loc, y_scale):
+        b, n, _ = h.shape
+        return (keras.KerasTensor((b, n, self.y_dim, self.n_bins), dtype="float32"),
+                keras.KerasTensor((b, n, self.y_dim), dtype="float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "y_dim": self.y_dim, "n_bins": self.n_bins}

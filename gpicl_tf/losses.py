@@ -37,11 +37,39 @@ def query_sse_and_count(y, y_pred, is_query, normalize: bool = False):
     return tf.reduce_sum(err * q), tf.reduce_sum(q)
 
 
-def query_loss_and_count(y, y_pred, is_query, loss: str):
+def query_nll_and_count(y, out, is_query, bars):
+    """Sum over query points of the bar head's negative log-likelihood, and the count.
+
+    The likelihood is that of the standardised y, z = (y - y_loc) / y_scale (scale 1
+    where the context's y do not vary), averaged over the dy outputs: the log
+    Jacobian of the standardisation does not depend on the weights, so this trains
+    the raw-scale likelihood.
+
+    Args: y [B, N, dy]; out: the bar model's output dict (logits [B, N, dy, K],
+      y_loc, y_scale [B, 1, dy]); is_query [B, N]; bars: the head's BarDistribution.
+    """
+    q = tf.cast(is_query, tf.float32)
+    scale = out["y_scale"]
+    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    # The gradient of the NLL w.r.t. the logits is bounded (a softmax over bins); only
+    # its value grows as z^2 in the tails. Clipping z keeps that value finite in float32
+    # when a context's y barely vary, and changes no gradient.
+    z = tf.clip_by_value((tf.cast(y, tf.float32) - out["y_loc"]) / scale, -1e6, 1e6)
+    nll = -tf.reduce_mean(bars.log_prob(out["logits"], z), -1)  # (B, N)
+    return tf.reduce_sum(nll * q), tf.reduce_sum(q)
+
+
+def query_loss_and_count(y, y_pred, is_query, loss: str, bars=None):
     """Summed per-point loss over query points and the query count.
 
-    loss: "mse", "normalized_mse" or "cross_entropy" (y one-hot, y_pred logits).
+    loss: "mse", "normalized_mse", "cross_entropy" (y one-hot, y_pred logits) or
+    "nll" (y_pred the bar model's output dict, bars its BarDistribution). The
+    squared errors of a bar model are those of its mean.
     """
+    if loss == "nll":
+        return query_nll_and_count(y, y_pred, is_query, bars)
+    if isinstance(y_pred, dict):
+        y_pred = y_pred["y_pred"]
     if loss != "cross_entropy":
         return query_sse_and_count(y, y_pred, is_query, loss == "normalized_mse")
     q = tf.cast(is_query, tf.float32)
@@ -57,12 +85,13 @@ def query_accuracy(y, y_pred, is_query):
     return tf.reduce_sum(hit * q) / tf.maximum(tf.reduce_sum(q), 1.0)
 
 
-def masked_query_loss(y, y_pred, is_query, loss: str = "mse", global_count=None):
+def masked_query_loss(y, y_pred, is_query, loss: str = "mse", global_count=None, bars=None):
     """The loss over query points, divided by `global_count` (the training loss).
 
     Inside a replica context, pass the all-reduced query count of the global
     batch; without it the local count is used (single device, evaluation).
+    bars: the bar head's BarDistribution, for loss="nll".
     """
-    total, count = query_loss_and_count(y, y_pred, is_query, loss)
+    total, count = query_loss_and_count(y, y_pred, is_query, loss, bars)
     denom = count if global_count is None else global_count
     return total / tf.maximum(denom, 1.0)

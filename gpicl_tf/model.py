@@ -2,7 +2,11 @@
 
 Inputs (named): x [B, N, dx], y [B, N, dy], is_query [B, N] (1 = query).
 Output: y_pred [B, N, dy] on the raw scale of y (classification: class logits);
-only query rows are meaningful.
+only query rows are meaningful. With head="bar" the output is a dict: y_pred
+(the predictive mean, raw scale), logits [B, N, dy, n_bins] of the bar
+distribution over the standardised y, and y_loc, y_scale [B, 1, dy] that map
+standardised values to the raw scale (`predictive` turns them into quantiles,
+standard deviations and densities).
 
 Each point is one token built from (standardised x, standardised y zeroed on
 queries, query flag). No positional encoding: a task is a set of points.
@@ -19,8 +23,9 @@ import keras
 import tensorflow as tf
 
 from gpicl_tf.config import ExperimentConfig
-from gpicl_tf.layers import (PACKAGE, ContextAttentionMask, ContextStandardizer, Destandardize,
-                             TransformerBlock)
+from gpicl_tf.distributions import BarDistribution
+from gpicl_tf.layers import (PACKAGE, BarHead, ContextAttentionMask, ContextStandardizer,
+                             Destandardize, TransformerBlock)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -43,6 +48,9 @@ class InContextTransformer(keras.Model):
         features: "zero", "flags", "rescale" or "both" (see ContextStandardizer).
       classify: y is one-hot and the output are class logits (no y
         standardisation, no output map).
+      head: "mse" (the output is the prediction) or "bar" (the output is a dict
+        with the bar distribution's logits; see the module docstring).
+      n_bins: bins of the bar head.
 
     Example:
 
@@ -58,7 +66,8 @@ class InContextTransformer(keras.Model):
     def __init__(self, x_dim: int, y_dim: int, d_model: int = 64, n_layers: int = 4,
                  n_heads: int = 4, key_dim: Optional[int] = None, mlp_ratio: int = 4,
                  std_eps: float = 1e-7, classify: bool = False,
-                 absent_features: str = "zero", **kwargs):
+                 absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
+                 **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -75,23 +84,34 @@ class InContextTransformer(keras.Model):
             h = TransformerBlock(d_model, n_heads, head_dim, mlp_ratio * d_model,
                                  residual_scale=res_scale, name=f"block_{i}")(h, mask)
         h = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_final")(h)
-        head = keras.layers.Dense(y_dim, kernel_initializer="zeros", dtype="float32",
-                                  name="y_pred" if classify else "head")
-        y_pred = head(h)  # (B, N, dy): logits, or standardised units
-        if not classify:
-            y_pred = Destandardize(dtype="float32", name="y_pred")(y_pred, y_loc, y_scale)
-        super().__init__({"x": x, "y": y, "is_query": is_query}, y_pred, **kwargs)
+        if head == "bar":
+            if classify:
+                raise ValueError("head='bar' is invalid for classification: expected 'mse'")
+            logits, y_pred = BarHead(y_dim, n_bins, dtype="float32", name="bar")(h, y_loc,
+                                                                                 y_scale)
+            outputs = {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
+        elif head == "mse":
+            dense = keras.layers.Dense(y_dim, kernel_initializer="zeros", dtype="float32",
+                                       name="y_pred" if classify else "head")
+            outputs = dense(h)  # (B, N, dy): logits, or standardised units
+            if not classify:
+                outputs = Destandardize(dtype="float32", name="y_pred")(outputs, y_loc, y_scale)
+        else:
+            raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
+        super().__init__({"x": x, "y": y, "is_query": is_query}, outputs, **kwargs)
         self.x_dim, self.y_dim = x_dim, y_dim
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
         self.key_dim, self.mlp_ratio, self.std_eps = key_dim, mlp_ratio, std_eps
         self.classify, self.absent_features = classify, absent_features
+        self.head, self.n_bins = head, n_bins
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
                 "x_dim": self.x_dim, "y_dim": self.y_dim, "d_model": self.d_model,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "key_dim": self.key_dim,
                 "mlp_ratio": self.mlp_ratio, "std_eps": self.std_eps,
-                "classify": self.classify, "absent_features": self.absent_features}
+                "classify": self.classify, "absent_features": self.absent_features,
+                "head": self.head, "n_bins": self.n_bins}
 
     @classmethod
     def from_config(cls, config):
@@ -105,7 +125,7 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
-        name=cfg.name.replace("-", "_"))
+        head=m.head, n_bins=m.n_bins, name=cfg.name.replace("-", "_"))
 
 
 INPUT_NAMES = ("x", "y", "is_query")
@@ -131,3 +151,65 @@ def masked_inputs(context_x, context_y, query_x) -> dict:
 def model_inputs(batch: dict) -> dict:
     """The model's named inputs from a batch that may carry more keys (task_id)."""
     return {k: batch[k] for k in INPUT_NAMES}
+
+
+def point_prediction(out):
+    """The model's point prediction [B, N, dy] from its output (a tensor, or the bar
+    head's dict)."""
+    return out["y_pred"] if isinstance(out, dict) else out
+
+
+def bar_distribution(model) -> Optional[BarDistribution]:
+    """The bar head's distribution (standardised units), or None for an mse head."""
+    if getattr(model, "head", "mse") != "bar":
+        return None
+    return model.get_layer("bar").distribution()
+
+
+class Predictive:
+    """A bar head's predictive distributions on the raw scale of y.
+
+    Args:
+      bars: the head's BarDistribution (standardised units).
+      out: the model's output dict (logits [B, N, dy, K], y_loc, y_scale [B, 1, dy]).
+
+    A context whose y do not vary (two or more points, all equal) has scale 0, as
+    in the mse head: the prediction is a point mass at that value (std 0, every
+    quantile the value, log density +inf there and -inf elsewhere).
+    """
+
+    def __init__(self, bars: BarDistribution, out: dict):
+        self.bars, self.logits = bars, out["logits"]
+        self.loc, self.scale = out["y_loc"], out["y_scale"]
+
+    def mean(self):
+        return self.bars.mean(self.logits) * self.scale + self.loc
+
+    def std(self):
+        return self.bars.stddev(self.logits) * self.scale
+
+    def quantiles(self, levels):
+        """levels [L] -> [B, N, dy, L]."""
+        levels = tf.convert_to_tensor(levels, tf.float32)
+        qs = tf.map_fn(lambda lv: self.bars.quantile(self.logits, lv), levels,
+                       fn_output_signature=tf.float32)  # (L, B, N, dy)
+        qs = tf.transpose(qs, tf.concat([tf.range(1, tf.rank(qs)), [0]], 0))
+        return qs * self.scale[..., None] + self.loc[..., None]
+
+    def _standardised(self, y):
+        safe = tf.where(self.scale > 0, self.scale, tf.ones_like(self.scale))
+        return (tf.cast(y, tf.float32) - self.loc) / safe, safe
+
+    def log_prob(self, y):
+        """log density of y [B, N, dy] on the raw scale."""
+        z, safe = self._standardised(y)
+        lp = self.bars.log_prob(self.logits, z) - tf.math.log(safe)
+        inf = tf.constant(float("inf"))
+        point = tf.where(tf.cast(y, tf.float32) == self.loc, inf, -inf)
+        return tf.where(self.scale > 0, lp, point)
+
+    def cdf(self, y):
+        """P(Y <= y) for y [B, N, dy] (the probability integral transform at y)."""
+        z, _ = self._standardised(y)
+        point = tf.cast(tf.cast(y, tf.float32) >= self.loc, tf.float32) * tf.ones_like(z)
+        return tf.where(self.scale > 0, self.bars.cdf(self.logits, z), point)

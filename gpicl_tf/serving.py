@@ -4,6 +4,10 @@
     client.status()                      # GET /v1/models/gpicl
     client.metadata()                    # GET /v1/models/gpicl/metadata
     mean = client.predict(context_x, context_y, query_x)   # [B, Nq, dy]
+    # a model with the bar head (predictive distributions):
+    out = client.predict_distribution(context_x, context_y, query_x)  # mean, std, quantiles
+    qs = client.quantiles(context_x, context_y, query_x, [0.1, 0.9])  # [B, Nq, dy, 2]
+    lp = client.log_prob(context_x, context_y, query_x, query_y)      # log_prob, cdf
 
 Requests use the row ("instances", one object per task) or the columnar
 ("inputs") format. Replies `{"predictions": ...}` / `{"outputs": ...}` are parsed
@@ -114,10 +118,13 @@ def parse_predict_response(body, output: str = "mean", expected_shape=None) -> n
     except (KeyError, TypeError, ValueError) as e:
         raise ServingError(f"unexpected reply: output {output!r} is missing, ragged or not "
                            f"numeric ({e})") from None
-    if expected_shape is not None and (arr.ndim != 3 or arr.shape[:2] != tuple(expected_shape)):
+    ndim = 4 if output == "quantiles" else 3
+    if expected_shape is not None and (arr.ndim != ndim
+                                       or arr.shape[:2] != tuple(expected_shape)):
+        tail = ", dy, levels" if ndim == 4 else ", dy"
         raise ServingError(f"unexpected reply: expected {output!r} of shape "
-                           f"[{expected_shape[0]}, {expected_shape[1]}, dy] for this request, "
-                           f"got {list(arr.shape)}")
+                           f"[{expected_shape[0]}, {expected_shape[1]}{tail}] for this "
+                           f"request, got {list(arr.shape)}")
     return arr
 
 
@@ -253,10 +260,42 @@ class TFServingClient:
 
     def predict(self, context_x, context_y, query_x, fmt: str = "columnar") -> np.ndarray:
         """POST .../:predict on serving_default; returns mean [B, Nq, dy]."""
-        body = build_request(context_x, context_y, query_x, fmt)
+        return self._outputs(context_x, context_y, query_x, ("mean",), fmt=fmt)["mean"]
+
+    def predict_distribution(self, context_x, context_y, query_x) -> dict:
+        """serving_default of a bar-head model: mean, std [B, Nq, dy] and quantiles
+        [B, Nq, dy, L] at the levels fixed at export (model_config's quantile_levels)."""
+        return self._outputs(context_x, context_y, query_x, ("mean", "std", "quantiles"))
+
+    def quantiles(self, context_x, context_y, query_x, levels) -> np.ndarray:
+        """The `quantiles` signature: [B, Nq, dy, L] at `levels` (each in (0, 1))."""
+        from gpicl_tf.distributions import check_levels
+
+        extra = {"levels": check_levels(levels).tolist()}
+        return self._outputs(context_x, context_y, query_x, ("quantiles",), "quantiles",
+                             extra)["quantiles"]
+
+    def log_prob(self, context_x, context_y, query_x, query_y) -> dict:
+        """The `log_prob` signature: log density and CDF of query_y [B, Nq, dy]."""
+        qy = _as_batch("query_y", query_y)
+        extra = {"query_y": qy.tolist()}
+        return self._outputs(context_x, context_y, query_x, ("log_prob", "cdf"), "log_prob",
+                             extra)
+
+    def _outputs(self, context_x, context_y, query_x, names, signature="serving_default",
+                 extra=None, fmt="columnar") -> dict:
+        body = build_request(context_x, context_y, query_x, fmt, signature)
+        if extra:
+            body["inputs"].update(extra)
+        reply = self._call(f"{self.model_url}:predict", body)
         qx = np.asarray(query_x)
-        return parse_predict_response(self._call(f"{self.model_url}:predict", body),
-                                      expected_shape=qx.shape[:2])
+        if len(names) > 1 and isinstance(reply, dict) and isinstance(reply.get("outputs"),
+                                                                     list):
+            raise ServingError(f"unexpected reply: expected outputs {list(names)}; the served "
+                               "model returns one output (is it a model with the bar head, "
+                               "model.head=bar?)")
+        return {n: parse_predict_response(reply, n, expected_shape=qx.shape[:2])
+                for n in names}
 
 
 def _is_int(v) -> bool:

@@ -333,15 +333,17 @@ class ProjectedLabels(TaskFamily):
         return x, tf.one_hot(label, self.y_dim)
 
 
-def gp_posterior_mean(x_ctx, y_ctx, x_query, length_scale, noise_var):
-    """Exact GP posterior mean with the true RBF kernel (the Bayes-optimal predictor).
+def gp_posterior(x_ctx, y_ctx, x_query, length_scale, noise_var):
+    """Exact GP posterior predictive with the true unit-variance RBF kernel (the
+    Bayes-optimal predictive distribution of gp_rbf tasks).
 
     Args:
       x_ctx: [Nc, dx] context inputs; y_ctx: [Nc, dy]; x_query: [Nq, dx].
       length_scale: the kernel's true length scale.
       noise_var: observation noise variance (plus the sampler's jitter).
     Returns:
-      [Nq, dy] posterior mean; the prior mean 0 when Nc == 0.
+      mean [Nq, dy] and variance [Nq, 1] of a noisy observation at each query
+      (float64); the prior (0, 1 + noise_var) when Nc == 0.
     """
     x_ctx = tf.cast(x_ctx, tf.float64)
     x_query = tf.cast(x_query, tf.float64)
@@ -349,8 +351,16 @@ def gp_posterior_mean(x_ctx, y_ctx, x_query, length_scale, noise_var):
     nc = tf.shape(x_ctx)[0]
     k = rbf_kernel(x_ctx, x_ctx, length_scale) + noise_var * tf.eye(nc, dtype=tf.float64)
     ks = rbf_kernel(x_query, x_ctx, length_scale)  # (Nq, Nc)
-    alpha = tf.linalg.cholesky_solve(tf.linalg.cholesky(k), y_ctx)
-    return tf.cast(tf.matmul(ks, alpha), tf.float32)
+    chol = tf.linalg.cholesky(k)
+    mean = tf.matmul(ks, tf.linalg.cholesky_solve(chol, y_ctx))
+    v = tf.linalg.triangular_solve(chol, tf.transpose(ks), lower=True)  # (Nc, Nq)
+    var = 1.0 + noise_var - tf.reduce_sum(tf.square(v), 0)[:, None]
+    return mean, tf.maximum(var, noise_var)
+
+
+def gp_posterior_mean(x_ctx, y_ctx, x_query, length_scale, noise_var):
+    """The mean of `gp_posterior` (the Bayes-optimal point prediction), float32 [Nq, dy]."""
+    return tf.cast(gp_posterior(x_ctx, y_ctx, x_query, length_scale, noise_var)[0], tf.float32)
 
 
 @register_family("prior")

@@ -27,7 +27,7 @@ from gpicl_tf.config import ExperimentConfig, read_config
 from gpicl_tf.files import check_dir_arg, write_atomic
 from gpicl_tf.losses import masked_query_loss
 from gpicl_tf.progress import progress_bar
-from gpicl_tf.model import build_model
+from gpicl_tf.model import bar_distribution, build_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,6 +133,26 @@ def learning_rate_schedule(cfg: ExperimentConfig):
 RESUME_KEEPS = ("steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_fraction",
                 "clip_norm", "seed", "precision", "loss")
 FINAL = "final.json"  # figures of a finished run, read back when it is rerun
+
+
+BORDERS_STREAM = 0xB0D5  # the tasks that place the bar head's borders (no training step)
+
+
+def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
+    """The bar head's n_bins + 1 borders: quantiles of the standardised query y of n_tasks
+    tasks of the training prior (standardised by each task's context, as the model does).
+
+    A pure function of (task config, seed, n_bins): every worker and every resume
+    computes the same borders (they are also in every checkpoint).
+    """
+    from gpicl_tf.distributions import borders_from_samples
+    from gpicl_tf.layers import ContextStandardizer
+
+    b = data_lib.sample_batch(cfg.task, cfg.train.seed, n_tasks, stream=BORDERS_STREAM)
+    _, loc, scale = ContextStandardizer(eps=cfg.model.std_eps)(b["x"], b["y"], b["is_query"])
+    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    z = ((b["y"] - loc) / scale).numpy()  # (T, N, dy)
+    return borders_from_samples(z[b["is_query"].numpy() > 0.5], cfg.model.n_bins)
 
 
 def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list:
@@ -272,12 +292,13 @@ class Trainer:
         loss_name, clip = cfg.loss, cfg.train.clip_norm
         variables = model.trainable_variables
         single = strategy.num_replicas_in_sync == 1
+        bars = bar_distribution(model)
 
         def loss_and_grads(batch, global_count):
             with tf.GradientTape() as tape:
                 pred = model(batch, training=True)
                 loss = masked_query_loss(batch["y"], pred, batch["is_query"], loss_name,
-                                         global_count)
+                                         global_count, bars)
             return loss, tape.gradient(loss, variables)
 
         def finite_and_clipped(loss, grads):
@@ -393,6 +414,8 @@ class Trainer:
         self._check_config()
         start = self.restore()
         self._agree_on_step(start)
+        if start == 0 and self.cfg.model.head == "bar":  # a fresh run: the prior's borders
+            self.model.get_layer("bar").borders.assign(prior_borders(self.cfg))
         if start < self.cfg.train.steps:
             os.makedirs(self.logdir, exist_ok=True)
             if self.chief:

@@ -99,6 +99,12 @@ def test_borders_hold_equal_prior_mass_and_stay_increasing_with_ties():
     s = rng.standard_t(3, size=50000)
     b = borders_from_samples(s, 10)
     counts = np.histogram(s, b)[0]
-    assert counts.min() > 0.9 * len(s) / 10
+    assert counts[1:-1].min() > 0.9 * len(s) / 10 and counts[1:-1].max() < 1.1 * len(s) / 10
+    # The outer bins (tails included) hold 1/10 each; half of it lies within their width,
+    # as the half-normal tails assume.
+    assert np.mean(s < b[1]) == pytest.approx(0.1, abs=0.005)
+    assert np.mean(s > b[-2]) == pytest.approx(0.1, abs=0.005)
+    assert counts[0] / len(s) == pytest.approx(0.05, abs=0.005)
+    assert counts[-1] / len(s) == pytest.approx(0.05, abs=0.005)
     tied = borders_from_samples(np.r_[np.zeros(900), rng.normal(size=100)], 10)
     assert np.all(np.diff(tied) > 0)

@@ -1,0 +1,437 @@
+"""The bar-distribution head (issue 5/7): the model's predictive distributions, their loss,
+the export's signatures, the estimator's return_std / quantiles, gpicl-eval's scores."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpicl_tf.config import apply_overrides, get_preset
+
+BAR = ["model.head=bar", "model.n_bins=24"]
+
+
+def _bar_model(overrides=()):
+    """A tiny bar-head model with random (non-zero) logits and borders of the prior."""
+    from gpicl_tf.model import build_model
+    from gpicl_tf.train import prior_borders
+
+    cfg = apply_overrides(get_preset("tiny"), BAR + list(overrides))
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg)
+    bar = model.get_layer("bar")
+    for w in bar.dense.weights:
+        w.assign(tf.random.normal(w.shape, stddev=0.5, seed=5))
+    bar.borders.assign(prior_borders(cfg, n_tasks=256))
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def bar_model():
+    return _bar_model()
+
+
+@pytest.fixture(scope="module")
+def bar_export(bar_model, tmp_path_factory):
+    from gpicl_tf.export import export_model
+
+    model, cfg = bar_model
+    base = str(tmp_path_factory.mktemp("bar"))
+    return export_model(model, cfg, base, "bar")
+
+
+def _task(seed=0, nc=9, nq=6, dx=1):
+    rng = np.random.default_rng(seed)
+    cx = rng.uniform(-1, 1, (3, nc, dx)).astype("float32")
+    qx = rng.uniform(-1, 1, (3, nq, dx)).astype("float32")
+    f = lambda x: (np.sin(3 * x[..., :1]) * 4.0 + 10.0).astype("float32")
+    return cx, f(cx) + 0.1 * rng.normal(size=(3, nc, 1)).astype("float32"), qx, f(qx)
+
+
+def _keras_predictive(model, cx, cy, qx):
+    from gpicl_tf.model import Predictive, bar_distribution, masked_inputs
+
+    out = model(masked_inputs(cx, cy, qx), training=False)
+    nc = cx.shape[1]
+    out = dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:])
+    return Predictive(bar_distribution(model), out), out
+
+
+# ------------------------------------------------------------------ the model
+def test_with_the_mse_head_the_model_is_unchanged():
+    """A .keras file saved by the code before the bar head existed loads into the same
+    variables, and predicts the same numbers; build_model makes the same variables."""
+    from gpicl_tf.model import build_model
+
+    here = os.path.join(os.path.dirname(__file__), "data")
+    old = keras.saving.load_model(os.path.join(here, "tiny_mse_head_v0.keras"))
+    io = np.load(os.path.join(here, "tiny_mse_head_v0_io.npz"))
+    pred = old({"x": io["x"], "y": io["y"] * (1 - io["q"][..., None]), "is_query": io["q"]})
+    assert not isinstance(pred, dict)
+    np.testing.assert_allclose(pred.numpy(), io["pred"], rtol=1e-6, atol=1e-6)
+    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "task.min_x_dim=1",
+                                               "model.absent_features=flags"])
+    assert cfg.model.head == "mse" and cfg.loss == "mse"
+    new = build_model(cfg)
+    assert [(v.path, tuple(v.shape)) for v in new.weights] == \
+        [(v.path, tuple(v.shape)) for v in old.weights]
+    new.set_weights(old.get_weights())
+    again = new({"x": io["x"], "y": io["y"] * (1 - io["q"][..., None]), "is_query": io["q"]})
+    np.testing.assert_array_equal(again.numpy(), pred.numpy())
+
+
+def test_quantiles_are_monotone_and_moments_match_the_density_on_the_raw_scale(bar_model):
+    """The graph's mean and std are the analytic moments of the density it reports
+    (integrated numerically over y on the raw scale), and CDF(quantile(a)) = a."""
+    from gpicl_tf.model import Predictive
+
+    model, _ = bar_model
+    cx, cy, qx, _ = _task()
+    dist, out = _keras_predictive(model, cx, cy, qx)
+    mean, std = dist.mean().numpy(), dist.std().numpy()
+    np.testing.assert_allclose(out["y_pred"].numpy(), mean, rtol=1e-5, atol=1e-5)
+    levels = np.array([0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99], np.float32)
+    qs = dist.quantiles(levels).numpy()  # (3, 6, 1, 7)
+    assert np.all(np.diff(qs, axis=-1) > 0)
+    for j, lv in enumerate(levels):
+        np.testing.assert_allclose(dist.cdf(qs[..., j]).numpy(), lv, atol=1e-4)
+    borders = model.get_layer("bar").borders.numpy().astype(np.float64)
+    for b in range(3):
+        scale, loc = float(out["y_scale"][b, 0, 0]), float(out["y_loc"][b, 0, 0])
+        # Pieces between the borders (raw scale), so no trapezoid straddles a jump.
+        edges = np.r_[borders[0] - 40 * (borders[1] - borders[0]), borders,
+                      borders[-1] + 40 * (borders[-1] - borders[-2])] * scale + loc
+        pieces = [a + (c - a) * (np.arange(4000) + 0.5) / 4000
+                  for a, c in zip(edges[:-1], edges[1:])]
+        widths = np.diff(edges) / 4000
+        grid = np.concatenate(pieces)
+        for i in range(2):
+            one = {k: v[b:b + 1] for k, v in out.items()}
+            one["logits"] = tf.repeat(one["logits"][:, i:i + 1], len(grid), axis=1)
+            p = Predictive(dist.bars, one)
+            dens = np.exp(p.log_prob(tf.constant(grid[None, :, None], tf.float32)).numpy()
+                          .astype(np.float64)).reshape(len(pieces), -1)
+            integral = lambda f: sum(np.sum(f(g) * d) * w for g, d, w in zip(pieces, dens, widths))
+            assert integral(lambda g: 1.0) == pytest.approx(1.0, abs=1e-4)
+            m = integral(lambda g: g)
+            v = integral(lambda g: (g - m) ** 2)
+            assert mean[b, i, 0] == pytest.approx(m, abs=1e-4 * float(std[b, i, 0]))
+            assert std[b, i, 0] == pytest.approx(math.sqrt(v), rel=1e-3)
+
+
+def test_query_independence_holds_for_the_distribution(bar_model):
+    model, _ = bar_model
+    cx, cy, qx, _ = _task(1)
+    a, _ = _keras_predictive(model, cx, cy, qx)
+    qx2 = qx.copy()
+    qx2[:, 1:] = np.random.default_rng(9).uniform(-1, 1, qx2[:, 1:].shape)
+    b, _ = _keras_predictive(model, cx, cy, qx2)
+    levels = [0.1, 0.5, 0.9]
+    np.testing.assert_allclose(a.quantiles(levels).numpy()[:, 0], b.quantiles(levels).numpy()[:, 0],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.std().numpy()[:, 0], b.std().numpy()[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_bar_layers_round_trip_through_a_keras_file(bar_model, tmp_path):
+    model, _ = bar_model
+    path = str(tmp_path / "bar.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_array_equal(again.get_layer("bar").borders.numpy(),
+                                  model.get_layer("bar").borders.numpy())
+    cx, cy, qx, _ = _task(2)
+    a, _ = _keras_predictive(model, cx, cy, qx)
+    b, _ = _keras_predictive(again, cx, cy, qx)
+    np.testing.assert_allclose(a.quantiles([0.2, 0.8]).numpy(), b.quantiles([0.2, 0.8]).numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_the_bar_head_is_refused_for_classification_and_nll_needs_it():
+    with pytest.raises(ValueError, match="model.head='bar' is invalid.*'mse' for classification"):
+        apply_overrides(get_preset("tiny"), ["task.family=projected_labels",
+                                             "task.dataset=digits", "task.y_dim=10",
+                                             "task.standardize_y=false",
+                                             "model.head=bar"])
+    with pytest.raises(ValueError, match="train.loss='nll' is invalid"):
+        apply_overrides(get_preset("tiny"), ["train.loss=nll"])
+    with pytest.raises(ValueError, match="model.n_bins=2 is invalid"):
+        apply_overrides(get_preset("tiny"), ["model.head=bar", "model.n_bins=2"])
+    assert apply_overrides(get_preset("tiny"), BAR).loss == "nll"
+
+
+# ------------------------------------------------------------------- the loss
+def test_nll_loss_is_the_mean_query_nll_and_splits_exactly_over_replicas(bar_model):
+    from gpicl_tf.losses import masked_query_loss
+    from gpicl_tf.model import bar_distribution, masked_inputs
+
+    model, _ = bar_model
+    cx, cy, qx, qy = _task(3)
+    inputs = masked_inputs(cx, cy, qx)
+    y = tf.concat([cy, qy], 1)
+    q = inputs["is_query"].numpy()
+    q[1, -2:] = 0.0  # replicas with different query counts
+    out = model(dict(inputs, is_query=tf.constant(q)), training=False)
+    bars = bar_distribution(model)
+    full = float(masked_query_loss(y, out, q, "nll", bars=bars))
+    scale = out["y_scale"].numpy()
+    z = (y.numpy() - out["y_loc"].numpy()) / scale
+    lp = bars.log_prob(out["logits"], tf.constant(z)).numpy()[..., 0]  # (B, N)
+    np.testing.assert_allclose(full, -(lp * q).sum() / q.sum(), rtol=1e-5)
+    total = sum(float(masked_query_loss(y[i:i + 2], {k: v[i:i + 2] for k, v in out.items()},
+                                        q[i:i + 2], "nll", q.sum(), bars)) for i in (0, 2))
+    np.testing.assert_allclose(total, full, rtol=1e-5)
+
+
+def test_training_sets_the_prior_borders_learns_and_resumes_with_them(tmp_path):
+    from gpicl_tf.train import Trainer, prior_borders
+
+    cfg = apply_overrides(get_preset("tiny"), BAR + ["train.steps=120",
+                                                     "train.checkpoint_every=60"])
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    before = trainer.evaluate(trainer.eval_batch())
+    result = trainer.train(verbose=False)
+    want = prior_borders(cfg)
+    np.testing.assert_array_equal(trainer.model.get_layer("bar").borders.numpy(), want)
+    assert want[0] < -1.0 and want[-1] > 1.0 and np.all(np.diff(want) > 0)
+    assert result.eval_loss < before - 0.3, (before, result.eval_loss)
+    again = Trainer(cfg, str(tmp_path / "run"))
+    again.model.get_layer("bar").borders.assign(np.zeros_like(want) + np.arange(len(want)))
+    assert again.restore() == 120
+    np.testing.assert_array_equal(again.model.get_layer("bar").borders.numpy(), want)
+
+
+# ------------------------------------------------------------------ the export
+def test_export_returns_the_keras_models_std_quantiles_and_density(bar_model, bar_export):
+    from gpicl_tf.export import DEFAULT_LEVELS
+
+    model, _ = bar_model
+    cx, cy, qx, qy = _task(4)
+    dist, out = _keras_predictive(model, cx, cy, qx)
+    sigs = tf.saved_model.load(bar_export).signatures
+    assert set(sigs) >= {"serving_default", "quantiles", "log_prob", "masked", "model_config"}
+    served = sigs["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served["mean"].numpy(), dist.mean().numpy(), **tol)
+    np.testing.assert_allclose(served["std"].numpy(), dist.std().numpy(), **tol)
+    np.testing.assert_allclose(served["quantiles"].numpy(),
+                               dist.quantiles(DEFAULT_LEVELS).numpy(), **tol)
+    levels = np.array([0.02, 0.3, 0.97], np.float32)
+    got = sigs["quantiles"](context_x=cx, context_y=cy, query_x=qx, levels=levels)
+    np.testing.assert_allclose(got["quantiles"].numpy(), dist.quantiles(levels).numpy(), **tol)
+    lp = sigs["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+    np.testing.assert_allclose(lp["log_prob"].numpy(), dist.log_prob(qy).numpy(), **tol)
+    np.testing.assert_allclose(lp["cdf"].numpy(), dist.cdf(qy).numpy(), **tol)
+    meta = sigs["model_config"](unused=tf.zeros([1]))
+    np.testing.assert_allclose(meta["quantile_levels"].numpy(), DEFAULT_LEVELS)
+
+
+def test_quantile_levels_outside_zero_one_are_refused(bar_model, bar_export, tmp_path):
+    from gpicl_tf.export import export_model
+
+    model, cfg = bar_model
+    with pytest.raises(ValueError, match=r"quantile levels \[1.0\] are invalid: expected "
+                                         "numbers strictly between 0 and 1"):
+        export_model(model, cfg, str(tmp_path), "bad", quantile_levels=[0.5, 1.0])
+    assert not os.path.exists(tmp_path / "bad")
+    cx, cy, qx, _ = _task(5)
+    sig = tf.saved_model.load(bar_export).signatures["quantiles"]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="levels: expected quantile levels strictly between 0 and 1"):
+        sig(context_x=cx, context_y=cy, query_x=qx, levels=np.array([0.0, 0.5], np.float32))
+
+
+def test_an_export_with_custom_levels_serves_them(bar_model, tmp_path):
+    from gpicl_tf.export import export_model
+
+    model, cfg = bar_model
+    path = export_model(model, cfg, str(tmp_path), "lv", quantile_levels=[0.1, 0.9])
+    sigs = tf.saved_model.load(path).signatures
+    cx, cy, qx, _ = _task(6)
+    out = sigs["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    assert out["quantiles"].shape == (3, 6, 1, 2)
+    dist, _ = _keras_predictive(model, cx, cy, qx)
+    np.testing.assert_allclose(out["quantiles"].numpy(), dist.quantiles([0.1, 0.9]).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------- the estimator
+def test_estimator_return_std_and_quantiles_equal_the_export(bar_export):
+    from gpicl_tf import InContextRegressor
+
+    cx, cy, qx, qy = _task(7)
+    X, y, Xq = cx[0], cy[0, :, 0], qx[0]
+    reg = InContextRegressor(bar_export).fit(X, y)
+    mean, std = reg.predict(Xq, return_std=True)
+    qs = reg.predict_quantiles(Xq, [0.05, 0.5, 0.95])
+    sig = tf.saved_model.load(bar_export).signatures
+    served = sig["serving_default"](context_x=cx[:1], context_y=cy[:1], query_x=qx[:1])
+    np.testing.assert_allclose(mean, served["mean"].numpy()[0, :, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(std, served["std"].numpy()[0, :, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(qs, served["quantiles"].numpy()[0, :, 0][:, [0, 2, 4]],
+                               rtol=1e-4, atol=1e-4)
+    assert qs.shape == (6, 3) and np.all(np.diff(qs, axis=1) > 0)
+    np.testing.assert_allclose(reg.predict(Xq, output_type="median"), qs[:, 1], rtol=1e-6)
+    listed = reg.predict(Xq, output_type="quantiles", quantiles=[0.05, 0.95])
+    assert len(listed) == 2 and np.allclose(listed[1], qs[:, 2], rtol=1e-6)
+    assert reg.score(Xq, qy[0, :, 0]) == pytest.approx(
+        1 - np.sum((qy[0, :, 0] - mean) ** 2) / np.sum((qy[0, :, 0] - qy[0, :, 0].mean()) ** 2),
+        rel=1e-6)
+    with pytest.raises(ValueError, match=r"quantiles: quantile levels \[1.5\] are invalid"):
+        reg.predict_quantiles(Xq, [0.5, 1.5])
+    with pytest.raises(ValueError, match="output_type='mode': expected 'mean', 'median'"):
+        reg.predict(Xq, output_type="mode")
+
+
+def test_subsets_combine_distributions_as_a_mixture(bar_export):
+    """With more points than the context holds, the subsets' distributions form an
+    equal-weight mixture: mean = average, variance = the mixture's, and the mixture's
+    CDF at each returned quantile equals its level."""
+    from gpicl_tf import InContextRegressor
+
+    rng = np.random.default_rng(3)
+    X = rng.uniform(-1, 1, (40, 1))
+    y = np.sin(3 * X[:, 0]) + 0.1 * rng.normal(size=40)
+    Xq = rng.uniform(-1, 1, (5, 1))
+    reg = InContextRegressor(bar_export, max_context=12, context_strategy="subsets",
+                             n_subsets=3).fit(X, y)
+    mean, std = reg.predict(Xq, return_std=True)
+    levels = np.array([0.1, 0.5, 0.9])
+    qs = reg.predict_quantiles(Xq, levels)
+    # The components, one per subset, straight from the signatures.
+    sigs = tf.saved_model.load(bar_export).signatures
+    sub = np.random.default_rng(0)
+    comps = [sub.choice(40, 12, replace=False) for _ in range(3)]
+    xs = (X - reg._x_loc) / reg._x_scale
+    ys = (y[:, None] - reg._y_loc) / reg._y_scale
+    xq = ((Xq - reg._x_loc) / reg._x_scale)[None].astype("float32")
+    outs = [sigs["serving_default"](context_x=xs[c][None].astype("float32"),
+                                    context_y=ys[c][None].astype("float32"), query_x=xq)
+            for c in comps]
+    m = np.array([o["mean"].numpy()[0, :, 0] for o in outs])
+    s = np.array([o["std"].numpy()[0, :, 0] for o in outs])
+    mix_mean = m.mean(0)
+    mix_std = np.sqrt(np.mean(s ** 2 + m ** 2, 0) - mix_mean ** 2)
+    np.testing.assert_allclose(mean, mix_mean * reg._y_scale + reg._y_loc, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std, mix_std * reg._y_scale, rtol=1e-4, atol=1e-5)
+    for j, lv in enumerate(levels):
+        qz = ((qs[:, j] - reg._y_loc) / reg._y_scale)[None, :, None].astype("float32")
+        cdf = np.mean([sigs["log_prob"](context_x=xs[c][None].astype("float32"),
+                                        context_y=ys[c][None].astype("float32"),
+                                        query_x=xq, query_y=qz)["cdf"].numpy()[0, :, 0]
+                       for c in comps], 0)
+        np.testing.assert_allclose(cdf, lv, atol=1e-4)
+    # Not the average of the components' quantiles (unless they coincide).
+    assert np.all(np.diff(qs, axis=1) > 0)
+
+
+def test_a_mean_only_model_says_so_when_asked_for_a_distribution(tiny_export_dir):
+    from gpicl_tf import InContextRegressor
+
+    X = np.linspace(-1, 1, 10)[:, None]
+    reg = InContextRegressor(tiny_export_dir).fit(X, X[:, 0])
+    for call in (lambda: reg.predict(X, return_std=True),
+                 lambda: reg.predict_quantiles(X, [0.5]),
+                 lambda: reg.predict(X, output_type="median")):
+        with pytest.raises(ValueError, match=r"predicts a mean only \(model.head='mse'\); "
+                                             "expected a model trained with model.head=bar"):
+            call()
+
+
+def test_the_serving_client_and_url_estimator_give_the_export_numbers(bar_export):
+    from fake_serving import FakeServing
+
+    from gpicl_tf import InContextRegressor
+    from gpicl_tf.serving import TFServingClient
+
+    cx, cy, qx, qy = _task(8)
+    sigs = tf.saved_model.load(bar_export).signatures
+    ref = sigs["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    ref_q = sigs["quantiles"](context_x=cx, context_y=cy, query_x=qx,
+                              levels=np.array([0.2, 0.7], np.float32))["quantiles"]
+    ref_lp = sigs["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+    version = int(os.path.basename(bar_export))
+    with FakeServing(versions={version: bar_export}) as srv:
+        client = TFServingClient(srv.url, "gpicl")
+        got = client.predict_distribution(cx, cy, qx)
+        for k in ("mean", "std", "quantiles"):
+            np.testing.assert_allclose(got[k], ref[k].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(client.quantiles(cx, cy, qx, [0.2, 0.7]), ref_q.numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        lp = client.log_prob(cx, cy, qx, qy)
+        np.testing.assert_allclose(lp["log_prob"], ref_lp["log_prob"].numpy(), rtol=1e-5,
+                                   atol=1e-5)
+        with pytest.raises(ValueError, match="expected numbers strictly between 0 and 1"):
+            client.quantiles(cx, cy, qx, [1.0])
+        X, y, Xq = cx[0], cy[0, :, 0], qx[0]
+        remote = InContextRegressor(f"{srv.url}/v1/models/gpicl").fit(X, y)
+        local = InContextRegressor(bar_export).fit(X, y)
+        for a, b in zip(remote.predict(Xq, return_std=True), local.predict(Xq, return_std=True)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(remote.predict_quantiles(Xq, [0.3]),
+                                   local.predict_quantiles(Xq, [0.3]), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- gpicl-eval
+def test_distribution_scores_of_a_gaussian_match_closed_forms():
+    from scipy.stats import norm
+
+    from gpicl_tf.evaluate import distribution_scores, gaussian_dist
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(2.0, 3.0, (200, 50, 1))
+    s = distribution_scores(gaussian_dist(np.full_like(y, 2.0), np.full_like(y, 3.0), y), y)
+    z = (y - 2.0) / 3.0
+    crps = 3.0 * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / math.sqrt(math.pi))
+    np.testing.assert_allclose(s["crps"], crps.mean(axis=(1, 2)), rtol=2e-3)
+    assert s["nll"].mean() == pytest.approx(0.5 * math.log(2 * math.pi * math.e * 9), abs=0.02)
+    assert s["cover50"].mean() == pytest.approx(0.5, abs=0.01)
+    assert s["cover90"].mean() == pytest.approx(0.9, abs=0.01)
+    hist = np.histogram(s["pit"], 10, (0, 1))[0] / s["pit"].size
+    np.testing.assert_allclose(hist, 0.1, atol=0.01)
+    over = distribution_scores(gaussian_dist(np.full_like(y, 2.0), np.full_like(y, 1.0), y), y)
+    assert over["cover90"].mean() < 0.5 and over["nll"].mean() > s["nll"].mean() + 1
+
+
+def test_the_exact_gp_posterior_equals_scikit_learns_with_the_kernel_fixed():
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, WhiteKernel
+
+    from gpicl_tf.tasks import gp_posterior
+
+    rng = np.random.default_rng(1)
+    x, xq = rng.uniform(-1, 1, (7, 2)), rng.uniform(-1, 1, (5, 2))
+    y = np.sin(2 * x[:, :1]) + x[:, 1:]
+    mean, var = (t.numpy() for t in gp_posterior(x, y, xq, 0.5, 0.01))
+    gp = GaussianProcessRegressor(RBF(0.5, "fixed") + WhiteKernel(0.01, "fixed"),
+                                  optimizer=None).fit(x, y[:, 0])
+    m_ref, s_ref = gp.predict(xq, return_std=True)
+    np.testing.assert_allclose(mean[:, 0], m_ref, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.sqrt(var[:, 0]), s_ref, rtol=1e-6)
+
+
+def test_gpicl_eval_scores_the_distribution_of_every_method_that_has_one(bar_export, tmp_path):
+    from gpicl_tf import evaluate as ev
+    from gpicl_tf.export import load_config
+
+    cfg = load_config(bar_export)
+    suites = [s for s in ev.default_suites(cfg) if s.name in ("gp_rbf_l0.5", "sine")]
+    results = ev.evaluate(ev.saved_model_predict_fn(bar_export), cfg, suites, ks=[4],
+                          baselines=["mean", "gp"], n_tasks=8, n_queries=4, progress=False,
+                          dist_fn=ev.saved_model_dist_fn(bar_export))
+    gp_suite = results["suites"]["gp_rbf_l0.5"]["methods"]
+    for meth in ("model", "gp", "bayes_optimal"):
+        cell = gp_suite[meth]["4"]
+        assert {"nll", "crps", "cover50", "cover90", "pit_hist"} <= set(cell)
+        assert sum(cell["pit_hist"]) == 8 * 4 and 0 <= cell["cover50"] <= cell["cover90"] <= 1
+    assert "nll" not in gp_suite["mean"]["4"]  # no predictive distribution
+    assert "bayes_optimal" not in results["suites"]["sine"]["methods"]
+    ev.write_outputs(results, str(tmp_path), ev.saved_model_predict_fn(bar_export), cfg, suites,
+                     dist_fn=ev.saved_model_dist_fn(bar_export))
+    md = (tmp_path / "results.md").read_text()
+    assert "NLL on 8 tasks" in md and "COVER90 on 8 tasks" in md
+    assert (tmp_path / "calibration.png").stat().st_size > 10_000
+    assert (tmp_path / "fits_sine.png").exists()  # with the model's 90% interval shaded
+    assert ev.saved_model_dist_fn(bar_export) is not None
