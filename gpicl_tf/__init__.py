@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from gpicl_tf.estimator import InContextRegressor  # noqa: E402
+from gpicl_tf.estimator import InContextClassifier, InContextRegressor  # noqa: E402
 
-__all__ = ["InContextRegressor", "__version__"]
+__all__ = ["InContextClassifier", "InContextRegressor", "__version__"]

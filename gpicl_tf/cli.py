@@ -131,6 +131,14 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
     """
     from gpicl_tf import evaluate
 
+    if cfg.task.kind == "classification":
+        from gpicl_tf import evaluate_classification as ec
+
+        print("\nShort evaluation on datasets it never saw (full table: gpicl-eval --model "
+              f"{os.path.dirname(export_path) if export_path else 'exports/NAME'} --out {out}):")
+        ec.short_report(ec.saved_model_classify_fn(export_path) if export_path
+                        else ec.keras_classify_fn(trainer.model, cfg), cfg, out)
+        return
     predict = (evaluate.saved_model_predict_fn(export_path) if export_path
                else evaluate.keras_predict_fn(trainer.model))
     # the training family, 1-D transfer, and (for a model of width >= 4) a noisy Garg suite
@@ -192,7 +200,7 @@ def _train(argv) -> int:
     if result.complete and os.path.exists(os.path.join(report_dir, "results.md")):
         print(f"report (unchanged): {report_dir}/results.md")
     elif not args.no_report:
-        if cfg.task.x_dim_min == 1:
+        if cfg.task.x_dim_min == 1 and cfg.task.kind == "regression":
             from gpicl_tf.evaluate import prediction_figure
 
             fig_path = os.path.join(logdir, "predictions.png")
@@ -251,16 +259,26 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="export base folder, e.g. exports/gpicl")
     p.add_argument("--version", type=int, help="version to evaluate (default: the highest)")
     p.add_argument("--out", required=True, help="output folder, e.g. reports/gpicl")
-    p.add_argument("--suites", default="all", help="comma-separated suite names (default: all)")
+    p.add_argument("--suites", default="all", help="comma-separated suite names (default: all; "
+                                                   "regression models)")
+    p.add_argument("--datasets", default=None,
+                   help="classification models: comma-separated transfer datasets (default: "
+                        "iris,wine,breast_cancer,digits_test; with --data-dir also mnist, "
+                        "fashion_mnist, kmnist, cifar10, svhn_cropped)")
+    p.add_argument("--data-dir", default=None,
+                   help="classification models: where tensorflow-datasets datasets are prepared")
     p.add_argument("--ks", default=None, help="context sizes, e.g. 1,2,4,8 "
-                                              "(default: 1..64 up to what the model supports)")
+                                              "(default: 1..64 up to what the model supports; "
+                                              "classification: examples per class, 1,5,10,25)")
     p.add_argument("--baselines", default=None,
                    help="comma-separated per-task learners (default: mean,knn,ridge,"
-                        "poly_ridge,gp; add mlp for the slow per-task MLP)")
-    p.add_argument("--tasks", type=positive_int("--tasks"), default=128,
-                   help="tasks per suite and k; every method runs on the same tasks")
-    p.add_argument("--queries", type=positive_int("--queries"), default=16,
-                   help="query points per task")
+                        "poly_ridge,gp; add mlp for the slow per-task MLP; classification: "
+                        "sgd,logreg,knn,random_forest,gbt)")
+    p.add_argument("--tasks", type=positive_int("--tasks"), default=None,
+                   help="tasks per suite and k (default 128; classification 32); every "
+                        "method runs on the same tasks")
+    p.add_argument("--queries", type=positive_int("--queries"), default=None,
+                   help="query points per task (default 16; classification 64)")
     p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
     return p
 
@@ -276,7 +294,13 @@ def _eval(argv) -> int:
     ks = int_list("--ks", a.ks) if a.ks else None
     quiet_tensorflow()
     from gpicl_tf import evaluate
+    from gpicl_tf.export import load_config, resolve_version
 
+    if load_config(resolve_version(a.model, a.version)).task.kind == "classification":
+        from gpicl_tf import evaluate_classification
+
+        return evaluate_classification.run_cli(a, ks)
+    a.tasks, a.queries = a.tasks or 128, a.queries or 16
     return evaluate.run_cli(a, ks)
 
 

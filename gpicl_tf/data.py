@@ -69,12 +69,15 @@ class TaskSampler:
             if fn_seed is not None:
                 kw["fn_seed"] = fold(fn_seed, i)
             outs.append(f.sample_xy(x_seed, u, n, **kw))
-        x = outs[0][0]  # every regression family draws x the same way
         ys = tf.stack([o[1] for o in outs], 1)  # (U, F, N, dy)
         if fn_seeds is not None:  # a pool function keeps its family
             pick = tf.concat([self._pick(fold(s, 99), 1) for s in fn_seeds], 0)
         else:
             pick = self._pick(fold(fn_seed, 99), u)
+        if any(f.own_x for f in self.families):  # inputs drawn with the labels (classes)
+            x = tf.gather(tf.stack([o[0] for o in outs], 1), pick, batch_dims=1)
+        else:
+            x = outs[0][0]  # every regression family draws x the same way
         return x, tf.gather(ys, pick, batch_dims=1)
 
     def block(self, step, index, u: int, n_context=None, x_low=None, x_high=None):

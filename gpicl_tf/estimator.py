@@ -33,7 +33,8 @@ import re
 from typing import Optional
 
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gpicl_tf.config import MAX_ABS_VALUE
@@ -80,6 +81,14 @@ class _SavedModelBackend:
     def cdf(self, cx, cy, qx, qy):
         return self._run("log_prob", cx, cy, qx, query_y=qy)["cdf"]
 
+    def classify(self, cx, ids, qx):
+        import tensorflow as tf
+
+        out = self.sig(context_x=tf.constant(cx, tf.float32),
+                       context_y=tf.constant(ids, tf.int64),
+                       query_x=tf.constant(qx, tf.float32))
+        return out["probabilities"].numpy()
+
 
 class _ServingBackend:
     def __init__(self, url: str, version: Optional[int], timeout: float):
@@ -115,8 +124,72 @@ class _ServingBackend:
     def cdf(self, cx, cy, qx, qy):
         return self._run("log_prob", cx, cy, qx, qy)["cdf"]
 
+    def classify(self, cx, ids, qx):
+        return self._run("classify", cx, ids, qx)
 
-class InContextRegressor(RegressorMixin, BaseEstimator):
+
+class _InContextMixin:
+    """What both estimators share: the loaded model (a SavedModel or a TF Serving URL),
+    pickling without it, and the input-width check."""
+
+    _kind = "regression"
+
+    # -------------------------------------------------------------- backend
+    def _backend(self):
+        """The loaded model; reloaded when model, version or timeout changed (set_params)."""
+        key = (self.model, self.version, self.timeout)
+        backend = getattr(self, "_backend_obj", None)
+        if backend is None or getattr(self, "_backend_key", None) != key:
+            model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
+            if not isinstance(model, str) or not model:
+                raise ValueError(f"model={self.model!r}: expected an export path or a TF "
+                                 "Serving URL")
+            if model.startswith(("http://", "https://")):
+                if not _URL.match(model):
+                    raise ValueError(f"model={self.model!r}: expected a URL of the form "
+                                     "http://host:port/v1/models/<name>[/versions/<v>]")
+                backend = _ServingBackend(model, self.version, self.timeout)
+            else:
+                backend = _SavedModelBackend(model, self.version)
+            kind = backend.cfg.task.kind
+            if kind != self._kind:
+                other = "InContextClassifier" if kind == "classification" else \
+                    "InContextRegressor"
+                raise ValueError(f"model={self.model!r} is a {kind} model: expected a "
+                                 f"{self._kind} model here; use {other}")
+            self._backend_obj, self._backend_key = backend, key
+        return backend
+
+    def __getstate__(self):  # a loaded TF function does not pickle; reload lazily
+        state = dict(self.__dict__)
+        state.pop("_backend_obj", None)
+        state.pop("_backend_key", None)
+        return state
+
+    def _check_width(self, X, cfg):
+        lo, hi = cfg.task.x_dim_min, cfg.task.x_dim
+        if not lo <= X.shape[1] <= hi:
+            want = f"{hi}" if lo == hi else f"from {lo} to {hi} (it reads at most {hi})"
+            raise ValueError(f"X has {X.shape[1]} features, but the model {self.model!r} "
+                             f"expects {want}")
+
+    def _queries(self, X):
+        """X checked and standardised like the context."""
+        check_is_fitted(self, "X_context_")
+        if self.n_features_in_ > 1 and np.asarray(X).ndim == 1:  # one sample or one feature?
+            raise ValueError(f"X: expected a 2-D array of {self.n_features_in_} features, got a "
+                             "1-D array. Reshape your data with X.reshape(1, -1) if it is a "
+                             "single sample")
+        X = _as_2d(X)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        Xs = (X - self._x_loc) / self._x_scale
+        if len(X) and np.abs(Xs).max() > MAX_ABS_VALUE:
+            raise ValueError("X: a query lies more than 1e36 context spreads from the context; "
+                             "expected inputs on the scale of the fitted data")
+        return Xs
+
+
+class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
     """A regressor that learns in context: fit stores points, predict runs the model.
 
     Args:
@@ -144,32 +217,6 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         self.random_state = random_state
         self.timeout = timeout
 
-    # -------------------------------------------------------------- backend
-    def _backend(self):
-        """The loaded model; reloaded when model, version or timeout changed (set_params)."""
-        key = (self.model, self.version, self.timeout)
-        backend = getattr(self, "_backend_obj", None)
-        if backend is None or getattr(self, "_backend_key", None) != key:
-            model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
-            if not isinstance(model, str) or not model:
-                raise ValueError(f"model={self.model!r}: expected an export path or a TF "
-                                 "Serving URL")
-            if model.startswith(("http://", "https://")):
-                if not _URL.match(model):
-                    raise ValueError(f"model={self.model!r}: expected a URL of the form "
-                                     "http://host:port/v1/models/<name>[/versions/<v>]")
-                backend = _ServingBackend(model, self.version, self.timeout)
-            else:
-                backend = _SavedModelBackend(model, self.version)
-            self._backend_obj, self._backend_key = backend, key
-        return backend
-
-    def __getstate__(self):  # a loaded TF function does not pickle; reload lazily
-        state = dict(self.__dict__)
-        state.pop("_backend_obj", None)
-        state.pop("_backend_key", None)
-        return state
-
     def _check_params(self):
         if self.context_strategy not in ("nearest", "subsets"):
             raise ValueError(f"context_strategy={self.context_strategy!r}: expected 'nearest' "
@@ -195,11 +242,7 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         self._y_1d = y.ndim == 1
         Y = y.reshape(len(y), -1)
         cfg = self._backend().cfg
-        lo, hi = cfg.task.x_dim_min, cfg.task.x_dim
-        if not lo <= X.shape[1] <= hi:
-            want = f"{hi}" if lo == hi else f"from {lo} to {hi} (it reads at most {hi})"
-            raise ValueError(f"X has {X.shape[1]} features, but the model {self.model!r} "
-                             f"expects {want}")
+        self._check_width(X, cfg)
         if Y.shape[1] != cfg.task.y_dim:
             raise ValueError(f"y has {Y.shape[1]} outputs, but the model {self.model!r} "
                              f"expects {cfg.task.y_dim}")
@@ -270,21 +313,6 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(f"{what}: the model {self.model!r} predicts a mean only "
                              "(model.head='mse'); expected a model trained with "
                              "model.head=bar, whose export predicts distributions")
-
-    def _queries(self, X):
-        """X checked and standardised like the context."""
-        check_is_fitted(self, "X_context_")
-        if self.n_features_in_ > 1 and np.asarray(X).ndim == 1:  # one sample or one feature?
-            raise ValueError(f"X: expected a 2-D array of {self.n_features_in_} features, got a "
-                             "1-D array. Reshape your data with X.reshape(1, -1) if it is a "
-                             "single sample")
-        X = _as_2d(X)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        Xs = (X - self._x_loc) / self._x_scale
-        if len(X) and np.abs(Xs).max() > MAX_ABS_VALUE:
-            raise ValueError("X: a query lies more than 1e36 context spreads from the context; "
-                             "expected inputs on the scale of the fitted data")
-        return Xs
 
     def _chunks(self, Xs, fn, tail=()):
         """fn over batches of batch_size queries, concatenated ([0, dy, *tail] for none)."""
@@ -366,6 +394,100 @@ class InContextRegressor(RegressorMixin, BaseEstimator):
         return tags
 
 
+class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
+    """A classifier that learns in context: fit stores points, predict_proba runs the model.
+
+    Args:
+      model: export folder of a classification model (`python train_keras.py --preset
+        classify` writes exports/gpicl-classify), version folder, or TF Serving URL.
+      version: export version (default: the highest).
+      max_context: most context points per call (default: the model's trained maximum).
+      n_subsets: with more training points than that, the probabilities are averaged
+        over this many random subsets of max_context points (a mixture).
+      batch_size: queries per model call.
+      random_state: seed of the random subsets.
+      timeout: seconds per request to TF Serving.
+
+    Labels may be anything np.unique sorts (strings, integers): `classes_` holds them
+    sorted. The model sees each class as an id in 0..C-1 (C = task.y_dim, the most
+    classes it tells apart), given in an order that depends on the data only (the
+    larger class first, ties by their mean feature vectors), never on the labels'
+    names or the rows' order: renaming the classes permutes the probabilities' columns
+    and changes nothing else. Classes absent from a context get probability 0.
+    """
+
+    _kind = "classification"
+
+    def __init__(self, model: str = "exports/gpicl-classify", version: Optional[int] = None,
+                 max_context: Optional[int] = None, n_subsets: int = 8, batch_size: int = 256,
+                 random_state: int = 0, timeout: float = 10.0):
+        self.model = model
+        self.version = version
+        self.max_context = max_context
+        self.n_subsets = n_subsets
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.timeout = timeout
+
+    def fit(self, X, y):
+        """Stores (X, y) as the context. X: [n, d] (or [n]); y: [n] labels."""
+        for name in ("n_subsets", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+        if self.max_context is not None and (not isinstance(self.max_context, (int, np.integer))
+                                             or self.max_context < 1):
+            raise ValueError(f"max_context={self.max_context!r}: expected None or an integer >= 1")
+        X = _as_2d(X)
+        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=1)
+        check_classification_targets(y)
+        cfg = self._backend().cfg
+        self._check_width(X, cfg)
+        self.classes_, index = np.unique(y, return_inverse=True)
+        c = len(self.classes_)
+        if c > cfg.task.y_dim:
+            raise ValueError(f"y has {c} classes, but the model {self.model!r} tells at most "
+                             f"{cfg.task.y_dim} apart (task.y_dim)")
+        self._x_loc, self._x_scale = _loc_scale(X)
+        # Model ids from the data alone: larger classes first, ties by mean feature vector.
+        keys = [(-np.sum(index == j), *np.round(X[index == j].mean(0), 9)) for j in range(c)]
+        order = sorted(range(c), key=lambda j: keys[j])
+        self._class_of_id = np.asarray(order)  # id -> column of classes_
+        id_of_class = np.argsort(self._class_of_id)
+        self.X_context_, self._ids = X, id_of_class[index].astype(np.int64)
+        self._cx = (X - self._x_loc) / self._x_scale
+        limit = cfg.task.context_max
+        self.max_context_ = min(self.max_context or limit, limit)
+        return self
+
+    def predict_proba(self, X):
+        """Class probabilities [m, n_classes], columns in the order of classes_."""
+        Xs = self._queries(X)
+        c = len(self.classes_)
+        if not len(Xs):
+            return np.zeros((0, c))
+        out = np.concatenate([self._proba_chunk(Xs[i:i + self.batch_size])
+                              for i in range(0, len(Xs), self.batch_size)])
+        p = np.zeros((len(out), c))
+        p[:, self._class_of_id] = out[:, :c]  # ids >= c never occur in the context: 0
+        return p / p.sum(1, keepdims=True)
+
+    def predict(self, X):
+        """The most probable class of each row of X."""
+        p = self.predict_proba(X)  # NotFittedError before classes_ is looked up
+        return self.classes_[np.argmax(p, axis=1)]
+
+    def _proba_chunk(self, Xq):
+        cx, ids, m = self._cx, self._ids, self.max_context_
+        run = self._backend()
+        if len(cx) <= m:
+            return run.classify(cx[None], ids[None], Xq[None])[0]
+        rng = np.random.default_rng(self.random_state)
+        subsets = [rng.choice(len(cx), m, replace=False) for _ in range(self.n_subsets)]
+        return np.mean([run.classify(cx[s][None], ids[s][None], Xq[None])[0] for s in subsets],
+                       0)
+
+
 def _loc_scale(a):
     """Per-column mean and std (1 where a column is constant), in float64."""
     loc = a.mean(0)
@@ -390,4 +512,4 @@ def _as_2d(X):
     return X
 
 
-__all__ = ["InContextRegressor"]
+__all__ = ["InContextClassifier", "InContextRegressor"]

@@ -79,6 +79,16 @@ def pad_width(t, dx: int):
     return tf.pad(t, [[0, 0], [0, 0], [0, dx - tf.shape(t)[-1]]])
 
 
+def class_probabilities(logits, context_onehot):
+    """Softmax of logits [B, Nq, C] over the classes present in the context (one-hot
+    [B, Nc, C]); absent classes get probability 0. With no context point every class
+    stays possible."""
+    present = tf.reduce_max(context_onehot, axis=1, keepdims=True) > 0  # (B, 1, C)
+    present |= ~tf.reduce_any(present, axis=-1, keepdims=True)
+    masked = tf.where(present, tf.cast(logits, tf.float32), tf.fill(tf.shape(logits), -1e30))
+    return tf.nn.softmax(masked, axis=-1)
+
+
 def _check_inputs(dx: int, dy: int, dx_min: int, context_x, context_y, query_x):
     """Graph-side validation; raises InvalidArgumentError with a clear message."""
     checks = [
@@ -128,6 +138,21 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         if bars is None:
             return tf.cast(out[:, nc:, :], tf.float32)
         return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:])
+
+    def classify(context_x, context_y, query_x):
+        """Class ids [B, Nc] in context_y -> probabilities [B, Nq, C], classes absent from
+        the context at 0 (a context without points leaves every class possible)."""
+        checks = [
+            tf.debugging.assert_equal(tf.reduce_all((context_y >= 0) & (context_y < dy)), True,
+                                      message=(f"context_y: expected class ids in [0, {dy}) "
+                                               f"(the model knows {dy} classes)")),
+            tf.debugging.assert_equal(tf.shape(context_y), tf.shape(context_x)[:2], message=(
+                "context_y: expected class ids of shape [batch, context points] matching "
+                "context_x"))]
+        with tf.control_dependencies(checks):
+            onehot = tf.one_hot(context_y, dy)
+        logits = run_queries(context_x, onehot, query_x)  # (B, Nq, C)
+        return {"probabilities": class_probabilities(logits, onehot)}
 
     def serve(context_x, context_y, query_x):
         out = run_queries(context_x, context_y, query_x)
@@ -181,10 +206,16 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         return {"config_json": config_json, "quantile_levels": levels}
 
     f32 = tf.float32
-    archive.add_endpoint("serving_default", serve, input_signature=[
-        tf.TensorSpec([None, None, None], f32, name="context_x"),
-        tf.TensorSpec([None, None, dy], f32, name="context_y"),
-        tf.TensorSpec([None, None, None], f32, name="query_x")])
+    if cfg.task.kind == "classification":
+        archive.add_endpoint("serving_default", classify, input_signature=[
+            tf.TensorSpec([None, None, None], f32, name="context_x"),
+            tf.TensorSpec([None, None], tf.int64, name="context_y"),
+            tf.TensorSpec([None, None, None], f32, name="query_x")])
+    else:
+        archive.add_endpoint("serving_default", serve, input_signature=[
+            tf.TensorSpec([None, None, None], f32, name="context_x"),
+            tf.TensorSpec([None, None, dy], f32, name="context_y"),
+            tf.TensorSpec([None, None, None], f32, name="query_x")])
     archive.add_endpoint("masked", masked, input_signature=[
         tf.TensorSpec([None, None, None], f32, name="x"),
         tf.TensorSpec([None, None, dy], f32, name="y"),

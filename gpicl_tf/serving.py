@@ -282,6 +282,21 @@ class TFServingClient:
         return self._outputs(context_x, context_y, query_x, ("log_prob", "cdf"), "log_prob",
                              extra)
 
+    def classify(self, context_x, class_ids, query_x) -> np.ndarray:
+        """serving_default of a classification model: class ids [B, Nc] (integers in
+        [0, C)) -> probabilities [B, Nq, C]."""
+        cx = _as_batch("context_x", context_x)
+        qx = _as_batch("query_x", query_x, cx.shape[-1])
+        ids = np.asarray(class_ids)
+        if ids.shape != cx.shape[:2] or ids.dtype.kind not in "iu":
+            raise ValueError(f"class_ids: expected integers of shape {list(cx.shape[:2])} "
+                             f"(batch, context points), got {ids.dtype} {list(ids.shape)}")
+        body = {"signature_name": "serving_default",
+                "inputs": {"context_x": cx.tolist(), "context_y": ids.tolist(),
+                           "query_x": qx.tolist()}}
+        return parse_predict_response(self._call(f"{self.model_url}:predict", body),
+                                      "probabilities", expected_shape=qx.shape[:2])
+
     def _outputs(self, context_x, context_y, query_x, names, signature="serving_default",
                  extra=None, fmt="columnar") -> dict:
         body = build_request(context_x, context_y, query_x, fmt, signature)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 class _LazyTensorFlow:
     """`tensorflow`, imported on first use: validating a config (and a CLI's
@@ -98,6 +100,8 @@ class TaskFamily:
     # Whether a function, once drawn, can be evaluated at any new input, which
     # a fixed pool of functions (n_tasks=T) needs.
     supports_pool = True
+    # Whether the family draws its inputs itself (with the labels), not by sample_x.
+    own_x = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -118,16 +122,7 @@ class TaskFamily:
         lo = self.cfg.x_low if x_low is None else x_low
         hi = self.cfg.x_high if x_high is None else x_high
         x = tf.random.stateless_uniform([u, n, self.x_dim], seed, lo, hi)
-        if self.cfg.x_dim_min < self.x_dim:
-            w_seed = tf.random.experimental.stateless_fold_in(seed, WIDTH_SEED)
-            if self.cfg.x_dim_weights:  # d - min_x_dim ~ categorical(x_dim_weights)
-                index = draw_index(weight_logits(self.cfg.x_dim_weights), w_seed, u)
-                width = tf.reshape(index, [u, 1, 1]) + self.cfg.x_dim_min
-            else:
-                width = tf.random.stateless_uniform([u, 1, 1], w_seed, self.cfg.x_dim_min,
-                                                    self.x_dim + 1, dtype=tf.int32)
-            x *= tf.cast(tf.range(self.x_dim) < width, x.dtype)
-        return x
+        return width_mask(x, seed, self.cfg)
 
     def sample_function(self, seed, u: int):
         """Parameters of U functions, each tensor with a leading U dimension."""
@@ -288,6 +283,7 @@ class ProjectedLabels(TaskFamily):
     """
 
     kind = "classification"
+    own_x = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -297,6 +293,11 @@ class ProjectedLabels(TaskFamily):
         self.base_x = tf.constant(x)  # (M, d)
         self.base_y = tf.constant(labels)  # (M,)
         self.d_in = x.shape[1]
+        order = np.argsort(labels, kind="stable")  # examples grouped by class
+        counts = np.bincount(labels, minlength=int(labels.max()) + 1)
+        self.sorted_x = tf.constant(x[order])
+        self.class_start = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int32)
+        self.class_count = tf.constant(counts, tf.int32)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -325,12 +326,123 @@ class ProjectedLabels(TaskFamily):
     def sample_xy(self, x_seed, u, n, fn_seed=None, fn_seeds=None, x_low=None, x_high=None):
         proj, perm = (self.params_from_seeds(fn_seeds) if fn_seeds is not None
                       else self.sample_function(fn_seed, u))
-        idx = tf.random.stateless_uniform([u, n], x_seed, 0, tf.shape(self.base_x)[0],
-                                          dtype=tf.int32)
-        raw = tf.gather(self.base_x, idx)  # (U, N, d)
-        x = tf.matmul(raw, proj)  # (U, N, dx)
-        label = tf.gather(perm, tf.gather(self.base_y, idx), batch_dims=1)  # (U, N)
+        if self.cfg.classes_min < self.y_dim:
+            raw, label = self._some_classes(x_seed, u, n, perm)
+        else:  # every class, examples drawn uniformly from the base
+            idx = tf.random.stateless_uniform([u, n], x_seed, 0, tf.shape(self.base_x)[0],
+                                              dtype=tf.int32)
+            raw = tf.gather(self.base_x, idx)  # (U, N, d)
+            label = tf.gather(perm, tf.gather(self.base_y, idx), batch_dims=1)  # (U, N)
+        x = width_mask(tf.matmul(raw, proj), x_seed, self.cfg)  # (U, N, dx)
         return x, tf.one_hot(label, self.y_dim)
+
+    def _some_classes(self, seed, u, n, perm):
+        """Examples of c ~ U[min_classes, C] base classes per task (a random subset), each
+        class equally likely; their labels are c distinct ids of perm: (U, N, d), (U, N)."""
+        s = split(tf.random.experimental.stateless_fold_in(seed, 0xC1A5), 4)
+        c_max = self.y_dim
+        n_cls = tf.random.stateless_uniform([u, 1], s[0], self.cfg.classes_min, c_max + 1,
+                                            dtype=tf.int32)
+        chosen = tf.argsort(tf.random.stateless_uniform([u, c_max], s[1]), axis=-1)  # (U, C)
+        pos = tf.minimum(tf.cast(tf.random.stateless_uniform([u, n], s[2]) *
+                                 tf.cast(n_cls, tf.float32), tf.int32), n_cls - 1)  # (U, N)
+        base_cls = tf.gather(chosen, pos, batch_dims=1)  # (U, N): the base class of each point
+        count = tf.gather(self.class_count, base_cls)
+        offset = tf.cast(tf.random.stateless_uniform([u, n], s[3]) *
+                         tf.cast(count, tf.float32), tf.int32)
+        idx = tf.gather(self.class_start, base_cls) + tf.minimum(offset, count - 1)
+        return tf.gather(self.sorted_x, idx), tf.gather(perm, pos, batch_dims=1)
+
+
+def width_mask(x, seed, cfg):
+    """x [U, N, D] with example i's features beyond its width d_i zeroed (d_i drawn as in
+    TaskFamily.sample_x); x unchanged when the config has one width."""
+    u, dim = x.shape[0], x.shape[-1]
+    if cfg.x_dim_min >= dim:
+        return x
+    w_seed = tf.random.experimental.stateless_fold_in(seed, WIDTH_SEED)
+    if cfg.x_dim_weights:  # d - min_x_dim ~ categorical(x_dim_weights)
+        width = tf.reshape(draw_index(weight_logits(cfg.x_dim_weights), w_seed, u),
+                           [u, 1, 1]) + cfg.x_dim_min
+    else:
+        width = tf.random.stateless_uniform([u, 1, 1], w_seed, cfg.x_dim_min, dim + 1,
+                                            dtype=tf.int32)
+    return x * tf.cast(tf.range(dim) < width, x.dtype)
+
+
+@register_family("class_prior")
+class ClassPrior(TaskFamily):
+    """Synthetic classification tasks that need no data (issue 6/7).
+
+    Each example draws c classes, c ~ U[task.min_classes, C] (C = task.y_dim), and
+    one of two generators (probability 1/2 each):
+      mlp: inputs x ~ U(x_low, x_high); the class is the arg-max of the first c
+        outputs of a random MLP D -> 32 -> 32 -> C (tanh, weights N(0, 1)): curved,
+        uneven decision regions;
+      clusters: the class j ~ U{0..c-1}, x = mu_j + sigma * noise with centres
+        mu_j ~ N(0, 1) per feature and sigma ~ U(0.3, 1.2): Gaussian classes that
+        overlap more or less.
+    Then a fraction rho ~ U(0, 0.1) of the labels is replaced by a random class
+    (label noise), and the c classes get c distinct random ids in 0..C-1 (a
+    random permutation), so a task's classes are any subset of the C outputs.
+    Features beyond the example's width are zero (task.min_x_dim), as in regression.
+    y is one-hot [U, N, C].
+    """
+
+    kind = "classification"
+    supports_pool = False
+    own_x = True
+    hidden = 32
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.standardize_y:
+            raise ValueError("task.standardize_y=True is invalid for classification: expected "
+                             "false (y is one-hot)")
+        if not 2 <= cfg.classes_min <= cfg.y_dim:
+            raise ValueError(f"task.min_classes={cfg.min_classes} is invalid: expected 2 to "
+                             f"task.y_dim={cfg.y_dim} (the number of classes C)")
+
+    def sample_xy(self, x_seed, u, n, fn_seed=None, fn_seeds=None, x_low=None, x_high=None):
+        cfg, dim, c_max = self.cfg, self.x_dim, self.y_dim
+        s = split(fn_seed, 12)
+        n_cls = tf.random.stateless_uniform([u, 1], s[0], cfg.classes_min, c_max + 1,
+                                            dtype=tf.int32)  # (U, 1)
+        absent = tf.range(c_max)[None, None, :] >= n_cls[:, :, None]  # (U, 1, C)
+        # mlp: arg-max of a random MLP's first c outputs at uniform inputs
+        x_u = self.sample_x(x_seed, u, n, x_low, x_high)
+        h = x_u
+        widths = [dim, self.hidden, self.hidden, c_max]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            w = tf.random.stateless_normal([u, a, b], s[1 + i], stddev=a**-0.5 * 2.0)
+            bias = tf.random.stateless_normal([u, 1, b], s[4 + i], stddev=0.5)
+            h = tf.matmul(h, w) + bias
+            if i < 2:
+                h = tf.tanh(h)
+        h = tf.where(absent, tf.fill(tf.shape(h), -1e9), h)
+        label_mlp = tf.argmax(h, axis=-1, output_type=tf.int32)  # (U, N)
+        # clusters: a class per point, x around its class centre
+        lo = tf.random.stateless_uniform([u, n], s[7], 0.0, 1.0)
+        label_cl = tf.minimum(tf.cast(lo * tf.cast(n_cls, tf.float32), tf.int32), n_cls - 1)
+        centres = tf.random.stateless_normal([u, c_max, dim], s[8])
+        sigma = tf.random.stateless_uniform([u, 1, 1], s[9], 0.3, 1.2)
+        x_cl = tf.gather(centres, label_cl, batch_dims=1) + sigma * tf.random.stateless_normal(
+            [u, n, dim], s[10])
+        x_cl = width_mask(x_cl, x_seed, cfg)  # the same widths sample_x draws
+        use_mlp = tf.random.stateless_uniform([u, 1], s[11]) < 0.5
+        x = tf.where(use_mlp[..., None], x_u, x_cl)
+        label = tf.where(use_mlp, label_mlp, label_cl)
+        # label noise, then a random id for each class
+        t = split(s[11], 4)
+        rho = tf.random.stateless_uniform([u, 1], t[0], 0.0, 0.1)
+        flip = tf.random.stateless_uniform([u, n], t[1]) < rho
+        other = tf.minimum(tf.cast(tf.random.stateless_uniform([u, n], t[2]) *
+                                   tf.cast(n_cls, tf.float32), tf.int32), n_cls - 1)
+        label = tf.where(flip, other, label)
+        perm = tf.argsort(tf.random.stateless_uniform([u, c_max], t[3]), axis=-1)  # (U, C)
+        ids = tf.gather(perm, label, batch_dims=1)
+        return x, tf.one_hot(ids, c_max)
 
 
 def gp_posterior(x_ctx, y_ctx, x_query, length_scale, noise_var):

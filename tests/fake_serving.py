@@ -160,7 +160,9 @@ class FakeServing:
             names = sorted(sig.structured_input_signature[1])
             try:
                 tensors = decode_request(body, names)
-                out = sig(**{k: tf.constant(v) for k, v in tensors.items()})
+                specs = sig.structured_input_signature[1]  # TF Serving decodes by dtype
+                out = sig(**{k: tf.cast(tf.constant(v), specs[k].dtype)
+                             for k, v in tensors.items()})
             except (ValueError, KeyError, tf.errors.InvalidArgumentError) as e:
                 msg = getattr(e, "message", str(e))
                 return self._reply(h, 400, {"error": msg})

@@ -74,6 +74,7 @@ def test_default_is_the_general_learner_and_mlp1d_the_papers_setting():
     assert (d.task.x_dim, d.task.x_dim_min, d.task.family) == (8, 1, "prior")
     assert dict(d.task.mix)["prior"] > dict(d.task.mix)["random_mlp"] > 0
     assert d.model.absent_features in ("zero", "flags", "rescale", "both")
+    assert (d.model.head, d.loss, m.model.head, m.loss) == ("bar", "nll", "mse", "mse")
     assert (m.task.family, m.task.x_dim, m.task.x_dim_min, m.task.mix) == ("random_mlp", 1, 1, ())
     assert m.task.mlp_hidden == (16, 16, 16)
     for size in ("tiny", "small", "paper"):  # the phase-transition sweeps keep mlp1d's tasks

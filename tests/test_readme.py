@@ -68,8 +68,9 @@ def test_the_estimator_snippet_runs_as_pasted(tiny_export_d8, tmp_path):
     assert "SNIPPET_OK (20,)" in out.stdout
 
 
-def test_the_distribution_snippet_runs_as_pasted(tiny_export_d8, tmp_path):
-    """The bar head's snippet, run after the estimator snippet, on a tiny bar-head export."""
+def test_the_distribution_snippet_runs_as_pasted(tmp_path):
+    """The bar head's snippet, run after the estimator snippet, on a tiny export of the
+    default's kind (widths 1 to 8, the bar head)."""
     import keras
 
     from gpicl_tf.config import apply_overrides, get_preset
@@ -77,13 +78,13 @@ def test_the_distribution_snippet_runs_as_pasted(tiny_export_d8, tmp_path):
     from gpicl_tf.model import build_model
 
     first = re.search(r"```python\n(import numpy as np\nfrom sklearn.*?)```", README, re.S).group(1)
-    code = re.search(r"```python\n(reg = InContextRegressor\(\"exports/gpicl-bar\"\).*?)```",
+    code = re.search(r"```python\n(reg = InContextRegressor\(\"exports/gpicl\"\)\.fit.*?)```",
                      README, re.S).group(1)
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=1",
+                                               "model.absent_features=flags",
                                                "model.head=bar", "model.n_bins=16"])
     keras.utils.set_random_seed(0)
-    export_model(build_model(cfg), cfg, str(tmp_path / "exports"), "gpicl-bar")
-    os.symlink(tiny_export_d8, tmp_path / "exports" / "gpicl")
+    export_model(build_model(cfg), cfg, str(tmp_path / "exports"), "gpicl")
     out = run_python(first + code + "\nprint('SNIPPET_OK', std.shape, lo.shape, q90.shape, "
                      "bool((lo <= mid).all() and (mid <= hi).all()))", cwd=str(tmp_path))
     assert "SNIPPET_OK (20,) (20,) (20,) True" in out.stdout
