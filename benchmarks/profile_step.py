@@ -29,7 +29,7 @@ from benchmarks.common import matmul_peak_gflops  # noqa: E402
 from gpicl_tf import data as data_lib  # noqa: E402
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 from gpicl_tf.layers import ContextAttentionMask  # noqa: E402
-from gpicl_tf.model import model_inputs  # noqa: E402
+from gpicl_tf.model import model_inputs, point_prediction  # noqa: E402
 from gpicl_tf.train import Trainer, run_steps  # noqa: E402
 
 
@@ -94,7 +94,7 @@ def main():
     @tf.function(jit_compile=jit)
     def forward_backward():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(batch, training=True)))
+            loss = tf.reduce_mean(tf.square(point_prediction(model(batch, training=True))))
         return tape.gradient(loss, model.trainable_variables)
 
     grads = [tf.zeros_like(v) for v in model.trainable_variables]

@@ -104,6 +104,9 @@ def main():
         print(f"steps/s {rate}")
         return
     cfg = apply_overrides(get_preset(a.preset), a.set)
+    if a.peer == "torch" and cfg.model.head != "mse":
+        p.error(f"--peer torch: the PyTorch peer has the mse head, this config "
+                f"model.head={cfg.model.head!r}; add --set model.head=mse to time the same model")
     if a.scaling:
         scaling(a, cfg)
         return

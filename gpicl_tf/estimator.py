@@ -132,7 +132,7 @@ class _InContextMixin:
     """What both estimators share: the loaded model (a SavedModel or a TF Serving URL),
     pickling without it, and the input-width check."""
 
-    _kind = "regression"
+    model_kind = "regression"
 
     # -------------------------------------------------------------- backend
     def _backend(self):
@@ -152,11 +152,11 @@ class _InContextMixin:
             else:
                 backend = _SavedModelBackend(model, self.version)
             kind = backend.cfg.task.kind
-            if kind != self._kind:
+            if kind != self.model_kind:
                 other = "InContextClassifier" if kind == "classification" else \
                     "InContextRegressor"
                 raise ValueError(f"model={self.model!r} is a {kind} model: expected a "
-                                 f"{self._kind} model here; use {other}")
+                                 f"{self.model_kind} model here; use {other}")
             self._backend_obj, self._backend_key = backend, key
         return backend
 
@@ -416,7 +416,7 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
     and changes nothing else. Classes absent from a context get probability 0.
     """
 
-    _kind = "classification"
+    model_kind = "classification"
 
     def __init__(self, model: str = "exports/gpicl-classify", version: Optional[int] = None,
                  max_context: Optional[int] = None, n_subsets: int = 8, batch_size: int = 256,

@@ -25,6 +25,10 @@ returns them as quantile_levels), and two more signatures answer:
   log_prob: context_x, context_y, query_x, query_y [B, Nq, dy]
     -> log_prob (log density of query_y) and cdf (P(Y <= query_y)), [B, Nq, dy].
 Every value is on the raw scale of y.
+A classification model's serving_default takes class ids instead:
+  context_x [B, Nc, d], context_y [B, Nc] int64 ids in [0, C), query_x [B, Nq, d]
+    -> probabilities [B, Nq, C], classes absent from the context at 0;
+its masked signature takes y one-hot [B, N, C] and returns the logits.
 Both check their inputs in the graph (width, batch and length agreement,
 finite values of magnitude at most 1e36, 0/1 query flags), so a bad request
 fails with a message naming the input.
@@ -154,12 +158,27 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         logits = run_queries(context_x, onehot, query_x)  # (B, Nq, C)
         return {"probabilities": class_probabilities(logits, onehot)}
 
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def run_summary(x, y, is_query):
+        """The bar head's mean, std and quantiles at `levels` at every point, in one XLA
+        function with the model (--xla: 1.7 ms a request against 2.4 ms with the
+        statistics outside XLA; XLA cannot slice the queries out first, their number
+        being dynamic)."""
+        dist = Predictive(bars, run.python_function(x, y, is_query))
+        return dist.mean(), dist.std(), dist.quantiles(levels)
+
     def serve(context_x, context_y, query_x):
-        out = run_queries(context_x, context_y, query_x)
         if bars is None:
-            return {"mean": out}
-        dist = Predictive(bars, out)
-        return {"mean": out["y_pred"], "std": dist.std(), "quantiles": dist.quantiles(levels)}
+            return {"mean": run_queries(context_x, context_y, query_x)}
+        if not jit_compile:  # the statistics of the queries only (cheaper without XLA)
+            dist = Predictive(bars, run_queries(context_x, context_y, query_x))
+            return {"mean": dist.mean(), "std": dist.std(), "quantiles": dist.quantiles(levels)}
+        with tf.control_dependencies(_check_inputs(dx, dy, dx_min, context_x, context_y,
+                                                   query_x)):
+            inputs = masked_inputs(pad_width(context_x, dx), context_y, pad_width(query_x, dx))
+        mean, std, qs = run_summary(inputs["x"], inputs["y"], inputs["is_query"])
+        nc = tf.shape(context_x)[1]
+        return {"mean": mean[:, nc:], "std": std[:, nc:], "quantiles": qs[:, nc:]}
 
     def quantiles(context_x, context_y, query_x, levels):
         check = tf.debugging.assert_equal(

@@ -250,3 +250,24 @@ def test_transfer_evaluation_scores_every_method_on_the_same_tasks(classifier, t
         for metric in ("accuracy", "log_loss"):
             assert again["datasets"]["iris"]["methods"][m]["1"][metric] == \
                 res["datasets"]["iris"]["methods"][m]["1"][metric]
+
+
+def test_the_classify_main_job_trains_exports_and_reports(tmp_path):
+    """python train_keras.py --preset classify, shrunk: a classification export and the
+    short transfer report (offline datasets against SGD, logistic regression, k-NN)."""
+    import os
+
+    from conftest import REPO
+
+    sets = [x for kv in TINY for x in ("--set", kv)]
+    out = run_python([os.path.join(REPO, "train_keras.py"), "--preset", "classify", "--steps",
+                      "10", "--batch-size", "16", *sets, "--set",
+                      f"task.data_dir={tmp_path / 'tfds'}"], cwd=str(tmp_path), timeout=900)
+    assert os.listdir(tmp_path / "exports" / "gpicl-classify") == ["1"]
+    md = (tmp_path / "reports" / "gpicl-classify" / "results.md").read_text()
+    for name in ("iris", "wine", "breast_cancer", "digits_test"):
+        assert name in md
+    assert "### accuracy, k = 10 per class" in md and "| sgd |" in md
+    assert "report: reports/gpicl-classify/results.md" in out.stdout
+    res = json.loads((tmp_path / "reports" / "gpicl-classify" / "results.json").read_text())
+    assert res["datasets"]["digits_test"]["skipped"]["10"].startswith("10 x 10 classes")

@@ -73,9 +73,10 @@ def test_presets_name_their_runs_and_exports(tmp_path):
     assert os.path.isdir(tmp_path / "runs" / "tiny" / "checkpoints")
     assert os.listdir(tmp_path / "exports" / "tiny") == ["1"]
     assert not os.path.exists(tmp_path / "exports" / "gpicl")
-    names = {p: get_preset(p).name for p in ("tiny", "default", "mlp1d", "mix", "paper")}
-    assert names == {"tiny": "tiny", "default": "gpicl", "mlp1d": "gpicl-mlp1d",
-                     "mix": "gpicl-mix", "paper": "gpicl-paper"}
+    names = {p: get_preset(p).name for p in ("tiny", "default", "classify", "mlp1d", "mix",
+                                             "paper")}
+    assert names == {"tiny": "tiny", "default": "gpicl", "classify": "gpicl-classify",
+                     "mlp1d": "gpicl-mlp1d", "mix": "gpicl-mix", "paper": "gpicl-paper"}
 
 
 @pytest.mark.parametrize("args,message", [

@@ -88,3 +88,23 @@ def test_the_distribution_snippet_runs_as_pasted(tmp_path):
     out = run_python(first + code + "\nprint('SNIPPET_OK', std.shape, lo.shape, q90.shape, "
                      "bool((lo <= mid).all() and (mid <= hi).all()))", cwd=str(tmp_path))
     assert "SNIPPET_OK (20,) (20,) (20,) True" in out.stdout
+
+
+def test_the_distribution_table_matches_its_results_file():
+    """Rows `| suite | k | model NLL | GP NLL | exact NLL | model cover90 | GP cover90 |`."""
+    section = _section("## Results")
+    start = section.index("| suite | k | model NLL |")
+    rows = [r for r in section[start:].split("\n\n")[0].splitlines()[2:]]
+    with open(os.path.join(REPO, "docs", "results", "default_1d_eval.json")) as f:
+        suites = json.load(f)["suites"]
+    assert len(rows) >= 5
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        m = suites[cells[0]]["methods"]
+        k = cells[1]
+        assert float(cells[2]) == pytest.approx(m["model"][k]["nll"], rel=6e-3, abs=1e-3)
+        assert float(cells[3]) == pytest.approx(m["gp"][k]["nll"], rel=6e-3, abs=1e-3)
+        if cells[4]:
+            assert float(cells[4]) == pytest.approx(m["bayes_optimal"][k]["nll"], rel=6e-3)
+        assert float(cells[5]) == pytest.approx(m["model"][k]["cover90"], abs=1e-3)
+        assert float(cells[6]) == pytest.approx(m["gp"][k]["cover90"], abs=1e-3)
