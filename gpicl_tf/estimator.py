@@ -44,7 +44,7 @@ _URL = re.compile(r"^(https?://[^/]+)/v1/models/([^/:]+)(?:/versions/(\d+))?/?$"
 
 class _SavedModelBackend:
     def __init__(self, path: str, version: Optional[int]):
-        from gpicl_tf.export import load_config, load_signature, resolve_version, versions
+        from gpicl_tf.export import load_config, load_signatures, resolve_version, versions
 
         vdir = path if os.path.exists(os.path.join(path, "saved_model.pb")) else None
         if vdir is None:
@@ -54,15 +54,12 @@ class _SavedModelBackend:
                                  "folder), or a TF Serving URL http://host:port/v1/models/<name>")
             vdir = resolve_version(path, version)
         self.cfg = load_config(vdir)
-        self.sig = load_signature(vdir)
-        self.vdir = vdir
-        self._sigs = {"serving_default": self.sig}
+        self._sigs = load_signatures(vdir)  # loaded once: the bar head's signatures too
+        self.sig = self._sigs["serving_default"]
 
     def _run(self, name, cx, cy, qx, **extra):
         import tensorflow as tf
 
-        if name not in self._sigs:  # the bar head's signatures, loaded on first use
-            self._sigs = tf.saved_model.load(self.vdir).signatures
         sig = self._sigs[name]
         f32 = lambda a: tf.constant(a, tf.float32)
         out = sig(context_x=f32(cx), context_y=f32(cy), query_x=f32(qx),
@@ -166,6 +163,25 @@ class _InContextMixin:
         state.pop("_backend_key", None)
         return state
 
+    def _check_params(self):
+        for name in ("n_subsets", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
+        if self.max_context is not None and (not isinstance(self.max_context, (int, np.integer))
+                                             or self.max_context < 1):
+            raise ValueError(f"max_context={self.max_context!r}: expected None or an integer >= 1")
+
+    def _set_context_limit(self, cfg):
+        """max_context_: max_context, capped at what the model was trained on."""
+        limit = cfg.task.context_max
+        self.max_context_ = min(self.max_context or limit, limit)
+
+    def _subsets(self, n: int):
+        """n_subsets random subsets of max_context_ of n context points (random_state)."""
+        rng = np.random.default_rng(self.random_state)
+        return [rng.choice(n, self.max_context_, replace=False) for _ in range(self.n_subsets)]
+
     def _check_width(self, X, cfg):
         lo, hi = cfg.task.x_dim_min, cfg.task.x_dim
         if not lo <= X.shape[1] <= hi:
@@ -221,13 +237,7 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
         if self.context_strategy not in ("nearest", "subsets"):
             raise ValueError(f"context_strategy={self.context_strategy!r}: expected 'nearest' "
                              "or 'subsets'")
-        for name in ("n_subsets", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
-        if self.max_context is not None and (not isinstance(self.max_context, (int, np.integer))
-                                             or self.max_context < 1):
-            raise ValueError(f"max_context={self.max_context!r}: expected None or an integer >= 1")
+        super()._check_params()
 
     # ------------------------------------------------------------------ API
     def fit(self, X, y):
@@ -254,8 +264,7 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
         self.X_context_, self.y_context_ = X, Y
         self._cx = (X - self._x_loc) / self._x_scale
         self._cy = (Y - self._y_loc) / self._y_scale
-        limit = cfg.task.context_max
-        self.max_context_ = min(self.max_context or limit, limit)
+        self._set_context_limit(cfg)
         return self
 
     def predict(self, X, return_std: bool = False, output_type: str = "mean",
@@ -336,9 +345,7 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
             d = np.sum((Xq[:, None, :] - cx[None]) ** 2, -1)  # (q, n), standardised x
             idx = np.argpartition(d, m - 1, axis=1)[:, :m]  # (q, m)
             return "nearest", [(cx[idx], cy[idx])]
-        rng = np.random.default_rng(self.random_state)
-        subsets = [rng.choice(len(cx), m, replace=False) for _ in range(self.n_subsets)]
-        return "subsets", [(cx[s], cy[s]) for s in subsets]
+        return "subsets", [(cx[s], cy[s]) for s in self._subsets(len(cx))]
 
     def _each(self, Xq, fn):
         """fn(cx, cy, qx) over the contexts of Xq; one result per context, each [q, ...]."""
@@ -431,13 +438,7 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         """Stores (X, y) as the context. X: [n, d] (or [n]); y: [n] labels."""
-        for name in ("n_subsets", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
-        if self.max_context is not None and (not isinstance(self.max_context, (int, np.integer))
-                                             or self.max_context < 1):
-            raise ValueError(f"max_context={self.max_context!r}: expected None or an integer >= 1")
+        self._check_params()
         X = _as_2d(X)
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=1)
         check_classification_targets(y)
@@ -456,8 +457,7 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
         id_of_class = np.argsort(self._class_of_id)
         self.X_context_, self._ids = X, id_of_class[index].astype(np.int64)
         self._cx = (X - self._x_loc) / self._x_scale
-        limit = cfg.task.context_max
-        self.max_context_ = min(self.max_context or limit, limit)
+        self._set_context_limit(cfg)
         return self
 
     def predict_proba(self, X):
@@ -482,10 +482,8 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
         run = self._backend()
         if len(cx) <= m:
             return run.classify(cx[None], ids[None], Xq[None])[0]
-        rng = np.random.default_rng(self.random_state)
-        subsets = [rng.choice(len(cx), m, replace=False) for _ in range(self.n_subsets)]
-        return np.mean([run.classify(cx[s][None], ids[s][None], Xq[None])[0] for s in subsets],
-                       0)
+        return np.mean([run.classify(cx[s][None], ids[s][None], Xq[None])[0]
+                        for s in self._subsets(len(cx))], 0)
 
 
 def _loc_scale(a):

@@ -226,19 +226,20 @@ CRPS_LEVELS = (np.arange(100) + 0.5) / 100
 INTERVALS = {"cover50": (0.25, 0.75), "cover90": (0.05, 0.95)}
 DIST_LEVELS = np.concatenate([CRPS_LEVELS, [0.25, 0.75, 0.05, 0.95]]).astype(np.float32)
 PIT_BINS = 10
+DIST_METRICS = ("nll", "crps", *INTERVALS)  # the scores of a predictive distribution
 
 
 def saved_model_dist_fn(version_dir: str):
     """dist_fn(cx, cy, qx, qy) -> {log_prob, cdf [T, Nq, dy], quantiles [T, Nq, dy, L] at
     DIST_LEVELS} through the export's log_prob and quantiles signatures; None when the
     export predicts a mean only."""
-    from gpicl_tf.export import load_signature
+    from gpicl_tf.export import load_signatures
 
     try:
-        lp_sig = load_signature(version_dir, "log_prob")
-        q_sig = load_signature(version_dir, "quantiles")
+        sigs = load_signatures(version_dir, ("log_prob", "quantiles"))
     except ValueError:
         return None
+    lp_sig, q_sig = sigs["log_prob"], sigs["quantiles"]
 
     def dist(cx, cy, qx, qy):
         f32 = lambda a: tf.constant(a, tf.float32)
@@ -421,14 +422,11 @@ def _put_dist(methods, name, k, scores):
     """Adds a method's distribution scores to its cell: nll, crps, cover50, cover90 (with
     95% intervals over tasks) and a PIT histogram (counts in PIT_BINS equal bins)."""
     cell = methods[name][str(k)]
-    for metric in ("nll", "crps", *INTERVALS):
+    for metric in DIST_METRICS:
         v = np.asarray(scores[metric], np.float64)
         cell[metric], cell[f"{metric}_ci95"] = mean_ci95(v)
     hist = np.histogram(np.clip(scores["pit"], 0.0, 1.0), PIT_BINS, (0.0, 1.0))[0]
     cell["pit_hist"] = hist.tolist()
-
-
-DIST_METRICS = ("nll", "crps", "cover50", "cover90")
 
 
 def has_distributions(results: dict) -> bool:

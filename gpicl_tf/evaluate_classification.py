@@ -174,15 +174,20 @@ def short_report(classify, cfg, out: str) -> dict:
     """The main job's report for a classifier: the offline datasets at 1, 5 and 10 examples
     per class against the paper's SGD, logistic regression and k-NN (16 tasks each)."""
     results = evaluate(classify, cfg, OFFLINE, (1, 5, 10), ("sgd", "logreg", "knn"), 16, 64)
+    print(write_outputs(results, out))
+    print(f"report: {out}/results.md, {out}/transfer.png")
+    return results
+
+
+def write_outputs(results: dict, out: str) -> str:
+    """results.json, results.md and transfer.png in out; returns the Markdown."""
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     md = markdown(results)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     plot(results, os.path.join(out, "transfer.png"))
-    print(md)
-    print(f"report: {out}/results.md, {out}/transfer.png")
-    return results
+    return md
 
 
 def evaluate(classify, cfg, datasets, ks=DEFAULT_KS, baselines=BASELINES, n_tasks: int = 32,
@@ -296,12 +301,6 @@ def run_cli(a, ks) -> int:
     results = evaluate(saved_model_classify_fn(version_dir), cfg, datasets, ks or DEFAULT_KS,
                        baselines, a.tasks or 32, a.queries or 64, data_dir=a.data_dir)
     results["model"] = os.path.abspath(version_dir)
-    os.makedirs(a.out, exist_ok=True)
-    write_atomic(os.path.join(a.out, "results.json"), json.dumps(results, indent=1))
-    md = markdown(results)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(md)
-    plot(results, os.path.join(a.out, "transfer.png"))
-    print(md)
+    print(write_outputs(results, a.out))
     print(f"wrote {a.out}/results.json, results.md, transfer.png")
     return 0

@@ -133,12 +133,17 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
     def run(x, y, is_query):
         return model({"x": x, "y": y, "is_query": is_query}, training=False)
 
-    def run_queries(context_x, context_y, query_x):
-        """The model's output at the queries (a tensor, or the bar head's dict)."""
+    def checked_inputs(context_x, context_y, query_x):
+        """The model's inputs (context, then queries), made only after the input checks."""
         with tf.control_dependencies(_check_inputs(dx, dy, dx_min, context_x, context_y,
                                                    query_x)):
             inputs = masked_inputs(pad_width(context_x, dx), context_y, pad_width(query_x, dx))
-        out, nc = run(inputs["x"], inputs["y"], inputs["is_query"]), tf.shape(context_x)[1]
+        return inputs["x"], inputs["y"], inputs["is_query"]
+
+    def run_queries(context_x, context_y, query_x):
+        """The model's output at the queries (a tensor, or the bar head's dict)."""
+        out = run(*checked_inputs(context_x, context_y, query_x))
+        nc = tf.shape(context_x)[1]
         if bars is None:
             return tf.cast(out[:, nc:, :], tf.float32)
         return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:])
@@ -171,12 +176,10 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         if bars is None:
             return {"mean": run_queries(context_x, context_y, query_x)}
         if not jit_compile:  # the statistics of the queries only (cheaper without XLA)
-            dist = Predictive(bars, run_queries(context_x, context_y, query_x))
-            return {"mean": dist.mean(), "std": dist.std(), "quantiles": dist.quantiles(levels)}
-        with tf.control_dependencies(_check_inputs(dx, dy, dx_min, context_x, context_y,
-                                                   query_x)):
-            inputs = masked_inputs(pad_width(context_x, dx), context_y, pad_width(query_x, dx))
-        mean, std, qs = run_summary(inputs["x"], inputs["y"], inputs["is_query"])
+            out = run_queries(context_x, context_y, query_x)
+            dist = Predictive(bars, out)
+            return {"mean": out["y_pred"], "std": dist.std(), "quantiles": dist.quantiles(levels)}
+        mean, std, qs = run_summary(*checked_inputs(context_x, context_y, query_x))
         nc = tf.shape(context_x)[1]
         return {"mean": mean[:, nc:], "std": std[:, nc:], "quantiles": qs[:, nc:]}
 
@@ -375,15 +378,25 @@ def load_config(version_dir: str) -> ExperimentConfig:
                        "expected the config that gpicl_tf's export writes there")
 
 
-def load_signature(version_dir: str, name: str = "serving_default"):
-    """A signature of an exported version; an unreadable SavedModel is a ValueError."""
+def load_signatures(version_dir: str, required=("serving_default",)):
+    """Every signature of an exported version, loaded once; an unreadable SavedModel, or
+    one without a `required` signature, is a ValueError."""
     try:
-        return tf.saved_model.load(version_dir).signatures[name]
+        signatures = tf.saved_model.load(version_dir).signatures
+        for name in required:
+            signatures[name]  # noqa: B018  KeyError names the missing one
+        return signatures
     except Exception as e:  # noqa: BLE001  protobuf DecodeError, OpError, KeyError, ...
         msg = (getattr(e, "message", None) or str(e)).strip().splitlines()
-        raise ValueError(f"{version_dir}: expected a SavedModel with signature {name!r}, "
+        want = ", ".join(repr(n) for n in required)
+        raise ValueError(f"{version_dir}: expected a SavedModel with signature {want}, "
                          f"could not load it: {msg[0][:200] if msg else type(e).__name__}"
                          ) from None
+
+
+def load_signature(version_dir: str, name: str = "serving_default"):
+    """A signature of an exported version; an unreadable SavedModel is a ValueError."""
+    return load_signatures(version_dir, (name,))[name]
 
 
 def resolve_version(model_dir: str, version: Optional[int] = None) -> str:

@@ -82,6 +82,12 @@ def draw_index(logits, seed, u: int):
                    tf.int32)
 
 
+def uniform_index(seed, shape, n):
+    """Integers uniform in 0..n-1 (n an int tensor broadcasting against shape)."""
+    u = tf.random.stateless_uniform(shape, seed)
+    return tf.minimum(tf.cast(u * tf.cast(n, tf.float32), tf.int32), n - 1)
+
+
 def split(seed, n: int):
     """Splits a [2] seed into n independent [2] seeds: [n, 2]."""
     return tf.random.experimental.stateless_split(seed, num=n)
@@ -344,8 +350,7 @@ class ProjectedLabels(TaskFamily):
         n_cls = tf.random.stateless_uniform([u, 1], s[0], self.cfg.classes_min, c_max + 1,
                                             dtype=tf.int32)
         chosen = tf.argsort(tf.random.stateless_uniform([u, c_max], s[1]), axis=-1)  # (U, C)
-        pos = tf.minimum(tf.cast(tf.random.stateless_uniform([u, n], s[2]) *
-                                 tf.cast(n_cls, tf.float32), tf.int32), n_cls - 1)  # (U, N)
+        pos = uniform_index(s[2], [u, n], n_cls)  # (U, N)
         base_cls = tf.gather(chosen, pos, batch_dims=1)  # (U, N): the base class of each point
         count = tf.gather(self.class_count, base_cls)
         offset = tf.cast(tf.random.stateless_uniform([u, n], s[3]) *
@@ -423,8 +428,7 @@ class ClassPrior(TaskFamily):
         h = tf.where(absent, tf.fill(tf.shape(h), -1e9), h)
         label_mlp = tf.argmax(h, axis=-1, output_type=tf.int32)  # (U, N)
         # clusters: a class per point, x around its class centre
-        lo = tf.random.stateless_uniform([u, n], s[7], 0.0, 1.0)
-        label_cl = tf.minimum(tf.cast(lo * tf.cast(n_cls, tf.float32), tf.int32), n_cls - 1)
+        label_cl = uniform_index(s[7], [u, n], n_cls)
         centres = tf.random.stateless_normal([u, c_max, dim], s[8])
         sigma = tf.random.stateless_uniform([u, 1, 1], s[9], 0.3, 1.2)
         x_cl = tf.gather(centres, label_cl, batch_dims=1) + sigma * tf.random.stateless_normal(
@@ -437,8 +441,7 @@ class ClassPrior(TaskFamily):
         t = split(s[11], 4)
         rho = tf.random.stateless_uniform([u, 1], t[0], 0.0, 0.1)
         flip = tf.random.stateless_uniform([u, n], t[1]) < rho
-        other = tf.minimum(tf.cast(tf.random.stateless_uniform([u, n], t[2]) *
-                                   tf.cast(n_cls, tf.float32), tf.int32), n_cls - 1)
+        other = uniform_index(t[2], [u, n], n_cls)
         label = tf.where(flip, other, label)
         perm = tf.argsort(tf.random.stateless_uniform([u, c_max], t[3]), axis=-1)  # (U, C)
         ids = tf.gather(perm, label, batch_dims=1)

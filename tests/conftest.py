@@ -17,6 +17,18 @@ def tiny():
     return get_preset("tiny")
 
 
+# Prepended to code run by run_python: any import of gpicl_tf fails, as in a TF Serving
+# client's process that has TensorFlow but not this package.
+NO_GPICL_TF = """import builtins
+real_import = builtins.__import__
+def guard(name, *a, **k):
+    if name.startswith("gpicl_tf"):
+        raise ImportError("gpicl_tf must not be importable here")
+    return real_import(name, *a, **k)
+builtins.__import__ = guard
+"""
+
+
 def run_python(code_or_args, timeout=600, env=None, cwd=None, check=True):
     """Runs python in a fresh process (device setup, isolation); returns CompletedProcess."""
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_python
+from conftest import NO_GPICL_TF, run_python
 from gpicl_tf import InContextClassifier
 from gpicl_tf.config import apply_overrides, get_preset
 
@@ -105,14 +105,8 @@ def test_a_classifier_export_served_without_gpicl_tf_gives_the_keras_probabiliti
     cy = np.array([0, 1, 2] * 3)
     np.savez(tmp_path / "req.npz", cx=cx[None].astype("float32"), cy=cy[None], qx=qx[None]
              .astype("float32"))
-    code = f"""
-import builtins, json
-real_import = builtins.__import__
-def guard(name, *a, **k):
-    if name.startswith("gpicl_tf"):
-        raise ImportError("gpicl_tf must not be importable here")
-    return real_import(name, *a, **k)
-builtins.__import__ = guard
+    code = NO_GPICL_TF + f"""
+import json
 import numpy as np, tensorflow as tf
 r = np.load({str(tmp_path / 'req.npz')!r})
 f = tf.saved_model.load({path!r}).signatures["serving_default"]

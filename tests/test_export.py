@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_python
+from conftest import NO_GPICL_TF, REPO, run_python
 from gpicl_tf import export as export_lib
 from gpicl_tf.model import build_model
 
@@ -54,14 +54,8 @@ def test_fresh_process_without_gpicl_tf_gets_the_keras_numbers(exported, tmp_pat
     model, _, _, path = exported
     cx, cy, qx = _request()
     np.savez(tmp_path / "req.npz", cx=cx, cy=cy, qx=qx)
-    code = f"""
-import sys, builtins, json
-real_import = builtins.__import__
-def guard(name, *a, **k):
-    if name.startswith("gpicl_tf"):
-        raise ImportError("gpicl_tf must not be importable here")
-    return real_import(name, *a, **k)
-builtins.__import__ = guard
+    code = NO_GPICL_TF + f"""
+import json
 import numpy as np, tensorflow as tf
 r = np.load({str(tmp_path / 'req.npz')!r})
 m = tf.saved_model.load({path!r})
