@@ -193,9 +193,10 @@ def _train(argv) -> int:
     if not args.no_export:
         path = export.export_if_changed(trainer.model, cfg, args.export_dir, result.step,
                                         os.path.abspath(logdir))
-        print(f"SavedModel: {path}  (serve: docker run -p 8501:8501 -v "
-              f"{os.path.abspath(os.path.dirname(path))}:/models/{cfg.name} -e "
-              f"MODEL_NAME={cfg.name} tensorflow/serving)")
+        export_dir = os.path.abspath(args.export_dir)
+        print(f"SavedModel: {path}  (serve every model of {args.export_dir}: docker run -p "
+              f"8500:8500 -p 8501:8501 -v {export_dir}:/models tensorflow/serving "
+              "--model_config_file=/models/models.config --enable_model_warmup)")
     report_dir = os.path.join("reports", cfg.name)
     if result.complete and os.path.exists(os.path.join(report_dir, "results.md")):
         print(f"report (unchanged): {report_dir}/results.md")
@@ -221,8 +222,14 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpicl-export",
                                 description="Export a training checkpoint as a SavedModel "
                                             "in TF Serving's layout.")
-    p.add_argument("--logdir", required=True, help="run directory (config.json, checkpoints/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--logdir", help="run directory (config.json, checkpoints/)")
+    src.add_argument("--pretrained", choices=["regressor", "classifier"],
+                     help="export a model that comes with the package (no training)")
     p.add_argument("--export-dir", default="exports", help="parent of the model base folder")
+    p.add_argument("--serving-root", default="/models",
+                   help="where TF Serving sees --export-dir (models.config's base paths; "
+                        "default /models, the README's docker mount)")
     p.add_argument("--model-name", default=None,
                    help="model folder name: letters, digits, '-' and '_' (default: the "
                         "run's config name)")
@@ -237,11 +244,24 @@ def _export(argv) -> int:
     if a.model_name is not None:
         check_name(a.model_name, "--model-name")
     check_dir_arg("--export-dir", a.export_dir)
-    check_dir_arg("--logdir", a.logdir)
+    if not a.serving_root.startswith("/"):
+        raise ValueError(f"--serving-root {a.serving_root!r}: expected an absolute path "
+                         "(where the server sees --export-dir, e.g. /models)")
     quiet_tensorflow()
+    if a.pretrained:
+        if a.xla:
+            raise ValueError("--xla: the shipped models are plain exports; export a run "
+                             "with --logdir to compile one with XLA")
+        from gpicl_tf.pretrained import export_pretrained
+
+        out = export_pretrained(a.pretrained, a.export_dir, a.model_name, a.serving_root)
+        print(f"exported the shipped {a.pretrained} to {out}; "
+              f"{os.path.join(a.export_dir, 'models.config')} names it")
+        return 0
+    check_dir_arg("--logdir", a.logdir)
     from gpicl_tf.export import export_checkpoint
 
-    export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla)
+    export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla, a.serving_root)
     return 0
 
 

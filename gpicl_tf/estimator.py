@@ -1,7 +1,8 @@
 """`InContextRegressor`: a scikit-learn regressor backed by an exported in-context learner.
 
     from gpicl_tf import InContextRegressor
-    reg = InContextRegressor("exports/gpicl").fit(X_train, y_train)   # stores the context
+    reg = InContextRegressor().fit(X_train, y_train)   # the shipped model; stores the context
+    reg = InContextRegressor("exports/gpicl")          # or an export, or a TF Serving URL
     reg.predict(X_test)
 
 `fit` stores the training points as the context; `predict` runs the model (a
@@ -40,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from gpicl_tf.config import MAX_ABS_VALUE
 
 _URL = re.compile(r"^(https?://[^/]+)/v1/models/([^/:]+)(?:/versions/(\d+))?/?$")
+_GRPC = re.compile(r"^grpc://([^/]+:\d+)/([^/:]+)(?:/versions/(\d+))?/?$")
 
 
 class _SavedModelBackend:
@@ -88,14 +90,18 @@ class _SavedModelBackend:
 
 
 class _ServingBackend:
+    """A model on TF Serving: REST (http://host:port/v1/models/<name>) or gRPC
+    (grpc://host:port/<name>)."""
+
     def __init__(self, url: str, version: Optional[int], timeout: float):
-        from gpicl_tf.serving import TFServingClient
-
         from gpicl_tf.config import ExperimentConfig
+        from gpicl_tf.serving import TFServingClient, TFServingGRPCClient
 
-        m = _URL.match(url)
+        m = _GRPC.match(url)
+        client = TFServingGRPCClient if m else TFServingClient
+        m = m or _URL.match(url)
         base, name, v = m.group(1), m.group(2), m.group(3)
-        self.client = TFServingClient(base, name, int(v) if v else version, timeout=timeout)
+        self.client = client(base, name, int(v) if v else version, timeout=timeout)
         # Widths and the context limit come from the served model itself.
         self.cfg = ExperimentConfig.from_json(self.client.model_config())
 
@@ -138,13 +144,19 @@ class _InContextMixin:
         backend = getattr(self, "_backend_obj", None)
         if backend is None or getattr(self, "_backend_key", None) != key:
             model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
+            if model is None:  # the model that comes with the package
+                from gpicl_tf import pretrained
+
+                model = pretrained.folder(
+                    "classifier" if self.model_kind == "classification" else "regressor")
             if not isinstance(model, str) or not model:
-                raise ValueError(f"model={self.model!r}: expected an export path or a TF "
-                                 "Serving URL")
-            if model.startswith(("http://", "https://")):
-                if not _URL.match(model):
+                raise ValueError(f"model={self.model!r}: expected None (the shipped model), "
+                                 "an export path or a TF Serving URL")
+            if model.startswith(("http://", "https://", "grpc://")):
+                if not (_URL.match(model) or _GRPC.match(model)):
                     raise ValueError(f"model={self.model!r}: expected a URL of the form "
-                                     "http://host:port/v1/models/<name>[/versions/<v>]")
+                                     "http://host:port/v1/models/<name>[/versions/<v>] "
+                                     "(REST) or grpc://host:port/<name>[/versions/<v>]")
                 backend = _ServingBackend(model, self.version, self.timeout)
             else:
                 backend = _SavedModelBackend(model, self.version)
@@ -209,8 +221,10 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
     """A regressor that learns in context: fit stores points, predict runs the model.
 
     Args:
-      model: export folder (exports/<name>), version folder, or TF Serving URL
-        "http://host:port/v1/models/<name>[/versions/<v>]".
+      model: None (the default): the regressor that comes with the package
+        (gpicl_tf.pretrained); or an export folder (exports/<name>), a version
+        folder, or a TF Serving URL: REST "http://host:port/v1/models/<name>
+        [/versions/<v>]" or gRPC "grpc://host:port/<name>[/versions/<v>]".
       version: export version (default: the highest).
       max_context: most context points per call (default: the model's trained maximum).
       context_strategy: "nearest" or "subsets", for larger training sets.
@@ -220,7 +234,7 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
       timeout: seconds per request to TF Serving.
     """
 
-    def __init__(self, model: str = "exports/gpicl", version: Optional[int] = None,
+    def __init__(self, model: Optional[str] = None, version: Optional[int] = None,
                  max_context: Optional[int] = None, context_strategy: str = "nearest",
                  n_subsets: int = 8, batch_size: int = 256, random_state: int = 0,
                  timeout: float = 10.0):
@@ -405,8 +419,10 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
     """A classifier that learns in context: fit stores points, predict_proba runs the model.
 
     Args:
-      model: export folder of a classification model (`python train_keras.py --preset
-        classify` writes exports/gpicl-classify), version folder, or TF Serving URL.
+      model: None (the default): the classifier that comes with the package
+        (gpicl_tf.pretrained); or an export folder of a classification model
+        (`python train_keras.py --preset classify` writes exports/gpicl-classify), a
+        version folder, or a TF Serving URL (http://... or grpc://..., as the regressor's).
       version: export version (default: the highest).
       max_context: most context points per call (default: the model's trained maximum).
       n_subsets: with more training points than that, the probabilities are averaged
@@ -425,7 +441,7 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
 
     model_kind = "classification"
 
-    def __init__(self, model: str = "exports/gpicl-classify", version: Optional[int] = None,
+    def __init__(self, model: Optional[str] = None, version: Optional[int] = None,
                  max_context: Optional[int] = None, n_subsets: int = 8, batch_size: int = 256,
                  random_state: int = 0, timeout: float = 10.0):
         self.model = model

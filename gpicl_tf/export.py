@@ -3,6 +3,8 @@
     exports/<model_name>/<version>/          integer versions that increase
         saved_model.pb, variables/
         assets.extra/gpicl_config.json       the resolved experiment config
+        assets.extra/tf_serving_warmup_requests  TF Serving's warmup (gpicl_tf.tfserving)
+    exports/models.config, exports/batching.config
 
 A version is written to a hidden temporary directory beside the others and
 renamed into place, so TF Serving, which polls the folder for integer
@@ -47,6 +49,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from gpicl_tf import lean
 from gpicl_tf.config import MAX_ABS_VALUE, ExperimentConfig, check_name, read_config
 from gpicl_tf.distributions import check_levels
 from gpicl_tf.model import Predictive, bar_distribution, masked_inputs, point_prediction
@@ -129,9 +132,15 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
     archive = keras.export.ExportArchive()
     archive.track(model)
 
+    if lean.supported(model):  # the same function in fewer graph ops (gpicl_tf.lean)
+        forward = lean.lean_forward(model)
+    else:
+        def forward(x, y, is_query):
+            return model({"x": x, "y": y, "is_query": is_query}, training=False)
+
     @tf.function(jit_compile=jit_compile, autograph=False)
     def run(x, y, is_query):
-        return model({"x": x, "y": y, "is_query": is_query}, training=False)
+        return forward(x, y, is_query)
 
     def checked_inputs(context_x, context_y, query_x):
         """The model's inputs (context, then queries), made only after the input checks."""
@@ -266,8 +275,13 @@ def versions(base: str) -> list:
 def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "exports",
                  model_name: Optional[str] = None, version: Optional[int] = None,
                  jit_compile: bool = False, attempts: int = 20,
-                 provenance: Optional[dict] = None, quantile_levels=DEFAULT_LEVELS) -> str:
+                 provenance: Optional[dict] = None, quantile_levels=DEFAULT_LEVELS,
+                 serving_root: str = "/models") -> str:
     """Writes a new version of the SavedModel atomically; returns its path.
+
+    With it, TF Serving's warmup requests (assets.extra/tf_serving_warmup_requests)
+    and, after the rename, export_dir/models.config naming the model (base path
+    serving_root/<name>) and an example batching.config (gpicl_tf.tfserving).
 
     The version is written to a hidden `.tmp-<version>-<pid>-<random>` folder
     and renamed into place. If another exporter took the version meanwhile,
@@ -287,8 +301,12 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
       provenance: written as assets.extra/gpicl_export.json (run folder and
         step the weights come from), so an unchanged model is not exported again.
       quantile_levels: levels of serving_default's quantiles (bar head), each in (0, 1).
+      serving_root: where the server sees export_dir (the docker command's mount).
     """
+    from gpicl_tf import tfserving
+
     check_levels(quantile_levels)  # before any folder is made
+    tfserving.read_models_config(export_dir)  # a models.config it cannot update: refused now
     name = check_name(model_name or cfg.name, "--model-name")
     base = os.path.join(export_dir, name)
     if version is not None and os.path.exists(os.path.join(base, str(version))):
@@ -305,23 +323,32 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
         if provenance is not None:
             with open(os.path.join(tmp, "assets.extra", PROVENANCE_ASSET), "w") as f:
                 json.dump(provenance, f, indent=1)
-        for _ in range(attempts):
-            v = version if version is not None else (versions(base) or [0])[-1] + 1
-            final = os.path.join(base, str(v))
-            try:
-                os.rename(tmp, final)  # atomic on one filesystem; fails if final is taken
-                return final
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                if version is not None:  # taken meanwhile by another exporter
-                    raise FileExistsError(f"export version {final} exists; versions are "
-                                          "never overwritten") from None
-        raise RuntimeError(f"{base}: no free version after {attempts} attempts (other "
-                           "exporters kept taking them)")
+        tfserving.write_warmup(tmp, cfg, name)
+        final = publish(tmp, base, version, attempts)
+        tfserving.update_serving_configs(export_dir, serving_root)
+        return final
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: str, base: str, version: Optional[int] = None, attempts: int = 20) -> str:
+    """Renames a finished version folder `tmp` (inside base) to its integer version:
+    `version`, or the highest existing + 1, retried when another exporter takes it."""
+    for _ in range(attempts):
+        v = version if version is not None else (versions(base) or [0])[-1] + 1
+        final = os.path.join(base, str(v))
+        try:
+            os.rename(tmp, final)  # atomic on one filesystem; fails if final is taken
+            return final
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if version is not None:  # taken meanwhile by another exporter
+                raise FileExistsError(f"export version {final} exists; versions are "
+                                      "never overwritten") from None
+    raise RuntimeError(f"{base}: no free version after {attempts} attempts (other "
+                       "exporters kept taking them)")
 
 
 def clean_stale_tmp(base: str) -> list:
@@ -414,7 +441,8 @@ def resolve_version(model_dir: str, version: Optional[int] = None) -> str:
 
 
 def export_checkpoint(logdir: str, export_dir: str = "exports",
-                      model_name: Optional[str] = None, jit_compile: bool = False) -> str:
+                      model_name: Optional[str] = None, jit_compile: bool = False,
+                      serving_root: str = "/models") -> str:
     """Exports the latest checkpoint of a run directory without training."""
     from gpicl_tf.train import Trainer
 
@@ -428,7 +456,7 @@ def export_checkpoint(logdir: str, export_dir: str = "exports",
         raise ValueError(f"--logdir {logdir!r}: no checkpoint under {trainer.ckpt_dir}")
     step = trainer.restore()
     out = export_model(trainer.model, cfg, export_dir, model_name, jit_compile=jit_compile,
-                       provenance=provenance(logdir, step, cfg))
+                       provenance=provenance(logdir, step, cfg), serving_root=serving_root)
     print(f"exported step {step} of {logdir} to {out}")
     return out
 

@@ -1,4 +1,4 @@
-"""A client for TensorFlow Serving's REST API and the export's `serving_default`.
+"""Clients of TensorFlow Serving's REST and gRPC APIs and the export's `serving_default`.
 
     client = TFServingClient("http://localhost:8501", "gpicl")
     client.status()                      # GET /v1/models/gpicl
@@ -8,6 +8,8 @@
     out = client.predict_distribution(context_x, context_y, query_x)  # mean, std, quantiles
     qs = client.quantiles(context_x, context_y, query_x, [0.1, 0.9])  # [B, Nq, dy, 2]
     lp = client.log_prob(context_x, context_y, query_x, query_y)      # log_prob, cdf
+    # the same calls over gRPC (TF Serving's port 8500), the Predict RPC:
+    grpc_client = TFServingGRPCClient("localhost:8500", "gpicl")
 
 Requests use the row ("instances", one object per task) or the columnar
 ("inputs") format. Replies `{"predictions": ...}` / `{"outputs": ...}` are parsed
@@ -78,14 +80,20 @@ def build_request(context_x, context_y, query_x, fmt: str = "columnar",
                   signature_name: str = "serving_default") -> dict:
     """The JSON body of a :predict request in TF Serving's row or columnar format."""
     cx, cy, qx = validate_request(context_x, context_y, query_x)
+    return json_body(signature_name, {"context_x": cx, "context_y": cy, "query_x": qx}, fmt)
+
+
+def json_body(signature_name: str, inputs: dict, fmt: str = "columnar") -> dict:
+    """A :predict body of named arrays, columnar ("inputs") or row ("instances", one
+    object per batch entry)."""
     if fmt == "columnar":
         return {"signature_name": signature_name,
-                "inputs": {"context_x": cx.tolist(), "context_y": cy.tolist(),
-                           "query_x": qx.tolist()}}
+                "inputs": {k: np.asarray(v).tolist() for k, v in inputs.items()}}
     if fmt == "row":
+        n = len(next(iter(inputs.values())))
         return {"signature_name": signature_name,
-                "instances": [{"context_x": cx[i].tolist(), "context_y": cy[i].tolist(),
-                               "query_x": qx[i].tolist()} for i in range(len(cx))]}
+                "instances": [{k: np.asarray(v)[i].tolist() for k, v in inputs.items()}
+                              for i in range(n)]}
     raise ValueError(f"fmt={fmt!r}: expected 'columnar' or 'row'")
 
 
@@ -118,6 +126,12 @@ def parse_predict_response(body, output: str = "mean", expected_shape=None) -> n
     except (KeyError, TypeError, ValueError) as e:
         raise ServingError(f"unexpected reply: output {output!r} is missing, ragged or not "
                            f"numeric ({e})") from None
+    return check_output(arr, output, expected_shape)
+
+
+def check_output(arr: np.ndarray, output: str, expected_shape=None) -> np.ndarray:
+    """arr, if it is the [B, Nq, dy] (quantiles: [B, Nq, dy, L]) reply a request of
+    (B, Nq) asked for; ServingError otherwise."""
     ndim = 4 if output == "quantiles" else 3
     if expected_shape is not None and (arr.ndim != ndim
                                        or arr.shape[:2] != tuple(expected_shape)):
@@ -128,7 +142,56 @@ def parse_predict_response(body, output: str = "mean", expected_shape=None) -> n
     return arr
 
 
-class TFServingClient:
+class _PredictAPI:
+    """The predict calls both clients offer; each transport implements `_run`."""
+
+    def predict(self, context_x, context_y, query_x, fmt: str = "columnar") -> np.ndarray:
+        """serving_default; returns mean [B, Nq, dy]."""
+        return self._outputs(context_x, context_y, query_x, ("mean",), fmt=fmt)["mean"]
+
+    def predict_distribution(self, context_x, context_y, query_x) -> dict:
+        """serving_default of a bar-head model: mean, std [B, Nq, dy] and quantiles
+        [B, Nq, dy, L] at the levels fixed at export (model_config's quantile_levels)."""
+        return self._outputs(context_x, context_y, query_x, ("mean", "std", "quantiles"))
+
+    def quantiles(self, context_x, context_y, query_x, levels) -> np.ndarray:
+        """The `quantiles` signature: [B, Nq, dy, L] at `levels` (each in (0, 1))."""
+        from gpicl_tf.distributions import check_levels
+
+        extra = {"levels": check_levels(levels)}
+        return self._outputs(context_x, context_y, query_x, ("quantiles",), "quantiles",
+                             extra)["quantiles"]
+
+    def log_prob(self, context_x, context_y, query_x, query_y) -> dict:
+        """The `log_prob` signature: log density and CDF of query_y [B, Nq, dy]."""
+        extra = {"query_y": _as_batch("query_y", query_y)}
+        return self._outputs(context_x, context_y, query_x, ("log_prob", "cdf"), "log_prob",
+                             extra)
+
+    def classify(self, context_x, class_ids, query_x) -> np.ndarray:
+        """serving_default of a classification model: class ids [B, Nc] (integers in
+        [0, C)) -> probabilities [B, Nq, C]."""
+        cx = _as_batch("context_x", context_x)
+        qx = _as_batch("query_x", query_x, cx.shape[-1])
+        ids = np.asarray(class_ids)
+        if ids.shape != cx.shape[:2] or ids.dtype.kind not in "iu":
+            raise ValueError(f"class_ids: expected integers of shape {list(cx.shape[:2])} "
+                             f"(batch, context points), got {ids.dtype} {list(ids.shape)}")
+        inputs = {"context_x": cx, "context_y": ids.astype(np.int64), "query_x": qx}
+        return self._run("serving_default", inputs, ("probabilities",),
+                         qx.shape[:2])["probabilities"]
+
+    def _outputs(self, context_x, context_y, query_x, names, signature="serving_default",
+                 extra=None, fmt="columnar") -> dict:
+        cx, cy, qx = validate_request(context_x, context_y, query_x)
+        inputs = {"context_x": cx, "context_y": cy, "query_x": qx, **(extra or {})}
+        return self._run(signature, inputs, names, qx.shape[:2], fmt)
+
+    def _run(self, signature, inputs, names, expected_shape, fmt="columnar") -> dict:
+        raise NotImplementedError
+
+
+class TFServingClient(_PredictAPI):
     """REST client of one model on a TF Serving server.
 
     Args:
@@ -258,58 +321,174 @@ class TFServingClient:
                                "{'outputs': '<config json>'} (an export of gpicl_tf)")
         return out
 
-    def predict(self, context_x, context_y, query_x, fmt: str = "columnar") -> np.ndarray:
-        """POST .../:predict on serving_default; returns mean [B, Nq, dy]."""
-        return self._outputs(context_x, context_y, query_x, ("mean",), fmt=fmt)["mean"]
-
-    def predict_distribution(self, context_x, context_y, query_x) -> dict:
-        """serving_default of a bar-head model: mean, std [B, Nq, dy] and quantiles
-        [B, Nq, dy, L] at the levels fixed at export (model_config's quantile_levels)."""
-        return self._outputs(context_x, context_y, query_x, ("mean", "std", "quantiles"))
-
-    def quantiles(self, context_x, context_y, query_x, levels) -> np.ndarray:
-        """The `quantiles` signature: [B, Nq, dy, L] at `levels` (each in (0, 1))."""
-        from gpicl_tf.distributions import check_levels
-
-        extra = {"levels": check_levels(levels).tolist()}
-        return self._outputs(context_x, context_y, query_x, ("quantiles",), "quantiles",
-                             extra)["quantiles"]
-
-    def log_prob(self, context_x, context_y, query_x, query_y) -> dict:
-        """The `log_prob` signature: log density and CDF of query_y [B, Nq, dy]."""
-        qy = _as_batch("query_y", query_y)
-        extra = {"query_y": qy.tolist()}
-        return self._outputs(context_x, context_y, query_x, ("log_prob", "cdf"), "log_prob",
-                             extra)
-
-    def classify(self, context_x, class_ids, query_x) -> np.ndarray:
-        """serving_default of a classification model: class ids [B, Nc] (integers in
-        [0, C)) -> probabilities [B, Nq, C]."""
-        cx = _as_batch("context_x", context_x)
-        qx = _as_batch("query_x", query_x, cx.shape[-1])
-        ids = np.asarray(class_ids)
-        if ids.shape != cx.shape[:2] or ids.dtype.kind not in "iu":
-            raise ValueError(f"class_ids: expected integers of shape {list(cx.shape[:2])} "
-                             f"(batch, context points), got {ids.dtype} {list(ids.shape)}")
-        body = {"signature_name": "serving_default",
-                "inputs": {"context_x": cx.tolist(), "context_y": ids.tolist(),
-                           "query_x": qx.tolist()}}
-        return parse_predict_response(self._call(f"{self.model_url}:predict", body),
-                                      "probabilities", expected_shape=qx.shape[:2])
-
-    def _outputs(self, context_x, context_y, query_x, names, signature="serving_default",
-                 extra=None, fmt="columnar") -> dict:
-        body = build_request(context_x, context_y, query_x, fmt, signature)
-        if extra:
-            body["inputs"].update(extra)
+    def _run(self, signature, inputs, names, expected_shape, fmt="columnar") -> dict:
+        """POST .../:predict in the row or columnar format; the named outputs."""
+        body = json_body(signature, inputs, fmt)
         reply = self._call(f"{self.model_url}:predict", body)
-        qx = np.asarray(query_x)
         if len(names) > 1 and isinstance(reply, dict) and isinstance(reply.get("outputs"),
                                                                      list):
             raise ServingError(f"unexpected reply: expected outputs {list(names)}; the served "
                                "model returns one output (is it a model with the bar head, "
                                "model.head=bar?)")
-        return {n: parse_predict_response(reply, n, expected_shape=qx.shape[:2])
+        return {n: parse_predict_response(reply, n, expected_shape=expected_shape)
+                for n in names}
+
+
+# gRPC status codes as the HTTP statuses TF Serving's REST API gives for them, so
+# callers (the estimator) handle both transports alike: 400 is a refused input.
+_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
+                "NOT_FOUND": 404, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+                "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
+                "INTERNAL": 500, "UNKNOWN": 500, "DEADLINE_EXCEEDED": 504}
+
+
+class TFServingGRPCClient(_PredictAPI):
+    """gRPC client of one model on a TF Serving server (its PredictionService, port 8500
+    by default), with the REST client's calls, errors, deadlines and retries.
+
+        client = TFServingGRPCClient("localhost:8500", "gpicl")
+        mean = client.predict(context_x, context_y, query_x)
+
+    Args:
+      target: "host:port" of the server's gRPC port.
+      model_name, version, timeout, retries, backoff: as TFServingClient; `timeout`
+        is each attempt's gRPC deadline. Only UNAVAILABLE (no connection, or the
+        server went away) is retried; DEADLINE_EXCEEDED raises ServingTimeout at
+        once; any other status raises ServingError whose `status` is the HTTP status
+        TF Serving's REST API gives for it (INVALID_ARGUMENT: 400) and whose `code`
+        is the gRPC status name.
+    """
+
+    def __init__(self, target: str = "localhost:8500", model_name: str = "gpicl",
+                 version: Optional[int] = None, timeout: float = 10.0, retries: int = 3,
+                 backoff: float = 0.2):
+        host, _, port = target.rpartition(":") if isinstance(target, str) else ("", "", "")
+        if not host or not port.isdigit() or "/" in target:
+            raise ValueError(f"target={target!r}: expected host:port of a TF Serving gRPC "
+                             "port, e.g. localhost:8500")
+        # the REST client checks the shared arguments and keeps them
+        rest = TFServingClient(f"http://{host}:{port}", model_name, version, timeout, retries,
+                               backoff)
+        self.target = target
+        self.model_name, self.version = rest.model_name, rest.version
+        self.timeout, self.retries, self.backoff = rest.timeout, rest.retries, rest.backoff
+        self._channel = None
+
+    def _stubs(self):
+        if self._channel is None:
+            import grpc
+            from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+            self._channel = grpc.insecure_channel(self.target, options=[
+                ("grpc.max_send_message_length", 256 << 20),
+                ("grpc.max_receive_message_length", 256 << 20)])
+            self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(
+                self._channel)
+            self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        return self._predict_stub, self._model_stub
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):  # a channel does not pickle; reopened on use
+        return dict(self.__dict__, _channel=None)
+
+    def _spec(self, spec, signature: Optional[str] = None):
+        spec.name = self.model_name
+        if self.version is not None:
+            spec.version.value = int(self.version)
+        if signature is not None:
+            spec.signature_name = signature
+
+    def _rpc(self, method: str, request):
+        """One RPC with the deadline and the retries of UNAVAILABLE."""
+        import grpc
+
+        what = f"{self.target} {method} {self.model_name!r}"
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            predict_stub, model_stub = self._stubs()
+            stub = model_stub if method == "GetModelStatus" else predict_stub
+            try:
+                return getattr(stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                code = e.code()
+                name = getattr(code, "name", str(code))
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise ServingTimeout(f"{what}: no reply within {self.timeout:g} s"
+                                         ) from None
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                err = ServingError(f"{what}: {name}: {e.details()}", _HTTP_STATUS.get(name))
+                err.code = name
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    err.args = (f"{what}: connection failed after {attempt + 1} attempts: "
+                                f"{e.details()}",)
+                raise err from None
+        raise AssertionError("unreachable")
+
+    def status(self) -> dict:
+        """GetModelStatus: the model's version states, as the REST API's JSON."""
+        from google.protobuf.json_format import MessageToDict
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec)
+        return MessageToDict(self._rpc("GetModelStatus", request),
+                             preserving_proto_field_name=True)
+
+    def metadata(self) -> dict:
+        """GetModelMetadata: the signatures with their inputs and outputs."""
+        from google.protobuf.json_format import MessageToDict
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        self._spec(request.model_spec)
+        request.metadata_field.append("signature_def")
+        return MessageToDict(self._rpc("GetModelMetadata", request),
+                             preserving_proto_field_name=True)
+
+    def model_config(self) -> str:
+        """The served model's config JSON (its `model_config` signature)."""
+        out = self._predict("model_config", {"unused": np.zeros([1], np.float32)})
+        value = out.get("config_json")
+        if value is None or value.size != 1:
+            raise ServingError(f"{self.target}: unexpected model_config reply: expected "
+                               "config_json (an export of gpicl_tf)")
+        value = value.reshape(-1)[0]
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def _predict(self, signature: str, inputs: dict) -> dict:
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec, signature)
+        for name, value in inputs.items():
+            value = np.asarray(value)
+            dtype = tf.int64 if value.dtype.kind in "iu" else tf.float32
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype))
+        reply = self._rpc("Predict", request)
+        return {k: tf.make_ndarray(v) for k, v in reply.outputs.items()}
+
+    def _run(self, signature, inputs, names, expected_shape, fmt="columnar") -> dict:
+        out = self._predict(signature, inputs)
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise ServingError(f"unexpected reply: expected outputs {list(names)}, got "
+                               f"{sorted(out)} (is it a model with the bar head, "
+                               "model.head=bar?)")
+        return {n: check_output(np.asarray(out[n], np.float32), n, expected_shape)
                 for n in names}
 
 

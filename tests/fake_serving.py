@@ -169,3 +169,112 @@ class FakeServing:
             return self._reply(h, 200, encode_reply({k: v.numpy() for k, v in out.items()},
                                                     "instances" in body))
         return self._reply(h, 404, {"error": f"unknown path {path}"})
+
+
+class FakeGrpcServing:
+    """TF Serving's gRPC PredictionService (Predict, GetModelMetadata) and ModelService
+    (GetModelStatus) over SavedModel versions, on 127.0.0.1, for tests; the messages are
+    tensorflow-serving-api's own. `delay` seconds before each answer; `fail` a
+    (grpc.StatusCode, details) to answer instead; `unavailable_next` answers UNAVAILABLE
+    that many times first."""
+
+    def __init__(self, name="gpicl", versions=None):
+        from concurrent import futures
+
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        self.name, self.versions = name, versions or {}
+        self.delay, self.fail, self.unavailable_next, self.requests = 0.0, None, 0, []
+        self._loaded = {}
+        outer = self
+
+        class Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+            def Predict(self, request, context):
+                return outer._predict(request, context)
+
+            def GetModelMetadata(self, request, context):
+                return outer._metadata(request, context)
+
+        class Models(model_service_pb2_grpc.ModelServiceServicer):
+            def GetModelStatus(self, request, context):
+                return outer._status(request, context)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(),
+                                                                           self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(Models(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.target = f"127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.server.start()
+        return self
+
+    def __exit__(self, *a):
+        self.server.stop(None)
+
+    def _version(self, spec, context):
+        import grpc
+
+        self.requests.append(spec.signature_name)
+        if self.unavailable_next > 0:
+            self.unavailable_next -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "server is restarting")
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            context.abort(*self.fail)
+        v = spec.version.value if spec.HasField("version") else max(self.versions)
+        if spec.name != self.name or v not in self.versions:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"Servable not found for request: Specific({spec.name}, {v})")
+        return v
+
+    def _signatures(self, v):
+        import tensorflow as tf
+
+        if v not in self._loaded:
+            self._loaded[v] = tf.saved_model.load(self.versions[v]).signatures
+        return self._loaded[v]
+
+    def _predict(self, request, context):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        v = self._version(request.model_spec, context)
+        name = request.model_spec.signature_name or "serving_default"
+        sigs = self._signatures(v)
+        if name not in sigs:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"Serving signature name: \"{name}\" not found in signature def")
+        try:
+            out = sigs[name](**{k: tf.constant(tf.make_ndarray(t))
+                                for k, t in request.inputs.items()})
+        except (TypeError, ValueError, tf.errors.InvalidArgumentError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, getattr(e, "message", str(e)))
+        reply = predict_pb2.PredictResponse()
+        reply.model_spec.name, reply.model_spec.version.value = self.name, v
+        reply.model_spec.signature_name = name
+        for k, t in out.items():
+            reply.outputs[k].CopyFrom(tf.make_tensor_proto(t.numpy()))
+        return reply
+
+    def _metadata(self, request, context):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        v = self._version(request.model_spec, context)
+        reply = get_model_metadata_pb2.GetModelMetadataResponse()
+        reply.model_spec.name, reply.model_spec.version.value = self.name, v
+        return reply
+
+    def _status(self, request, context):
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        self._version(request.model_spec, context)
+        reply = get_model_status_pb2.GetModelStatusResponse()
+        for v in sorted(self.versions):
+            s = reply.model_version_status.add()
+            s.version, s.state = v, get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return reply
