@@ -636,7 +636,8 @@ def _sweep(size: str) -> ExperimentConfig:
 
 
 # The one preset registry: training presets, then the sweeps' base configs.
-PRESETS = {"tiny": _tiny, "default": _default, "regressor": _regressor, "classify": _classify, "mlp1d": _mlp1d,
+PRESETS = {"tiny": _tiny, "default": _default, "regressor": _regressor, "classify": _classify,
+           "mlp1d": _mlp1d,
            "mix": _mix, "paper": _paper,
            "sweep-tiny": lambda: _sweep("tiny"), "sweep-small": lambda: _sweep("small"),
            "sweep-paper": lambda: _sweep("paper")}

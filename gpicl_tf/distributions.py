@@ -172,11 +172,23 @@ class BarDistribution:
         logits[..., 0]: logits [..., B] -> [...]."""
         p = tf.nn.softmax(logits, axis=-1)
         q = tf.broadcast_to(tf.cast(level, p.dtype), tf.shape(p)[:-1])
+        return self._quantiles(p, q[..., None])[..., 0]
+
+    def quantiles(self, logits, levels):
+        """Quantiles at every level of levels [L], at once: logits [..., B] -> [..., L]."""
+        p = tf.nn.softmax(logits, axis=-1)
+        levels = tf.cast(levels, p.dtype)
+        q = tf.broadcast_to(levels, tf.concat([tf.shape(p)[:-1], tf.shape(levels)], 0))
+        return self._quantiles(p, q)
+
+    def _quantiles(self, p, q):
+        """p [..., B] bin masses, q [..., L] levels -> the quantiles [..., L]."""
         cum = tf.math.cumsum(p, axis=-1)  # mass up to and including each bin
-        idx = tf.minimum(tf.reduce_sum(tf.cast(cum < q[..., None], tf.int32), -1),
-                         self.n_bins - 1)
-        below = tf.gather(cum - p, idx, batch_dims=len(q.shape))
-        p_bin = tf.maximum(tf.gather(p, idx, batch_dims=len(q.shape)), 1e-30)
+        idx = tf.minimum(tf.reduce_sum(tf.cast(cum[..., None, :] < q[..., None], tf.int32),
+                                       -1), self.n_bins - 1)  # (..., L)
+        batch = len(q.shape) - 1
+        below = tf.gather(cum - p, idx, batch_dims=batch)
+        p_bin = tf.maximum(tf.gather(p, idx, batch_dims=batch), 1e-30)
         frac = tf.clip_by_value((q - below) / p_bin, 0.0, 1.0)
         inner = tf.gather(self.borders, idx) + frac * tf.gather(self.widths, idx)
         eps = 1e-7

@@ -230,14 +230,18 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
       context_strategy: "nearest" or "subsets", for larger training sets.
       n_subsets: random subsets averaged with context_strategy="subsets".
       batch_size: queries per model call.
-      random_state: seed of the random subsets.
+      random_state: seed of the random subsets and feature orders.
       timeout: seconds per request to TF Serving.
+      n_permutations: an ensemble over this many orders of X's columns (the first the
+        given order, the others random): the model reads features by position, so each
+        order is another learner; means are averaged and distributions mixed, as over
+        subsets. Costs n_permutations model calls.
     """
 
     def __init__(self, model: Optional[str] = None, version: Optional[int] = None,
                  max_context: Optional[int] = None, context_strategy: str = "nearest",
                  n_subsets: int = 8, batch_size: int = 256, random_state: int = 0,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, n_permutations: int = 1):
         self.model = model
         self.version = version
         self.max_context = max_context
@@ -246,11 +250,14 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
         self.timeout = timeout
+        self.n_permutations = n_permutations
 
     def _check_params(self):
         if self.context_strategy not in ("nearest", "subsets"):
             raise ValueError(f"context_strategy={self.context_strategy!r}: expected 'nearest' "
                              "or 'subsets'")
+        if not isinstance(self.n_permutations, (int, np.integer)) or self.n_permutations < 1:
+            raise ValueError(f"n_permutations={self.n_permutations!r}: expected an integer >= 1")
         super()._check_params()
 
     # ------------------------------------------------------------------ API
@@ -361,13 +368,26 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
             return "nearest", [(cx[idx], cy[idx])]
         return "subsets", [(cx[s], cy[s]) for s in self._subsets(len(cx))]
 
+    def _permutations(self, d: int):
+        """The feature orders of the ensemble: the identity, then n_permutations - 1 random
+        orders of the d columns (random_state); one order when d == 1."""
+        rng = np.random.default_rng(self.random_state)
+        orders = [np.arange(d)] + [rng.permutation(d) for _ in range(self.n_permutations - 1)]
+        return orders[:1] if d == 1 else orders
+
     def _each(self, Xq, fn):
-        """fn(cx, cy, qx) over the contexts of Xq; one result per context, each [q, ...]."""
+        """fn(cx, cy, qx) over the contexts of Xq and the feature orders of the ensemble; one
+        result per member, each [q, ...]; how is "subsets" (a mixture) for several members."""
         how, contexts = self._contexts(Xq)
-        if how == "nearest":
-            (cx, cy), = contexts
-            return how, [fn(cx, cy, Xq[:, None, :])[:, 0]]
-        return how, [fn(c[None], y[None], Xq[None])[0] for c, y in contexts]
+        out = []
+        for order in self._permutations(Xq.shape[1]):
+            if how == "nearest":
+                (cx, cy), = contexts
+                out.append(fn(cx[..., order], cy, Xq[:, None, order])[:, 0])
+            else:
+                out += [fn(c[None][..., order], y[None], Xq[None][..., order])[0]
+                        for c, y in contexts]
+        return ("subsets" if len(out) > 1 else how), out
 
     def _mean_chunk(self, Xq):
         """Predictions for standardised queries Xq, in standardised units of y."""

@@ -61,13 +61,20 @@ PROVENANCE_ASSET = "gpicl_export.json"
 _TMP = re.compile(r"^\.tmp-\d+-(\d+)-[0-9a-f]+$")  # .tmp-<version>-<pid>-<random>
 
 
+def _require(condition, message: str):
+    """Fails the request with `message` unless every element of condition holds. Its only
+    data is the message, so TensorFlow adds the Assert op alone (the tf.debugging.assert_*
+    helpers, which also print the tensors, wrap each in a conditional: more ops on every
+    request)."""
+    return tf.debugging.Assert(tf.reduce_all(condition), [message])
+
+
 def _value_checks(name: str, t):
     """Finite values of representable magnitude (see config.MAX_ABS_VALUE)."""
     return [tf.debugging.assert_all_finite(t, f"{name}: expected finite values"),
-            tf.debugging.assert_less_equal(
-                tf.reduce_max(tf.abs(t)), tf.constant(MAX_ABS_VALUE, t.dtype), message=(
-                    f"{name}: expected values of magnitude at most {MAX_ABS_VALUE:g} "
-                    "(float32 arithmetic); rescale the data"))]
+            _require(tf.reduce_max(tf.abs(t)) <= tf.constant(MAX_ABS_VALUE, t.dtype),
+                     f"{name}: expected values of magnitude at most {MAX_ABS_VALUE:g} "
+                     "(float32 arithmetic); rescale the data")]
 
 
 def _width_checks(name: str, t, dx: int, dx_min: int):
@@ -77,8 +84,7 @@ def _width_checks(name: str, t, dx: int, dx_min: int):
     if dx_min < dx:
         msg = (f"{name}: expected last dimension (input width) in [{dx_min}, {dx}] (the "
                f"model reads at most {dx} input features)")
-    return [tf.debugging.assert_less_equal(w, dx, message=msg),
-            tf.debugging.assert_greater_equal(w, dx_min, message=msg)]
+    return [_require((w <= dx) & (w >= dx_min), msg)]
 
 
 def pad_width(t, dx: int):
@@ -101,14 +107,14 @@ def _check_inputs(dx: int, dy: int, dx_min: int, context_x, context_y, query_x):
     checks = [
         *_width_checks("context_x", context_x, dx, dx_min),
         *_width_checks("query_x", query_x, dx, dx_min),
-        tf.debugging.assert_equal(tf.shape(query_x)[-1], tf.shape(context_x)[-1], message=(
+        _require(tf.equal(tf.shape(query_x)[-1], tf.shape(context_x)[-1]), (
             "query_x: expected the input width of context_x")),
-        tf.debugging.assert_equal(tf.shape(context_y)[-1], dy, message=(
+        _require(tf.equal(tf.shape(context_y)[-1], dy), (
             f"context_y: expected last dimension (output width) {dy}")),
-        tf.debugging.assert_equal(tf.shape(context_x)[:2], tf.shape(context_y)[:2], message=(
+        _require(tf.equal(tf.shape(context_x)[:2], tf.shape(context_y)[:2]), (
             "context_x and context_y: expected the same batch size and number of "
             "context points")),
-        tf.debugging.assert_equal(tf.shape(context_x)[0], tf.shape(query_x)[0], message=(
+        _require(tf.equal(tf.shape(context_x)[0], tf.shape(query_x)[0]), (
             "context_x and query_x: expected the same batch size")),
     ]
     for name, t in (("context_x", context_x), ("context_y", context_y), ("query_x", query_x)):
@@ -161,10 +167,9 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         """Class ids [B, Nc] in context_y -> probabilities [B, Nq, C], classes absent from
         the context at 0 (a context without points leaves every class possible)."""
         checks = [
-            tf.debugging.assert_equal(tf.reduce_all((context_y >= 0) & (context_y < dy)), True,
-                                      message=(f"context_y: expected class ids in [0, {dy}) "
-                                               f"(the model knows {dy} classes)")),
-            tf.debugging.assert_equal(tf.shape(context_y), tf.shape(context_x)[:2], message=(
+            _require((context_y >= 0) & (context_y < dy), (
+                f"context_y: expected class ids in [0, {dy}) (the model knows {dy} classes)")),
+            _require(tf.equal(tf.shape(context_y), tf.shape(context_x)[:2]), (
                 "context_y: expected class ids of shape [batch, context points] matching "
                 "context_x"))]
         with tf.control_dependencies(checks):
@@ -193,17 +198,16 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         return {"mean": mean[:, nc:], "std": std[:, nc:], "quantiles": qs[:, nc:]}
 
     def quantiles(context_x, context_y, query_x, levels):
-        check = tf.debugging.assert_equal(
-            tf.reduce_all((levels > 0.0) & (levels < 1.0)), True,
-            message="levels: expected quantile levels strictly between 0 and 1")
+        check = _require((levels > 0.0) & (levels < 1.0),
+                         "levels: expected quantile levels strictly between 0 and 1")
         with tf.control_dependencies([check]):
             levels = tf.identity(levels)
         dist = Predictive(bars, run_queries(context_x, context_y, query_x))
         return {"quantiles": dist.quantiles(levels)}
 
     def log_prob(context_x, context_y, query_x, query_y):
-        checks = [tf.debugging.assert_equal(tf.shape(query_y), tf.concat(
-            [tf.shape(query_x)[:2], [dy]], 0), message=(
+        checks = [_require(tf.equal(tf.shape(query_y), tf.concat(
+            [tf.shape(query_x)[:2], [dy]], 0)), (
                 f"query_y: expected shape [batch, queries, {dy}] matching query_x")),
             *_value_checks("query_y", query_y)]
         with tf.control_dependencies(checks):
@@ -214,13 +218,12 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
     def masked(x, y, is_query):
         checks = [
             *_width_checks("x", x, dx, dx_min),
-            tf.debugging.assert_equal(tf.shape(y)[-1], dy, message=f"y: expected width {dy}"),
-            tf.debugging.assert_equal(tf.shape(x)[:2], tf.shape(is_query), message=(
+            _require(tf.equal(tf.shape(y)[-1], dy), f"y: expected width {dy}"),
+            _require(tf.equal(tf.shape(x)[:2], tf.shape(is_query)), (
                 "x and is_query: expected the same [batch, points]")),
-            tf.debugging.assert_equal(tf.shape(x)[:2], tf.shape(y)[:2], message=(
+            _require(tf.equal(tf.shape(x)[:2], tf.shape(y)[:2]), (
                 "x and y: expected the same [batch, points]")),
-            tf.debugging.assert_equal(
-                tf.reduce_all((is_query == 0.0) | (is_query == 1.0)), True, message=(
+            _require((is_query == 0.0) | (is_query == 1.0), (
                     "is_query: expected only 0 (context) and 1 (query) values")),
             *_value_checks("x", x), *_value_checks("y", y),
         ]

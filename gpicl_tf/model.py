@@ -190,10 +190,7 @@ class Predictive:
 
     def quantiles(self, levels):
         """levels [L] -> [B, N, dy, L]."""
-        levels = tf.convert_to_tensor(levels, tf.float32)
-        qs = tf.map_fn(lambda lv: self.bars.quantile(self.logits, lv), levels,
-                       fn_output_signature=tf.float32)  # (L, B, N, dy)
-        qs = tf.transpose(qs, tf.concat([tf.range(1, tf.rank(qs)), [0]], 0))
+        qs = self.bars.quantiles(self.logits, tf.convert_to_tensor(levels, tf.float32))
         return qs * self.scale[..., None] + self.loc[..., None]
 
     def _standardised(self, y):

@@ -108,3 +108,19 @@ def test_borders_hold_equal_prior_mass_and_stay_increasing_with_ties():
     assert counts[-1] / len(s) == pytest.approx(0.05, abs=0.005)
     tied = borders_from_samples(np.r_[np.zeros(900), rng.normal(size=100)], 10)
     assert np.all(np.diff(tied) > 0)
+
+
+def test_quantiles_at_many_levels_at_once_equal_each_level_alone():
+    import tensorflow as tf
+
+    from gpicl_tf.distributions import BarDistribution
+
+    bars = BarDistribution(np.linspace(-2.0, 2.0, 17))
+    logits = tf.random.stateless_normal([3, 5, 2, 16], seed=[1, 2]) * 2.0
+    levels = np.array([1e-4, 0.05, 0.3, 0.5, 0.9, 0.9999], np.float32)
+    together = bars.quantiles(logits, levels).numpy()
+    assert together.shape == (3, 5, 2, 6)
+    for j, level in enumerate(levels):
+        np.testing.assert_allclose(together[..., j], bars.quantile(logits, level).numpy(),
+                                   rtol=1e-6, atol=1e-6)
+    assert (np.diff(together, axis=-1) >= 0).all()

@@ -286,3 +286,24 @@ def test_a_server_refusal_of_the_data_is_a_value_error(tiny_export_dir):
         srv.force = (400, {"error": "query_x: expected last dimension (input width) 1"})
         with pytest.raises(ValueError, match="refused the input: .*input width"):
             est.predict(X[:2])
+
+
+def test_n_permutations_averages_the_predictions_over_column_orders(tiny_export_d8):
+    from gpicl_tf import InContextRegressor
+
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(30, 5)), rng.normal(size=30)
+    Xq = rng.normal(size=(7, 5))
+    ens = InContextRegressor(tiny_export_d8, n_permutations=3, random_state=2).fit(X, y)
+    orders = ens._permutations(5)
+    assert len(orders) == 3 and (orders[0] == np.arange(5)).all()
+    assert all(sorted(o) == list(range(5)) for o in orders) and not (orders[1] == orders[0]).all()
+    manual = np.mean([InContextRegressor(tiny_export_d8).fit(X[:, o], y).predict(Xq[:, o])
+                      for o in orders], 0)
+    np.testing.assert_allclose(ens.predict(Xq), manual, rtol=1e-5, atol=1e-6)
+    one = InContextRegressor(tiny_export_d8).fit(X, y).predict(Xq)
+    assert np.abs(ens.predict(Xq) - one).max() > 1e-4  # the orders are other learners
+    np.testing.assert_array_equal(
+        InContextRegressor(tiny_export_d8, n_permutations=1).fit(X, y).predict(Xq), one)
+    with pytest.raises(ValueError, match="n_permutations=0: expected an integer >= 1"):
+        InContextRegressor(tiny_export_d8, n_permutations=0).fit(X, y)

@@ -108,3 +108,33 @@ def test_the_distribution_table_matches_its_results_file():
             assert float(cells[4]) == pytest.approx(m["bayes_optimal"][k]["nll"], rel=6e-3)
         assert float(cells[5]) == pytest.approx(m["model"][k]["cover90"], abs=1e-3)
         assert float(cells[6]) == pytest.approx(m["gp"][k]["cover90"], abs=1e-3)
+
+
+def test_the_real_data_table_matches_its_results_file():
+    """Rows `| task (R^2 or accuracy) | rows | shipped model [(subsets s)] | baselines... |` of
+    the README equal benchmarks/real_data.py's docs/results/real_data.json."""
+    with open(os.path.join(REPO, "docs", "results", "real_data.json")) as f:
+        results = json.load(f)
+    row = re.compile(r"^\| (\w+) \((R\^2|accuracy)\) \| (\d+(?: width=\d+)?) \| ([-\d.]+)"
+                     r"(?: \(subsets ([-\d.]+)\))? \| (.*) \|$")
+    reg_names = ("gpicl_x4", "ridge", "gp", "gp_ard", "gbt", "random_forest", "knn")
+    checked = 0
+    for line in _section("## Results").splitlines():
+        m = row.match(line)
+        if not m:
+            continue
+        name, metric, rows, model, subsets, rest = m.groups()
+        key = f"{name} n={rows}"
+        if metric == "R^2":
+            cell = results["regression"][key]
+            names = reg_names
+        else:
+            cell = results["classification"][key]["accuracy"]
+            names = ("logreg", "knn", "random_forest", "gbt")
+        assert float(model) == pytest.approx(cell["gpicl"]["mean"], abs=6e-4), key
+        if subsets:
+            assert float(subsets) == pytest.approx(cell["gpicl_subsets"]["mean"], abs=6e-4)
+        values = [float(v) for v in rest.split(" | ")]
+        assert values == pytest.approx([cell[b]["mean"] for b in names], abs=6e-4), key
+        checked += 1
+    assert checked >= 10, checked

@@ -85,7 +85,8 @@ def test_bar_and_classifier_warmups_cover_their_signatures(tmp_path_factory):
             np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_models_config_names_every_exported_model_with_its_base_path(tmp_path, tiny_keras_model, tiny):
+def test_models_config_names_every_exported_model_with_its_base_path(tmp_path, tiny_keras_model,
+                                                                      tiny):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -116,7 +117,9 @@ def test_models_config_names_every_exported_model_with_its_base_path(tmp_path, t
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
-def test_an_unreadable_models_config_is_refused_before_anything_is_written(tmp_path, tiny_keras_model, tiny):
+def test_an_unreadable_models_config_is_refused_before_anything_is_written(tmp_path,
+                                                                           tiny_keras_model,
+                                                                           tiny):
     from gpicl_tf.export import export_model
 
     model, cfg = tiny_keras_model, tiny
