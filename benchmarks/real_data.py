@@ -56,8 +56,10 @@ def classification_sets():
 
 
 def _standardise(cx, qx):
-    loc, scale = cx.mean(0), cx.std(0)
-    scale = np.where(scale > 0, scale, 1.0)
+    """Both on the context's per-column mean and std, as the estimator standardises."""
+    from gpicl_tf.estimator import _loc_scale
+
+    loc, scale = _loc_scale(cx)
     return (cx - loc) / scale, (qx - loc) / scale
 
 

@@ -15,6 +15,7 @@ import sys
 
 from gpicl_tf.config import PRESETS, apply_overrides, check_name, get_preset
 from gpicl_tf.files import check_dir_arg
+from gpicl_tf.tfserving import SERVING_ROOT
 
 def quiet_tensorflow() -> None:
     """Imports TensorFlow with its C++ start-up log (oneDNN, CUDA probes) silenced."""
@@ -227,7 +228,7 @@ def export_parser() -> argparse.ArgumentParser:
     src.add_argument("--pretrained", choices=["regressor", "classifier"],
                      help="export a model that comes with the package (no training)")
     p.add_argument("--export-dir", default="exports", help="parent of the model base folder")
-    p.add_argument("--serving-root", default="/models",
+    p.add_argument("--serving-root", default=SERVING_ROOT,
                    help="where TF Serving sees --export-dir (models.config's base paths; "
                         "default /models, the README's docker mount)")
     p.add_argument("--model-name", default=None,

@@ -175,8 +175,10 @@ class _InContextMixin:
         state.pop("_backend_key", None)
         return state
 
+    count_params = ("n_subsets", "batch_size")  # integer parameters >= 1
+
     def _check_params(self):
-        for name in ("n_subsets", "batch_size"):
+        for name in self.count_params:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected an integer >= 1")
@@ -238,6 +240,8 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
         subsets. Costs n_permutations model calls.
     """
 
+    count_params = _InContextMixin.count_params + ("n_permutations",)
+
     def __init__(self, model: Optional[str] = None, version: Optional[int] = None,
                  max_context: Optional[int] = None, context_strategy: str = "nearest",
                  n_subsets: int = 8, batch_size: int = 256, random_state: int = 0,
@@ -256,8 +260,6 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
         if self.context_strategy not in ("nearest", "subsets"):
             raise ValueError(f"context_strategy={self.context_strategy!r}: expected 'nearest' "
                              "or 'subsets'")
-        if not isinstance(self.n_permutations, (int, np.integer)) or self.n_permutations < 1:
-            raise ValueError(f"n_permutations={self.n_permutations!r}: expected an integer >= 1")
         super()._check_params()
 
     # ------------------------------------------------------------------ API

@@ -49,7 +49,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from gpicl_tf import lean
+from gpicl_tf import lean, tfserving
 from gpicl_tf.config import MAX_ABS_VALUE, ExperimentConfig, check_name, read_config
 from gpicl_tf.distributions import check_levels
 from gpicl_tf.model import Predictive, bar_distribution, masked_inputs, point_prediction
@@ -279,7 +279,7 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
                  model_name: Optional[str] = None, version: Optional[int] = None,
                  jit_compile: bool = False, attempts: int = 20,
                  provenance: Optional[dict] = None, quantile_levels=DEFAULT_LEVELS,
-                 serving_root: str = "/models") -> str:
+                 serving_root: str = tfserving.SERVING_ROOT) -> str:
     """Writes a new version of the SavedModel atomically; returns its path.
 
     With it, TF Serving's warmup requests (assets.extra/tf_serving_warmup_requests)
@@ -306,19 +306,10 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
       quantile_levels: levels of serving_default's quantiles (bar head), each in (0, 1).
       serving_root: where the server sees export_dir (the docker command's mount).
     """
-    from gpicl_tf import tfserving
-
     check_levels(quantile_levels)  # before any folder is made
-    tfserving.read_models_config(export_dir)  # a models.config it cannot update: refused now
     name = check_name(model_name or cfg.name, "--model-name")
-    base = os.path.join(export_dir, name)
-    if version is not None and os.path.exists(os.path.join(base, str(version))):
-        raise FileExistsError(f"export version {os.path.join(base, str(version))} exists; "
-                              "versions are never overwritten")
-    os.makedirs(base, exist_ok=True)
-    clean_stale_tmp(base)
-    tmp = os.path.join(base, f".tmp-{version or 0}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def fill(tmp):
         build_archive(model, cfg, jit_compile, quantile_levels).write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, "assets.extra", CONFIG_ASSET), "w") as f:
@@ -327,6 +318,30 @@ def export_model(model: keras.Model, cfg: ExperimentConfig, export_dir: str = "e
             with open(os.path.join(tmp, "assets.extra", PROVENANCE_ASSET), "w") as f:
                 json.dump(provenance, f, indent=1)
         tfserving.write_warmup(tmp, cfg, name)
+
+    return write_version(export_dir, name, fill, version, attempts, serving_root)
+
+
+def write_version(export_dir: str, name: str, fill, version: Optional[int] = None,
+                  attempts: int = 20, serving_root: str = tfserving.SERVING_ROOT) -> str:
+    """Writes one version of export_dir/<name> atomically; returns its path.
+
+    fill(tmp) writes the version into a hidden `.tmp-<version>-<pid>-<random>` folder
+    beside the others (it creates tmp), which `publish` then renames into place;
+    export_dir/models.config then names the model. A models.config it could not update,
+    or an explicit version that exists, is refused before anything is written; the
+    hidden folder is removed whatever happens.
+    """
+    tfserving.read_models_config(export_dir)
+    base = os.path.join(export_dir, name)
+    if version is not None and os.path.exists(os.path.join(base, str(version))):
+        raise FileExistsError(f"export version {os.path.join(base, str(version))} exists; "
+                              "versions are never overwritten")
+    os.makedirs(base, exist_ok=True)
+    clean_stale_tmp(base)
+    tmp = os.path.join(base, f".tmp-{version or 0}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fill(tmp)
         final = publish(tmp, base, version, attempts)
         tfserving.update_serving_configs(export_dir, serving_root)
         return final
@@ -445,7 +460,7 @@ def resolve_version(model_dir: str, version: Optional[int] = None) -> str:
 
 def export_checkpoint(logdir: str, export_dir: str = "exports",
                       model_name: Optional[str] = None, jit_compile: bool = False,
-                      serving_root: str = "/models") -> str:
+                      serving_root: str = tfserving.SERVING_ROOT) -> str:
     """Exports the latest checkpoint of a run directory without training."""
     from gpicl_tf.train import Trainer
 

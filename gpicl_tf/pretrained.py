@@ -27,6 +27,8 @@ import sys
 import time
 import uuid
 
+from gpicl_tf.tfserving import SERVING_ROOT
+
 KINDS = {"regressor": "regressor", "classifier": "classify"}  # kind -> training preset
 MANIFEST = "manifest.json"
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
@@ -66,9 +68,11 @@ def file_digests(path: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def checksum(path: str) -> str:
-    """One SHA-256 over the files' relative paths and digests (the manifest excluded)."""
-    text = "".join(f"{rel}\0{digest}\n" for rel, digest in file_digests(path).items())
+def checksum(path: str, digests=None) -> str:
+    """One SHA-256 over the files' relative paths and digests (the manifest excluded);
+    digests: file_digests(path), if already computed."""
+    digests = file_digests(path) if digests is None else digests
+    text = "".join(f"{rel}\0{digest}\n" for rel, digest in digests.items())
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -96,6 +100,7 @@ def build(kind: str, runs_dir: str = "runs", shipped_dir: str = SHIPPED) -> dict
     old = None
     try:
         vdir = export_model(trainer.model, cfg, staging, cfg.name, version=1)
+        digests = file_digests(vdir)
         info = {
             "kind": kind, "preset": preset, "name": cfg.name,
             "command": f"python -m gpicl_tf.pretrained {kind}",
@@ -104,7 +109,7 @@ def build(kind: str, runs_dir: str = "runs", shipped_dir: str = SHIPPED) -> dict
             "steps_per_sec": float(result.steps_per_sec),
             "seconds_this_call": round(time.time() - t0, 1),
             "tensorflow": tf.__version__,
-            "bytes": size_bytes(vdir), "files": file_digests(vdir), "sha256": checksum(vdir)}
+            "bytes": size_bytes(vdir), "files": digests, "sha256": checksum(vdir, digests)}
         with open(os.path.join(vdir, MANIFEST), "w") as f:
             json.dump(info, f, indent=1)
         final = os.path.join(shipped_dir, kind)
@@ -120,27 +125,16 @@ def build(kind: str, runs_dir: str = "runs", shipped_dir: str = SHIPPED) -> dict
 
 
 def export_pretrained(kind: str, export_dir: str = "exports", model_name=None,
-                      serving_root: str = "/models") -> str:
+                      serving_root: str = SERVING_ROOT) -> str:
     """Copies the shipped model into export_dir/<name>/<next version> (TF Serving's layout,
     written atomically) and adds it to models.config; returns the version folder."""
-    from gpicl_tf import tfserving
     from gpicl_tf.config import check_name
-    from gpicl_tf.export import clean_stale_tmp, load_config, publish
+    from gpicl_tf.export import load_config, write_version
 
     src = folder(kind)
-    tfserving.read_models_config(export_dir)  # refused before anything is written
     name = check_name(model_name or load_config(src).name, "--model-name")
-    base = os.path.join(export_dir, name)
-    os.makedirs(base, exist_ok=True)
-    clean_stale_tmp(base)
-    tmp = os.path.join(base, f".tmp-0-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MANIFEST))
-        final = publish(tmp, base)
-        tfserving.update_serving_configs(export_dir, serving_root)
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return write_version(export_dir, name, lambda tmp: shutil.copytree(
+        src, tmp, ignore=shutil.ignore_patterns(MANIFEST)), serving_root=serving_root)
 
 
 def main(argv=None) -> int:
