@@ -9,12 +9,16 @@ def write_atomic(path: str, text: str) -> None:
     """Writes text to a temporary file beside `path` and renames it into place.
 
     A reader (or a resumed run) sees the old file or the whole new one, never a
-    half-written one.
+    half-written one; a write that fails leaves no temporary file behind.
     """
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_dir_arg(flag: str, path: str) -> None:

@@ -28,9 +28,10 @@ sends its queries in chunks of `batch_size` against one context.
 from __future__ import annotations
 
 import os
-import uuid
 
 import numpy as np
+
+from gpicl_tf.files import write_atomic
 
 WARMUP_FILE = "tf_serving_warmup_requests"  # under assets.extra/, as TF Serving expects
 MODELS_CONFIG = "models.config"
@@ -170,19 +171,8 @@ def update_serving_configs(export_dir: str, serving_root: str = SERVING_ROOT) ->
             entry.base_path = f"{serving_root.rstrip('/')}/{name}"
             entry.model_platform = "tensorflow"
     path = os.path.join(export_dir, MODELS_CONFIG)
-    _write_atomic(path, text_format.MessageToString(config))
+    write_atomic(path, text_format.MessageToString(config))
     batching = os.path.join(export_dir, BATCHING_CONFIG)
     if not os.path.exists(batching):
-        _write_atomic(batching, BATCHING_TEXT)
+        write_atomic(batching, BATCHING_TEXT)
     return path
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
