@@ -300,6 +300,9 @@ def eval_parser() -> argparse.ArgumentParser:
                         "method runs on the same tasks")
     p.add_argument("--queries", type=positive_int("--queries"), default=None,
                    help="query points per task (default 16; classification 64)")
+    p.add_argument("--n-permutations", type=positive_int("--n-permutations"), default=1,
+                   help="classification models: also score the estimator's ensemble of this "
+                        "many members (column orders and class ids), as method model_x<K>")
     p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
     return p
 
@@ -321,6 +324,9 @@ def _eval(argv) -> int:
         from gpicl_tf import evaluate_classification
 
         return evaluate_classification.run_cli(a, ks)
+    if a.n_permutations != 1:
+        raise ValueError(f"--n-permutations {a.n_permutations}: expected 1 for a regression "
+                         "model (the ensemble is scored for classification models)")
     a.tasks, a.queries = a.tasks or 128, a.queries or 16
     return evaluate.run_cli(a, ks)
 

@@ -450,8 +450,13 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
       n_subsets: with more training points than that, the probabilities are averaged
         over this many random subsets of max_context points (a mixture).
       batch_size: queries per model call.
-      random_state: seed of the random subsets.
+      random_state: seed of the random subsets and of the ensemble's members.
       timeout: seconds per request to TF Serving.
+      n_permutations: an ensemble of this many members (the first the data as given),
+        each with a random order of X's columns and a random assignment of the model's
+        class ids: the model was trained on features in any order and on classes with
+        random ids, so each member is another learner; their probabilities are averaged.
+        The members of a call go to the model as one batch.
 
     Labels may be anything np.unique sorts (strings, integers): `classes_` holds them
     sorted. The model sees each class as an id in 0..C-1 (C = task.y_dim, the most
@@ -462,10 +467,11 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
     """
 
     model_kind = "classification"
+    count_params = _InContextMixin.count_params + ("n_permutations",)
 
     def __init__(self, model: Optional[str] = None, version: Optional[int] = None,
                  max_context: Optional[int] = None, n_subsets: int = 8, batch_size: int = 256,
-                 random_state: int = 0, timeout: float = 10.0):
+                 random_state: int = 0, timeout: float = 10.0, n_permutations: int = 1):
         self.model = model
         self.version = version
         self.max_context = max_context
@@ -473,6 +479,7 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
         self.timeout = timeout
+        self.n_permutations = n_permutations
 
     def fit(self, X, y):
         """Stores (X, y) as the context. X: [n, d] (or [n]); y: [n] labels."""
@@ -518,10 +525,31 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
     def _proba_chunk(self, Xq):
         cx, ids, m = self._cx, self._ids, self.max_context_
         run = self._backend()
+        members = ensemble_members(np.random.default_rng(self.random_state), cx.shape[1],
+                                   run.cfg.task.y_dim, self.n_permutations)
         if len(cx) <= m:
-            return run.classify(cx[None], ids[None], Xq[None])[0]
-        return np.mean([run.classify(cx[s][None], ids[s][None], Xq[None])[0]
+            return ensemble_proba(run.classify, cx, ids, Xq, members)
+        return np.mean([ensemble_proba(run.classify, cx[s], ids[s], Xq, members)
                         for s in self._subsets(len(cx))], 0)
+
+
+def ensemble_members(rng, d: int, n_ids: int, n: int):
+    """n (feature order [d], class-id map [n_ids]) pairs: the identity, then random ones."""
+    return [(np.arange(d), np.arange(n_ids))] + [(rng.permutation(d), rng.permutation(n_ids))
+                                                 for _ in range(n - 1)]
+
+
+def ensemble_proba(classify, cx, ids, qx, members):
+    """Class probabilities [q, C] averaged over the members of an ensemble.
+
+    classify(cx [K, n, d], ids [K, n], qx [K, q, d]) -> [K, q, C] is called once with a
+    member per batch row: member (order, ids_map) sees the columns in `order` and class
+    id i as ids_map[i], so its column ids_map[i] is the probability of id i.
+    """
+    p = classify(np.stack([cx[:, f] for f, _ in members]),
+                 np.stack([c[ids] for _, c in members]),
+                 np.stack([qx[:, f] for f, _ in members]))
+    return np.mean([p[j][:, c] for j, (_, c) in enumerate(members)], 0)
 
 
 def _loc_scale(a):

@@ -14,7 +14,9 @@ A task, as in the paper: a random projection of the features to the model's widt
 labels, k context examples per class and --queries query examples drawn from the
 rest (a dataset with more classes than the model knows keeps a random subset of them).
 Every method sees the same tasks (paired): the model through its export's
-serving_default, and per-task learners fitted on the same context: `sgd` (the paper's
+serving_default (with --n-permutations K also `model_xK`, the estimator's ensemble of K
+members: random column orders and class-id assignments, probabilities averaged), and
+per-task learners fitted on the same context: `sgd` (the paper's
 baseline: logistic regression trained by SGD on the context), `logreg`, `knn`,
 `random_forest`, `gbt`. Accuracy and log loss at each k in --ks (examples per class;
 a k whose context exceeds the model's limit is skipped, and said).
@@ -135,8 +137,8 @@ def scores(proba, qy) -> dict:
 
 
 def saved_model_classify_fn(version_dir: str):
-    """classify(cx [d'], cy, qx) -> probabilities [q, C] through the export's serving_default
-    (inputs padded to the model's width by the graph)."""
+    """classify(cx [B, n, d'], cy [B, n], qx [B, q, d']) -> probabilities [B, q, C] through
+    the export's serving_default (inputs padded to the model's width by the graph)."""
     import tensorflow as tf
 
     from gpicl_tf.export import load_signature
@@ -144,16 +146,16 @@ def saved_model_classify_fn(version_dir: str):
     sig = load_signature(version_dir)
 
     def classify(cx, cy, qx):
-        out = sig(context_x=tf.constant(cx[None], tf.float32),
-                  context_y=tf.constant(cy[None], tf.int64),
-                  query_x=tf.constant(qx[None], tf.float32))
-        return out["probabilities"].numpy()[0].astype(np.float64)
+        out = sig(context_x=tf.constant(cx, tf.float32), context_y=tf.constant(cy, tf.int64),
+                  query_x=tf.constant(qx, tf.float32))
+        return out["probabilities"].numpy().astype(np.float64)
 
     return classify
 
 
 def keras_classify_fn(model, cfg):
-    """classify(cx, cy, qx) -> probabilities [q, C] through the Keras model (inputs padded)."""
+    """classify(cx [B, n, d'], cy [B, n], qx [B, q, d']) -> probabilities [B, q, C] through
+    the Keras model (inputs padded)."""
     import tensorflow as tf
 
     from gpicl_tf.evaluate import pad_features
@@ -161,11 +163,11 @@ def keras_classify_fn(model, cfg):
     from gpicl_tf.model import masked_inputs
 
     def classify(cx, cy, qx):
-        onehot = tf.one_hot(cy[None], cfg.task.y_dim)
-        logits = model(masked_inputs(pad_features(cx[None], cfg.task.x_dim), onehot,
-                                     pad_features(qx[None], cfg.task.x_dim)), training=False)
-        p = class_probabilities(logits[:, len(cx):], onehot)
-        return p.numpy()[0].astype(np.float64)
+        onehot = tf.one_hot(cy, cfg.task.y_dim)
+        logits = model(masked_inputs(pad_features(cx, cfg.task.x_dim), onehot,
+                                     pad_features(qx, cfg.task.x_dim)), training=False)
+        p = class_probabilities(logits[:, cx.shape[1]:], onehot)
+        return p.numpy().astype(np.float64)
 
     return classify
 
@@ -191,12 +193,20 @@ def write_outputs(results: dict, out: str) -> str:
 
 
 def evaluate(classify, cfg, datasets, ks=DEFAULT_KS, baselines=BASELINES, n_tasks: int = 32,
-             n_queries: int = 64, seed: int = SEED, data_dir=None, progress: bool = True) -> dict:
-    """Every dataset at every k: the model and each baseline on the same tasks."""
+             n_queries: int = 64, seed: int = SEED, data_dir=None, progress: bool = True,
+             n_permutations: int = 1) -> dict:
+    """Every dataset at every k: the model (and with n_permutations > 1 its ensemble,
+    `model_x<n>`) and each baseline on the same tasks."""
+    from gpicl_tf.estimator import ensemble_members, ensemble_proba
+
     width, c_max, limit = cfg.task.x_dim, cfg.task.y_dim, cfg.task.context_max
     for b in baselines:
         if b not in BASELINES:
             raise ValueError(f"--baselines {b!r} is unknown: expected some of {BASELINES}")
+    if not isinstance(n_permutations, int) or n_permutations < 1:
+        raise ValueError(f"--n-permutations {n_permutations!r}: expected an integer >= 1")
+    models = {"model": 1, **({f"model_x{n_permutations}": n_permutations}
+                             if n_permutations > 1 else {})}
     data = {name: load_dataset(name, data_dir) for name in datasets}
     out = {"config": cfg.to_dict(), "n_tasks": n_tasks, "n_queries": n_queries, "seed": seed,
            "ks": list(ks), "datasets": {}}
@@ -212,14 +222,18 @@ def evaluate(classify, cfg, datasets, ks=DEFAULT_KS, baselines=BASELINES, n_task
                 entry["skipped"][str(k)] = (f"{k} x {c} classes = {k * c} context points, "
                                             f"above the model's {limit}")
                 continue
-            tasks = make_tasks(x, labels, width, c_max, k, n_queries, n_tasks,
-                               seed + 1000 * k + zlib.crc32(name.encode()) % 1000)
-            for method in ("model", *baselines):
+            task_seed = seed + 1000 * k + zlib.crc32(name.encode()) % 1000
+            tasks = make_tasks(x, labels, width, c_max, k, n_queries, n_tasks, task_seed)
+            for method in (*models, *baselines):
                 tic = time.perf_counter()
                 rows = []
+                rng = np.random.default_rng([task_seed, 1])  # the ensemble's members
                 for cx, cy, qx, qy in tasks:
-                    p = (classify(cx, cy, qx)[:, :c] if method == "model" else
-                         baseline_proba(method, cx, cy, qx, c))
+                    if method in models:
+                        members = ensemble_members(rng, cx.shape[1], c_max, models[method])
+                        p = ensemble_proba(classify, cx, cy, qx, members)[:, :c]
+                    else:
+                        p = baseline_proba(method, cx, cy, qx, c)
                     p = p / p.sum(1, keepdims=True)
                     rows.append(scores(p, qy))
                 sec = (time.perf_counter() - tic) / len(tasks)
@@ -264,7 +278,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-STYLES = {"model": {"lw": 2.5, "color": "C3"}, "sgd": {"lw": 1.5, "color": "k", "ls": "--"},
+STYLES = {"model": {"lw": 2.5, "color": "C3"}, "model_x": {"lw": 2.5, "color": "C3", "ls": ":"},
+          "sgd": {"lw": 1.5, "color": "k", "ls": "--"},
           "logreg": {"lw": 1, "color": "C0"}, "knn": {"lw": 1, "color": "C2"},
           "random_forest": {"lw": 1, "color": "C4"}, "gbt": {"lw": 1, "color": "C1"}}
 
@@ -278,7 +293,7 @@ def plot(results: dict, path: str) -> None:
         for meth, cells in results["datasets"][n]["methods"].items():
             ks = sorted(cells, key=int)
             ax.plot([int(k) for k in ks], [100 * cells[k]["accuracy"] for k in ks], marker="o",
-                    ms=3, label=meth, **STYLES.get(meth, {"lw": 1}))
+                    ms=3, label=meth, **STYLES.get(meth.rstrip("0123456789"), {"lw": 1}))
         ax.set_xscale("log")
         ax.set_title(f"{n} ({results['datasets'][n]['n_classes']} classes)", fontsize=9)
         ax.set_xlabel("context examples per class", fontsize=8)
@@ -299,7 +314,8 @@ def run_cli(a, ks) -> int:
     baselines = ([b for b in a.baselines.split(",") if b] if a.baselines is not None
                  else list(BASELINES))
     results = evaluate(saved_model_classify_fn(version_dir), cfg, datasets, ks or DEFAULT_KS,
-                       baselines, a.tasks or 32, a.queries or 64, data_dir=a.data_dir)
+                       baselines, a.tasks or 32, a.queries or 64, data_dir=a.data_dir,
+                       n_permutations=a.n_permutations)
     results["model"] = os.path.abspath(version_dir)
     print(write_outputs(results, a.out))
     print(f"wrote {a.out}/results.json, results.md, transfer.png")

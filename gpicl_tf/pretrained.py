@@ -9,7 +9,7 @@ warmup requests included) with manifest.json: the command that made it, its
 training figures and the SHA-256 of every file. One seeded command makes each:
 
     python -m gpicl_tf.pretrained regressor     # preset `regressor`, runs/gpicl-regressor
-    python -m gpicl_tf.pretrained classifier    # preset `classify`, runs/gpicl-classify
+    python -m gpicl_tf.pretrained classifier    # preset `classifier`, runs/gpicl-classifier
 
 It trains the preset (resuming its run folder if one exists: a finished run is not
 trained again), exports the final weights and replaces the shipped folder
@@ -29,7 +29,7 @@ import uuid
 
 from gpicl_tf.tfserving import SERVING_ROOT
 
-KINDS = {"regressor": "regressor", "classifier": "classify"}  # kind -> training preset
+KINDS = {"regressor": "regressor", "classifier": "classifier"}  # kind -> training preset
 MANIFEST = "manifest.json"
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 

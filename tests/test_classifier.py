@@ -116,7 +116,7 @@ print("RESULT", json.dumps({{"keys": sorted(out), "p": out["probabilities"].nump
     res = json.loads(run_python(code, cwd=str(tmp_path), env={"PYTHONPATH": ""}).stdout
                      .split("RESULT", 1)[1])
     assert res["keys"] == ["probabilities"]
-    keras_p = ec.keras_classify_fn(model, cfg)(cx, cy, qx)
+    keras_p = ec.keras_classify_fn(model, cfg)(cx[None], cy[None], qx[None])[0]
     np.testing.assert_allclose(np.array(res["p"])[0], keras_p, rtol=1e-4, atol=1e-6)
     cfg_json = json.loads(tf.saved_model.load(path).signatures["model_config"](
         unused=tf.zeros([1]))["config_json"].numpy())
@@ -182,6 +182,39 @@ def test_more_points_than_the_context_holds_average_subsets(classifier):
     np.testing.assert_allclose(p, ref / ref.sum(1, keepdims=True), rtol=1e-9)
 
 
+def test_an_ensemble_averages_members_with_permuted_columns_and_class_ids(classifier):
+    X, y, Xq = _iris(seed=3)
+    one = InContextClassifier(classifier[2]).fit(X, y)
+    ens = InContextClassifier(classifier[2], n_permutations=4, random_state=5).fit(X, y)
+    p = ens.predict_proba(Xq)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-9)
+    # By hand, member by member, one call each: the member's columns in its order, class
+    # id i given to the model as ids_map[i], so id i's probability is column ids_map[i].
+    rng = np.random.default_rng(5)
+    maps = [(np.arange(4), np.arange(10))] + [(rng.permutation(4), rng.permutation(10))
+                                              for _ in range(3)]
+    xs = (Xq - ens._x_loc) / ens._x_scale
+    raw = np.zeros((20, 10))
+    for order, ids_map in maps:
+        q = ens._backend().classify(ens._cx[:, order][None], ids_map[ens._ids][None],
+                                    xs[:, order][None])[0]
+        raw += np.stack([q[:, ids_map[i]] for i in range(10)], 1) / 4
+    ref = np.zeros((20, 3))
+    ref[:, ens._class_of_id] = raw[:, :3]
+    np.testing.assert_allclose(p, ref / ref.sum(1, keepdims=True), rtol=1e-6, atol=1e-9)
+    assert np.abs(p - one.predict_proba(Xq)).max() > 1e-3  # the members differ
+    np.testing.assert_array_equal(  # one member is the single model, exactly
+        InContextClassifier(classifier[2], n_permutations=1).fit(X, y).predict_proba(Xq),
+        one.predict_proba(Xq))
+    relabel = np.array([7, 3, 5])  # renaming the classes still permutes the columns only
+    b = InContextClassifier(classifier[2], n_permutations=4, random_state=5).fit(
+        X, relabel[y])
+    cols = [list(b.classes_).index(c) for c in relabel]
+    np.testing.assert_allclose(b.predict_proba(Xq)[:, cols], p, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"n_permutations=0: expected an integer >= 1"):
+        InContextClassifier(classifier[2], n_permutations=0).fit(X, y)
+
+
 def test_serving_url_backend_gives_the_export_probabilities(classifier):
     from fake_serving import FakeServing
 
@@ -239,11 +272,16 @@ def test_transfer_evaluation_scores_every_method_on_the_same_tasks(classifier, t
     ec.plot(res, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 5000
     again = ec.evaluate(ec.saved_model_classify_fn(path), cfg, ["iris"], (1,), ("sgd",),
-                        n_tasks=3, n_queries=8, progress=False)
-    for m in ("model", "sgd"):  # seeded: the same tasks and numbers again
+                        n_tasks=3, n_queries=8, progress=False, n_permutations=3)
+    iris = again["datasets"]["iris"]["methods"]
+    assert set(iris) == {"model", "model_x3", "sgd"} and iris["model_x3"]["1"]["n_tasks"] == 3
+    for m in ("model", "sgd"):  # seeded: the same tasks and numbers again, ensemble or not
         for metric in ("accuracy", "log_loss"):
-            assert again["datasets"]["iris"]["methods"][m]["1"][metric] == \
-                res["datasets"]["iris"]["methods"][m]["1"][metric]
+            assert iris[m]["1"][metric] == res["datasets"]["iris"]["methods"][m]["1"][metric]
+    assert iris["model_x3"]["1"]["log_loss"] != iris["model"]["1"]["log_loss"]
+    with pytest.raises(ValueError, match=r"--n-permutations 0: expected an integer >= 1"):
+        ec.evaluate(ec.saved_model_classify_fn(path), cfg, ["iris"], (1,), (), n_tasks=1,
+                    progress=False, n_permutations=0)
 
 
 def test_the_classify_main_job_trains_exports_and_reports(tmp_path):

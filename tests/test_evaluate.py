@@ -99,6 +99,7 @@ def test_tensorboard_gets_the_scalars_and_images(results):
     (["--ks", "4,99"], "at most 15 context points"),
     (["--baselines", "mean,xgboost"], "xgboost"),
     (["--version", "7"], "--version 7 does not exist"),
+    (["--n-permutations", "2"], "--n-permutations 2: expected 1 for a regression model"),
 ])
 def test_bad_requests_fail_before_any_work(tiny_export, tmp_path, capsys, args, message):
     model_dir, _ = tiny_export

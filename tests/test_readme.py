@@ -45,6 +45,29 @@ def test_the_results_tables_match_their_results_files():
     assert checked >= 12 and len(files) >= 2, (checked, files)
 
 
+def test_the_classification_transfer_tables_match_their_results_files():
+    """Rows `| method | iris | wine | breast_cancer | digits_test |` (accuracy in % at 10 per
+    class) match the transfer results file named last above them."""
+    source, header, checked = None, None, 0
+    for line in _section("## Results").splitlines():
+        named = re.findall(r"docs/results/([\w.-]+transfer_eval[\w.-]*\.json)", line)
+        if named:
+            source = named[-1]
+        if line.startswith("| method |"):
+            header = [c.strip() for c in line.strip("|").split("|")][1:]
+            continue
+        row = re.match(r"^\| (model\w*|sgd|logreg|knn|random_forest|gbt) \| (.*) \|$", line)
+        if not row or "digits_test" not in (header or []):
+            continue
+        with open(os.path.join(REPO, "docs", "results", source)) as f:
+            data = json.load(f)["datasets"]
+        values = [float(v.strip("* ")) for v in row.group(2).split("|")]
+        want = [100 * data[d]["methods"][row.group(1)]["10"]["accuracy"] for d in header]
+        assert values == pytest.approx(want, abs=0.051), (source, line)
+        checked += 1
+    assert checked >= 13, checked
+
+
 def test_every_results_file_named_in_the_readme_exists_with_its_command():
     named = set(re.findall(r"docs/results/([\w.-]+\.json)", README))
     listing = open(os.path.join(REPO, "docs", "results", "README.md")).read()
@@ -130,7 +153,7 @@ def test_the_real_data_table_matches_its_results_file():
             names = reg_names
         else:
             cell = results["classification"][key]["accuracy"]
-            names = ("logreg", "knn", "random_forest", "gbt")
+            names = ("gpicl_x8", "logreg", "knn", "random_forest", "gbt")
         assert float(model) == pytest.approx(cell["gpicl"]["mean"], abs=6e-4), key
         if subsets:
             assert float(subsets) == pytest.approx(cell["gpicl_subsets"]["mean"], abs=6e-4)
