@@ -445,11 +445,19 @@ def load_signature(version_dir: str, name: str = "serving_default"):
 
 
 def resolve_version(model_dir: str, version: Optional[int] = None) -> str:
-    """Path of `version` (default: the highest) under an export base folder."""
+    """Path of `version` (default: the highest) under an export base folder; a version
+    folder itself (one holding saved_model.pb, e.g. a shipped model) is returned as it is
+    when no version is asked for."""
+    if os.path.exists(os.path.join(model_dir, "saved_model.pb")):
+        if version is not None:
+            raise ValueError(f"--version {version}: {model_dir!r} is a version folder "
+                             "already; expected no --version, or its base folder")
+        return model_dir
     vs = versions(model_dir)
     if not vs:
         raise ValueError(f"--model {model_dir!r}: expected a folder with integer version "
-                         "subfolders (exports/<model_name>), found none")
+                         "subfolders (exports/<model_name>) or one version folder, found "
+                         "neither")
     if version is None:
         return os.path.join(model_dir, str(vs[-1]))
     if version not in vs:

@@ -109,6 +109,22 @@ def test_bad_requests_fail_before_any_work(tiny_export, tmp_path, capsys, args, 
     assert not os.path.exists(out)
 
 
+def test_a_version_folder_is_a_model_too_and_takes_no_version(tiny_export, tmp_path, capsys):
+    """--model may name one version folder (a shipped model is one), as the estimator's
+    model= may; a --version beside it is refused before any work."""
+    model_dir, _ = tiny_export
+    version_dir = os.path.join(model_dir, "1")
+    out = str(tmp_path / "v")
+    assert ev.main(["--model", version_dir, "--out", out, "--suites", "sine", "--ks", "2",
+                    "--tasks", "3", "--baselines", "mean"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["suites"]["sine"]["methods"]["model"]["2"]["n_tasks"] == 3
+    assert ev.main(["--model", version_dir, "--out", str(tmp_path / "w"), "--version", "1"]) == 2
+    assert "--version 1: " in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_unknown_family_suite_fails_before_any_work(tiny_export):
     _, cfg = tiny_export
     with pytest.raises(ValueError, match="unknown"):
