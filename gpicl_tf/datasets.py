@@ -91,8 +91,8 @@ def load_base(name: str, data_dir: str = DEFAULT_DATA_DIR, split: str = "train")
                 f"Prepare it on a machine with network access:\n"
                 f"  python -c \"import gpicl_tf.datasets as d; d.prepare('{name}', "
                 f"'{data_dir}')\"\n"
-                f"then copy that folder here and set task.data_dir to it "
-                f"(or use task.dataset=digits, which needs no download).")
+                f"then copy that folder here and name it with task.data_dir (training) "
+                f"or --data-dir (gpicl-eval); task.dataset=digits needs no download.")
     ds = b.as_dataset(split=split, as_supervised=True)
     xs, ys = [], []
     for img, label in tfds.as_numpy(ds):
