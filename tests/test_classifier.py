@@ -223,6 +223,13 @@ def test_serving_url_backend_gives_the_export_probabilities(classifier):
     with FakeServing(name="gpicl-classify", versions={1: classifier[2]}) as srv:
         remote = InContextClassifier(f"{srv.url}/v1/models/gpicl-classify").fit(X, y)
         np.testing.assert_allclose(remote.predict_proba(Xq), local, rtol=1e-5, atol=1e-6)
+        # an ensemble's members travel as one request of batch 3, and come back the same
+        ens = dict(n_permutations=3, random_state=4)
+        np.testing.assert_allclose(
+            InContextClassifier(f"{srv.url}/v1/models/gpicl-classify", **ens).fit(X, y)
+            .predict_proba(Xq),
+            InContextClassifier(classifier[2], **ens).fit(X, y).predict_proba(Xq),
+            rtol=1e-5, atol=1e-6)
 
 
 CLASSIFIER_WAIVERS = {
