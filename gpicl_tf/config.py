@@ -328,6 +328,11 @@ class TrainConfig:
         cross_entropy for classification), "mse", "normalized_mse" (each task's
         errors divided by the variance of its y), "cross_entropy" or "nll"
         (the bar head's negative log-likelihood per query, in standardised units).
+      init_from: None, or the preset whose finished run gives this run its initial
+        weights (the model's only, not the optimiser's): a second training phase,
+        e.g. longer contexts. That run is looked up beside this one (the folder named
+        after that preset's name under the same parent), and its model must be this
+        run's model.
     """
 
     steps: int = 3000
@@ -346,6 +351,7 @@ class TrainConfig:
     eval_tasks: int = 256
     keep_checkpoints: int = 3
     loss: str = "auto"
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         o = "train"
@@ -370,6 +376,8 @@ class TrainConfig:
         _require(self.loss in LOSSES, o, "loss", self.loss, f"one of {LOSSES}")
         _require(self.precision in PRECISIONS, o, "precision", self.precision,
                  f"one of {PRECISIONS}")
+        _require(self.init_from is None or self.init_from in PRESETS, o, "init_from",
+                 self.init_from, f"null or a preset: one of {sorted(PRESETS)}")
 
 
 @dataclass(frozen=True)
@@ -557,7 +565,8 @@ def _regressor() -> ExperimentConfig:
     # 1/sqrt(d), so wide tasks are common enough to learn), 128 points so that contexts of
     # up to 127 rows fit, and the prior's observation noise up to std 1 of the standardised
     # y: real tables are noisy (ridge explains about half of diabetes' variance), where the
-    # `default` prior stops at 0.3. Trained by one seeded command, benchmarks/ship_models.py.
+    # `default` prior stops at 0.3. Trained by one seeded command,
+    # `python -m gpicl_tf.pretrained regressor`.
     cfg = _default()
     return dataclasses.replace(
         cfg, name="gpicl-regressor",

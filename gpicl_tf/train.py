@@ -23,7 +23,7 @@ import tensorflow as tf
 from gpicl_tf import data as data_lib
 from gpicl_tf import summaries
 from gpicl_tf import evaluate as evaluation
-from gpicl_tf.config import ExperimentConfig, read_config
+from gpicl_tf.config import ExperimentConfig, get_preset, read_config
 from gpicl_tf.files import check_dir_arg, write_atomic
 from gpicl_tf.losses import masked_query_loss
 from gpicl_tf.progress import progress_bar
@@ -131,7 +131,7 @@ def learning_rate_schedule(cfg: ExperimentConfig):
 # Train fields that shape the trajectory: a resumed run must keep them. The
 # others (intervals, checkpoints kept, XLA, steps per call) may change.
 RESUME_KEEPS = ("steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_fraction",
-                "clip_norm", "seed", "precision", "loss")
+                "clip_norm", "seed", "precision", "loss", "init_from")
 FINAL = "final.json"  # figures of a finished run, read back when it is rerun
 
 
@@ -414,13 +414,46 @@ class Trainer:
         self._check_config()
         start = self.restore()
         self._agree_on_step(start)
-        if start == 0 and self.cfg.model.head == "bar":  # a fresh run: the prior's borders
+        if start == 0 and self.cfg.train.init_from:  # a second phase: the first's weights
+            self._initialise_from(self.cfg.train.init_from)
+        elif start == 0 and self.cfg.model.head == "bar":  # a fresh run: the prior's borders
             self.model.get_layer("bar").borders.assign(prior_borders(self.cfg))
         if start < self.cfg.train.steps:
             os.makedirs(self.logdir, exist_ok=True)
             if self.chief:
                 write_atomic(os.path.join(self.logdir, "config.json"), self.cfg.to_json())
         return start
+
+    def _base_run(self, preset: str) -> str:
+        """The run folder of train.init_from's preset: beside this run's folder."""
+        parent = os.path.dirname(os.path.abspath(self.run_dir))
+        return os.path.join(parent, get_preset(preset).name)
+
+    def _initialise_from(self, preset: str) -> None:
+        """The model's weights (the bar head's borders among them) from the final checkpoint
+        of preset's finished run; a ValueError naming train.init_from and the command that
+        trains it if that run is missing or unfinished, or holds another model."""
+        base, folder = get_preset(preset), self._base_run(preset)
+        what = f"train.init_from={preset!r} wants the finished run of preset {preset!r} in " \
+               f"{folder}"
+        how = f"train it first: python train_keras.py --preset {preset} --logdir {folder}"
+        latest = tf.train.latest_checkpoint(os.path.join(folder, "checkpoints"))
+        if latest is None or not os.path.exists(os.path.join(folder, "config.json")):
+            raise ValueError(f"{what}, but there is no checkpoint there; {how}")
+        diffs = config_differences(read_config(os.path.join(folder, "config.json")), base)
+        if diffs:
+            raise ValueError(f"{what}, but the run there is another experiment "
+                             f"({'; '.join(diffs)}); {how} in a new folder")
+        if base.model != self.cfg.model:
+            raise ValueError(
+                f"{what}, but its model is another: model {base.model} there, "
+                f"{self.cfg.model} here; train.init_from needs the same model")
+        done = tf.Variable(0, dtype=tf.int64, trainable=False)
+        tf.train.Checkpoint(model=self.model, step=done).restore(latest) \
+            .assert_existing_objects_matched().expect_partial()
+        if int(done.numpy()) < base.train.steps:
+            raise ValueError(f"{what}, but that run stopped at step {int(done.numpy())} of "
+                             f"{base.train.steps}; {how} (it resumes)")
 
     def _steps_to_next_boundary(self, step: int) -> int:
         """Steps of the next call: up to steps_per_call, stopping at every interval."""

@@ -228,3 +228,73 @@ def test_no_private_tensorflow_or_keras_names_in_the_package_or_benchmarks():
     used = {(n, m) for n, text in texts for m in re.findall(r"\.(_[a-z]\w*)", text)}
     foreign = sorted((n, m) for n, m in used if m not in defined)
     assert not foreign, foreign
+
+
+def _two_phases(monkeypatch, tiny, **second):
+    """Presets `tiny` (10 steps) and `tiny_long` (24 points, 5 steps, train.init_from
+    `tiny`), in the one preset registry for this test."""
+    import dataclasses
+
+    from gpicl_tf import config
+
+    base = apply_overrides(tiny, ["train.steps=10", "train.checkpoint_every=10"])
+    long = apply_overrides(base, ["name=tiny-long", "task.n_points=24", "train.steps=5",
+                                  "train.init_from=tiny", *second.get("overrides", ())])
+    monkeypatch.setitem(config.PRESETS, "tiny", lambda: base)
+    monkeypatch.setitem(config.PRESETS, "tiny_long", lambda: long)
+    return base, long
+
+
+def test_a_second_phase_starts_from_the_first_phases_final_weights(tiny, tmp_path,
+                                                                   monkeypatch):
+    from gpicl_tf.train import Trainer
+
+    base, long = _two_phases(monkeypatch, tiny)
+    first = Trainer(base, str(tmp_path / "runs" / "tiny"))
+    first.train(verbose=False)
+    second = Trainer(long, str(tmp_path / "runs" / "tiny-long"))
+    fresh = [w.copy() for w in second.model.get_weights()]
+    assert second._open_run() == 0
+    for a, b, c in zip(second.model.get_weights(), first.model.get_weights(), fresh):
+        np.testing.assert_array_equal(a, b)  # the first phase's weights, exactly
+    assert any(not np.array_equal(a, c) for a, c in zip(first.model.get_weights(), fresh))
+    assert int(second.optimizer.iterations.numpy()) == 0  # a fresh optimiser
+    result = second.train(verbose=False)
+    assert result.step == 5 and np.isfinite(result.final_loss)
+    trained = second.model.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(trained, first.model.get_weights()))
+    # A finished (or resumed) second phase restores its own checkpoint, not the first's.
+    again = Trainer(long, str(tmp_path / "runs" / "tiny-long"))
+    assert again._open_run() == 5
+    for a, b in zip(again.model.get_weights(), trained):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_phase_without_its_finished_first_is_refused_before_writing(
+        tiny, tmp_path, monkeypatch):
+    from gpicl_tf.train import Trainer
+
+    base, long = _two_phases(monkeypatch, tiny)
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError, match=r"train.init_from='tiny'.*no checkpoint there; "
+                                         r"train it first: python train_keras.py --preset "
+                                         r"tiny --logdir .*runs/tiny$"):
+        Trainer(long, str(runs / "tiny-long")).train(verbose=False)
+    assert not os.path.exists(runs / "tiny-long")
+    unfinished = Trainer(base, str(runs / "tiny"))  # a first phase stopped at step 0
+    unfinished._open_run()
+    unfinished.manager.save(checkpoint_number=0)
+    with pytest.raises(ValueError, match=r"stopped at step 0 of 10; train it first.*resumes"):
+        Trainer(long, str(runs / "tiny-long")).train(verbose=False)
+    assert not os.path.exists(runs / "tiny-long")
+
+
+def test_a_second_phase_of_another_model_is_refused_naming_the_model(tiny, tmp_path,
+                                                                     monkeypatch):
+    from gpicl_tf.train import Trainer
+
+    base, long = _two_phases(monkeypatch, tiny, overrides=["model.d_model=16"])
+    Trainer(base, str(tmp_path / "runs" / "tiny")).train(verbose=False)
+    with pytest.raises(ValueError, match=r"its model is another: .*d_model=32.*d_model=16"):
+        Trainer(long, str(tmp_path / "runs" / "tiny-long")).train(verbose=False)
+    assert not os.path.exists(tmp_path / "runs" / "tiny-long")
