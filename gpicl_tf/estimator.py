@@ -48,13 +48,11 @@ class _SavedModelBackend:
     def __init__(self, path: str, version: Optional[int]):
         from gpicl_tf.export import load_config, load_signatures, resolve_version, versions
 
-        vdir = path if os.path.exists(os.path.join(path, "saved_model.pb")) else None
-        if vdir is None:
-            if not versions(path):
-                raise ValueError(f"model={path!r}: expected an export folder "
-                                 "(exports/<name> with integer versions, or one version "
-                                 "folder), or a TF Serving URL http://host:port/v1/models/<name>")
-            vdir = resolve_version(path, version)
+        if not os.path.exists(os.path.join(path, "saved_model.pb")) and not versions(path):
+            raise ValueError(f"model={path!r}: expected an export folder "
+                             "(exports/<name> with integer versions, or one version "
+                             "folder), or a TF Serving URL http://host:port/v1/models/<name>")
+        vdir = resolve_version(path, version, cli=False)
         self.cfg = load_config(vdir)
         self._sigs = load_signatures(vdir)  # loaded once: the bar head's signatures too
         self.sig = self._sigs["serving_default"]
@@ -101,6 +99,9 @@ class _ServingBackend:
         client = TFServingGRPCClient if m else TFServingClient
         m = m or _URL.match(url)
         base, name, v = m.group(1), m.group(2), m.group(3)
+        if v and version is not None and int(v) != version:
+            raise ValueError(f"version={version}: the URL {url!r} names version {v}; expected "
+                             "one of the two, or the same")
         self.client = client(base, name, int(v) if v else version, timeout=timeout)
         # Widths and the context limit come from the served model itself.
         self.cfg = ExperimentConfig.from_json(self.client.model_config())
@@ -227,7 +228,8 @@ class InContextRegressor(_InContextMixin, RegressorMixin, BaseEstimator):
         (gpicl_tf.pretrained); or an export folder (exports/<name>), a version
         folder, or a TF Serving URL: REST "http://host:port/v1/models/<name>
         [/versions/<v>]" or gRPC "grpc://host:port/<name>[/versions/<v>]".
-      version: export version (default: the highest).
+      version: export version (default: the highest); refused beside a version folder,
+        or beside a URL naming another version.
       max_context: most context points per call (default: the model's trained maximum).
       context_strategy: "nearest" or "subsets", for larger training sets.
       n_subsets: random subsets averaged with context_strategy="subsets".
@@ -445,7 +447,8 @@ class InContextClassifier(_InContextMixin, ClassifierMixin, BaseEstimator):
         (gpicl_tf.pretrained); or an export folder of a classification model
         (`python train_keras.py --preset classify` writes exports/gpicl-classify), a
         version folder, or a TF Serving URL (http://... or grpc://..., as the regressor's).
-      version: export version (default: the highest).
+      version: export version (default: the highest); refused beside a version folder,
+        or beside a URL naming another version.
       max_context: most context points per call (default: the model's trained maximum).
       n_subsets: with more training points than that, the probabilities are averaged
         over this many random subsets of max_context points (a mixture).

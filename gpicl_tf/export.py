@@ -444,25 +444,27 @@ def load_signature(version_dir: str, name: str = "serving_default"):
     return load_signatures(version_dir, (name,))[name]
 
 
-def resolve_version(model_dir: str, version: Optional[int] = None) -> str:
+def resolve_version(model_dir: str, version: Optional[int] = None,
+                    cli: bool = True) -> str:
     """Path of `version` (default: the highest) under an export base folder; a version
     folder itself (one holding saved_model.pb, e.g. a shipped model) is returned as it is
-    when no version is asked for."""
+    when no version is asked for. Errors name the flags (--model, --version), or with
+    cli=False the estimators' parameters (model=, version=)."""
+    mod = f"--model {model_dir!r}" if cli else f"model={model_dir!r}"
+    ver = f"--version {version}" if cli else f"version={version}"
     if os.path.exists(os.path.join(model_dir, "saved_model.pb")):
         if version is not None:
-            raise ValueError(f"--version {version}: {model_dir!r} is a version folder "
-                             "already; expected no --version, or its base folder")
+            raise ValueError(f"{ver}: {model_dir!r} is a version folder already; expected "
+                             f"no {'--version' if cli else 'version'}, or its base folder")
         return model_dir
     vs = versions(model_dir)
     if not vs:
-        raise ValueError(f"--model {model_dir!r}: expected a folder with integer version "
-                         "subfolders (exports/<model_name>) or one version folder, found "
-                         "neither")
+        raise ValueError(f"{mod}: expected a folder with integer version subfolders "
+                         "(exports/<model_name>) or one version folder, found neither")
     if version is None:
         return os.path.join(model_dir, str(vs[-1]))
     if version not in vs:
-        raise ValueError(f"--version {version} does not exist under {model_dir!r}: "
-                         f"expected one of {vs}")
+        raise ValueError(f"{ver} does not exist under {model_dir!r}: expected one of {vs}")
     return os.path.join(model_dir, str(version))
 
 

@@ -8,7 +8,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from fake_serving import FakeServing
-from gpicl_tf import InContextRegressor
+from gpicl_tf import InContextClassifier, InContextRegressor
 
 
 def _data(n=10, seed=0, d=1):
@@ -114,7 +114,7 @@ def test_malformed_inputs_raise_value_errors_saying_what_was_expected(
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"version": 4}, "--version 4 does not exist"),
+    ({"version": 4}, r"^version=4 does not exist under .*: expected one of \[1\]$"),
     ({"context_strategy": "all"}, "context_strategy='all'"),
     ({"model": "http://localhost:8501/models/x"}, "expected a URL of the form"),
     ({"model": "/no/such/export"}, "expected an export folder"),
@@ -124,6 +124,20 @@ def test_bad_parameters(tiny_export_dir, params, match):
     X, y = _data()
     with pytest.raises(ValueError, match=match):
         InContextRegressor(**{"model": tiny_export_dir, **params}).fit(X, y)
+
+
+@pytest.mark.parametrize("Estimator", [InContextRegressor, InContextClassifier])
+def test_a_version_beside_a_version_folder_or_another_in_the_url_is_refused(
+        tiny_export_dir, Estimator):
+    X, y = _data()
+    y = (y > np.median(y)).astype(int)  # labels both estimators take
+    with pytest.raises(ValueError, match=r"^version=1: '.*/1' is a version folder already; "
+                                         r"expected no version, or its base folder$"):
+        Estimator(f"{tiny_export_dir}/1", version=1).fit(X, y)
+    for url in ("http://127.0.0.1:1/v1/models/gpicl/versions/2",
+                "grpc://127.0.0.1:1/gpicl/versions/2"):
+        with pytest.raises(ValueError, match=r"^version=1: the URL '.*' names version 2"):
+            Estimator(url, version=1).fit(X, y)  # refused before any connection
 
 
 def test_predict_before_fit():
