@@ -11,9 +11,10 @@ training figures and the SHA-256 of every file. One seeded command makes each:
     python -m gpicl_tf.pretrained regressor     # preset `regressor`, runs/gpicl-regressor
     python -m gpicl_tf.pretrained classifier    # preset `classifier`, runs/gpicl-classifier
 
-It trains the preset (resuming its run folder if one exists: a finished run is not
-trained again), exports the final weights and replaces the shipped folder
-atomically. `gpicl-export --pretrained regressor|classifier` writes a shipped model
+It trains the preset after the presets it starts from (`train.init_from`: the
+regressor is `regressor_base`, then 2,000 steps on noisier tasks), each in its run
+folder under --runs-dir (resumed if one exists: a finished run is not trained
+again), exports the final weights and replaces the shipped folder atomically. `gpicl-export --pretrained regressor|classifier` writes a shipped model
 into exports/ in TF Serving's layout.
 """
 
@@ -80,9 +81,24 @@ def size_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+def phases(preset: str) -> list:
+    """The presets that train preset, first to last: its train.init_from chain."""
+    from gpicl_tf.config import get_preset
+
+    chain = [preset]
+    while get_preset(chain[0]).train.init_from:
+        first = get_preset(chain[0]).train.init_from
+        if first in chain:
+            raise ValueError(f"preset {first!r}: train.init_from goes round in a circle "
+                             f"({' <- '.join([first] + chain)})")
+        chain.insert(0, first)
+    return chain
+
+
 def build(kind: str, runs_dir: str = "runs", shipped_dir: str = SHIPPED) -> dict:
-    """Trains the kind's preset (seeded; resumes or reuses its run folder), exports it and
-    replaces shipped_dir/<kind> atomically; returns the manifest it records."""
+    """Trains the kind's preset after the presets it starts from (seeded; each resumes or
+    reuses its run folder under runs_dir), exports it and replaces shipped_dir/<kind>
+    atomically; returns the manifest it records."""
     import tensorflow as tf
 
     from gpicl_tf.config import get_preset
@@ -90,11 +106,16 @@ def build(kind: str, runs_dir: str = "runs", shipped_dir: str = SHIPPED) -> dict
     from gpicl_tf.train import Trainer
 
     preset = KINDS[_check_kind(kind)]
-    cfg = get_preset(preset)
-    logdir = os.path.join(runs_dir, cfg.name)
     t0 = time.time()
-    trainer = Trainer(cfg, logdir)
-    result = trainer.train()
+    done = []
+    for name in phases(preset):
+        cfg = get_preset(name)
+        trainer = Trainer(cfg, os.path.join(runs_dir, cfg.name))
+        result = trainer.train()
+        done.append({"preset": name, "steps": int(result.step),
+                     "final_loss": float(result.final_loss),
+                     "eval_loss": float(result.eval_loss),
+                     "steps_per_sec": float(result.steps_per_sec)})
     os.makedirs(shipped_dir, exist_ok=True)
     staging = os.path.join(shipped_dir, f".tmp-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     old = None
@@ -106,7 +127,7 @@ def build(kind: str, runs_dir: str = "runs", shipped_dir: str = SHIPPED) -> dict
             "command": f"python -m gpicl_tf.pretrained {kind}",
             "seed": cfg.train.seed, "steps": int(result.step),
             "final_loss": float(result.final_loss), "eval_loss": float(result.eval_loss),
-            "steps_per_sec": float(result.steps_per_sec),
+            "steps_per_sec": float(result.steps_per_sec), "phases": done,
             "seconds_this_call": round(time.time() - t0, 1),
             "tensorflow": tf.__version__,
             "bytes": size_bytes(vdir), "files": digests, "sha256": checksum(vdir, digests)}

@@ -44,6 +44,11 @@ def test_the_shipped_models_checksums_match_what_their_training_command_recorded
     assert load_config(path).to_dict() == cfg.to_dict()
     assert info["steps"] == cfg.train.steps and info["seed"] == cfg.train.seed
     assert np.isfinite(info["final_loss"]) and np.isfinite(info["eval_loss"])
+    # every phase the command trained (the regressor: regressor_base, then regressor), in full
+    chain = pretrained.phases(pretrained.KINDS[kind])
+    assert [(p["preset"], p["steps"]) for p in info["phases"]] == [
+        (p, get_preset(p).train.steps) for p in chain]
+    assert all(np.isfinite(p["eval_loss"]) for p in info["phases"])
 
 
 def test_a_changed_file_changes_the_checksum(tmp_path):
@@ -141,3 +146,52 @@ def test_the_readmes_shipped_model_snippet_runs_as_pasted(tmp_path):
                      "bool((std > 0).all()), round(float(1 - ((mean - y[100:]) ** 2).mean() "
                      "/ y[100:].var()), 2) > 0.2)", cwd=str(tmp_path), timeout=300)
     assert "SNIPPET_OK (342,) (342,) True True" in out.stdout, out.stdout
+
+
+def test_build_trains_every_phase_then_ships_the_last(tmp_path, monkeypatch):
+    # A two-phase kind, as the regressor is: `tiny` (10 steps), then `tiny_long` from it.
+    from gpicl_tf import config
+    from gpicl_tf.config import apply_overrides
+    from gpicl_tf.export import load_config
+
+    base = apply_overrides(get_preset("tiny"), ["train.steps=10"])
+    long = apply_overrides(base, ["name=tiny-long", "task.n_points=24", "train.steps=5",
+                                  "train.init_from=tiny"])
+    monkeypatch.setitem(config.PRESETS, "tiny", lambda: base)
+    monkeypatch.setitem(config.PRESETS, "tiny_long", lambda: long)
+    monkeypatch.setitem(pretrained.KINDS, "regressor", "tiny_long")
+    assert pretrained.phases("tiny_long") == ["tiny", "tiny_long"]
+    assert pretrained.phases("classifier") == ["classifier"]
+    runs, shipped = str(tmp_path / "runs"), str(tmp_path / "shipped")
+    info = pretrained.build("regressor", runs, shipped)
+    assert [(p["preset"], p["steps"]) for p in info["phases"]] == [("tiny", 10),
+                                                                  ("tiny_long", 5)]
+    assert info["steps"] == 5 and info["preset"] == "tiny_long"
+    assert sorted(os.listdir(runs)) == ["tiny", "tiny-long"]
+    path = os.path.join(shipped, "regressor")
+    assert load_config(path).to_dict() == long.to_dict()
+    assert pretrained.checksum(path) == info["sha256"]
+    # Rerun: both phases are finished, so nothing is trained again: the same model (the
+    # SavedModel's bytes name traced functions by a per-process counter, so they differ).
+    again = pretrained.build("regressor", runs, str(tmp_path / "again"))
+    assert again["phases"] == info["phases"]
+    assert sorted(os.listdir(runs)) == ["tiny", "tiny-long"]
+    from gpicl_tf import InContextRegressor
+
+    X = np.random.default_rng(0).normal(size=(30, 1))
+    a, b = (InContextRegressor(p).fit(X[:20], X[:20, 0] ** 2).predict(X[20:])
+            for p in (path, os.path.join(str(tmp_path / "again"), "regressor")))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_circle_of_phases_is_refused(monkeypatch):
+    from gpicl_tf import config
+    from gpicl_tf.config import apply_overrides
+
+    monkeypatch.setitem(config.PRESETS, "tiny_b", config.PRESETS["tiny"])  # a name, first
+    a = apply_overrides(get_preset("tiny"), ["train.init_from=tiny_b"])
+    b = apply_overrides(get_preset("tiny"), ["name=b", "train.init_from=tiny"])
+    monkeypatch.setitem(config.PRESETS, "tiny_b", lambda: b)
+    monkeypatch.setitem(config.PRESETS, "tiny", lambda: a)
+    with pytest.raises(ValueError, match=r"preset 'tiny'.*in a circle \(tiny <- tiny_b <- tiny"):
+        pretrained.phases("tiny")
