@@ -8,14 +8,15 @@ Each is a SavedModel version folder under gpicl_tf/shipped/<kind>/ (TF Serving's
 warmup requests included) with manifest.json: the command that made it, its
 training figures and the SHA-256 of every file. One seeded command makes each:
 
-    python -m gpicl_tf.pretrained regressor     # preset `regressor`, runs/gpicl-regressor
+    python -m gpicl_tf.pretrained regressor     # presets `regressor_base`, `regressor`
     python -m gpicl_tf.pretrained classifier    # preset `classifier`, runs/gpicl-classifier
 
 It trains the preset after the presets it starts from (`train.init_from`: the
 regressor is `regressor_base`, then 2,000 steps on noisier tasks), each in its run
 folder under --runs-dir (resumed if one exists: a finished run is not trained
-again), exports the final weights and replaces the shipped folder atomically. `gpicl-export --pretrained regressor|classifier` writes a shipped model
-into exports/ in TF Serving's layout.
+again), exports the final weights and replaces the shipped folder atomically.
+`gpicl-export --pretrained regressor|classifier` writes a shipped model into
+exports/ in TF Serving's layout.
 """
 
 from __future__ import annotations
