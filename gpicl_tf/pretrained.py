@@ -170,7 +170,11 @@ def main(argv=None) -> int:
     from gpicl_tf.cli import quiet_tensorflow
 
     quiet_tensorflow()
-    info = build(args.kind, args.runs_dir)
+    try:
+        info = build(args.kind, args.runs_dir)
+    except ValueError as e:  # a user error (e.g. a run folder of another config): one line
+        p.error(f"{e} (this command's run folders are {args.runs_dir}/<the preset's name>: "
+                "pass another --runs-dir, or move that folder aside)")
     print(f"shipped {args.kind}: {info['steps']} steps, final loss {info['final_loss']:.4f}, "
           f"unseen-task loss {info['eval_loss']:.4f}, {info['bytes'] / 1e6:.2f} MB, "
           f"sha256 {info['sha256']}")

@@ -195,3 +195,16 @@ def test_a_circle_of_phases_is_refused(monkeypatch):
     monkeypatch.setitem(config.PRESETS, "tiny", lambda: a)
     with pytest.raises(ValueError, match=r"preset 'tiny'.*in a circle \(tiny <- tiny_b <- tiny"):
         pretrained.phases("tiny")
+
+
+def test_a_run_folder_of_another_config_is_a_one_line_error_naming_runs_dir(tmp_path):
+    from gpicl_tf.config import get_preset
+
+    folder = tmp_path / "runs" / get_preset("regressor_base").name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(get_preset("tiny").to_json())
+    out = run_python(["-m", "gpicl_tf.pretrained", "regressor", "--runs-dir",
+                      str(tmp_path / "runs")], check=False, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "holds a run with another config" in out.stderr and "--runs-dir" in out.stderr
+    assert os.listdir(folder) == ["config.json"]  # nothing written
