@@ -87,8 +87,7 @@ def phases(preset: str) -> list:
     from gpicl_tf.config import get_preset
 
     chain = [preset]
-    while get_preset(chain[0]).train.init_from:
-        first = get_preset(chain[0]).train.init_from
+    while first := get_preset(chain[0]).train.init_from:
         if first in chain:
             raise ValueError(f"preset {first!r}: train.init_from goes round in a circle "
                              f"({' <- '.join([first] + chain)})")

@@ -41,6 +41,20 @@ def run_python(code_or_args, timeout=600, env=None, cwd=None, check=True):
     return proc
 
 
+def two_phase_presets(monkeypatch, overrides=()):
+    """Presets `tiny` (10 steps) and `tiny_long` (24 points, 5 steps, train.init_from
+    `tiny`, then overrides), in the one preset registry for this test; returns both."""
+    from gpicl_tf import config
+    from gpicl_tf.config import apply_overrides, get_preset
+
+    base = apply_overrides(get_preset("tiny"), ["train.steps=10", "train.checkpoint_every=10"])
+    long = apply_overrides(base, ["name=tiny-long", "task.n_points=24", "train.steps=5",
+                                  "train.init_from=tiny", *overrides])
+    monkeypatch.setitem(config.PRESETS, "tiny", lambda: base)
+    monkeypatch.setitem(config.PRESETS, "tiny_long", lambda: long)
+    return base, long
+
+
 def _tiny_model(overrides=()):
     """An untrained tiny model with a random (non-zero) output head."""
     import keras

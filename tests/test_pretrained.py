@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_python
+from conftest import run_python, two_phase_presets
 from gpicl_tf import pretrained
 from gpicl_tf.config import get_preset
 
@@ -150,15 +150,9 @@ def test_the_readmes_shipped_model_snippet_runs_as_pasted(tmp_path):
 
 def test_build_trains_every_phase_then_ships_the_last(tmp_path, monkeypatch):
     # A two-phase kind, as the regressor is: `tiny` (10 steps), then `tiny_long` from it.
-    from gpicl_tf import config
-    from gpicl_tf.config import apply_overrides
     from gpicl_tf.export import load_config
 
-    base = apply_overrides(get_preset("tiny"), ["train.steps=10"])
-    long = apply_overrides(base, ["name=tiny-long", "task.n_points=24", "train.steps=5",
-                                  "train.init_from=tiny"])
-    monkeypatch.setitem(config.PRESETS, "tiny", lambda: base)
-    monkeypatch.setitem(config.PRESETS, "tiny_long", lambda: long)
+    _, long = two_phase_presets(monkeypatch)
     monkeypatch.setitem(pretrained.KINDS, "regressor", "tiny_long")
     assert pretrained.phases("tiny_long") == ["tiny", "tiny_long"]
     assert pretrained.phases("classifier") == ["classifier"]

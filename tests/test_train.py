@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_python
+from conftest import REPO, run_python, two_phase_presets
 from gpicl_tf.config import apply_overrides
 from gpicl_tf.evaluate import context_batch, keras_predict_fn, model_mse
 
@@ -230,26 +230,10 @@ def test_no_private_tensorflow_or_keras_names_in_the_package_or_benchmarks():
     assert not foreign, foreign
 
 
-def _two_phases(monkeypatch, tiny, **second):
-    """Presets `tiny` (10 steps) and `tiny_long` (24 points, 5 steps, train.init_from
-    `tiny`), in the one preset registry for this test."""
-    import dataclasses
-
-    from gpicl_tf import config
-
-    base = apply_overrides(tiny, ["train.steps=10", "train.checkpoint_every=10"])
-    long = apply_overrides(base, ["name=tiny-long", "task.n_points=24", "train.steps=5",
-                                  "train.init_from=tiny", *second.get("overrides", ())])
-    monkeypatch.setitem(config.PRESETS, "tiny", lambda: base)
-    monkeypatch.setitem(config.PRESETS, "tiny_long", lambda: long)
-    return base, long
-
-
-def test_a_second_phase_starts_from_the_first_phases_final_weights(tiny, tmp_path,
-                                                                   monkeypatch):
+def test_a_second_phase_starts_from_the_first_phases_final_weights(tmp_path, monkeypatch):
     from gpicl_tf.train import Trainer
 
-    base, long = _two_phases(monkeypatch, tiny)
+    base, long = two_phase_presets(monkeypatch)
     first = Trainer(base, str(tmp_path / "runs" / "tiny"))
     first.train(verbose=False)
     second = Trainer(long, str(tmp_path / "runs" / "tiny-long"))
@@ -271,10 +255,10 @@ def test_a_second_phase_starts_from_the_first_phases_final_weights(tiny, tmp_pat
 
 
 def test_a_second_phase_without_its_finished_first_is_refused_before_writing(
-        tiny, tmp_path, monkeypatch):
+        tmp_path, monkeypatch):
     from gpicl_tf.train import Trainer
 
-    base, long = _two_phases(monkeypatch, tiny)
+    base, long = two_phase_presets(monkeypatch)
     runs = tmp_path / "runs"
     with pytest.raises(ValueError, match=r"train.init_from='tiny'.*no checkpoint there; "
                                          r"train it first: python train_keras.py --preset "
@@ -289,11 +273,10 @@ def test_a_second_phase_without_its_finished_first_is_refused_before_writing(
     assert not os.path.exists(runs / "tiny-long")
 
 
-def test_a_second_phase_of_another_model_is_refused_naming_the_model(tiny, tmp_path,
-                                                                     monkeypatch):
+def test_a_second_phase_of_another_model_is_refused_naming_the_model(tmp_path, monkeypatch):
     from gpicl_tf.train import Trainer
 
-    base, long = _two_phases(monkeypatch, tiny, overrides=["model.d_model=16"])
+    base, long = two_phase_presets(monkeypatch, ["model.d_model=16"])
     Trainer(base, str(tmp_path / "runs" / "tiny")).train(verbose=False)
     with pytest.raises(ValueError, match=r"its model is another: .*d_model=32.*d_model=16"):
         Trainer(long, str(tmp_path / "runs" / "tiny-long")).train(verbose=False)
