@@ -38,21 +38,35 @@ class ContextStandardizer(keras.layers.Layer):
       "both": flags and rescaling.
     Presence comes from the context only, so queries stay independent.
 
+    With `ridge_penalties` (lambda_1, ...), every token also carries, per
+    penalty, the prediction at its x of the ridge regression fitted to the
+    task's context in standardised units: w = (X'X + lambda I)^-1 X'y over the
+    context rows. Least squares is what a transformer of this size learns
+    worst in a short training (Garg et al.'s linear suites); given the fits, it
+    learns when to trust them. They come from the context only (queries stay
+    independent), are sums over the context (permutation invariant), and are
+    fitted to per-feature standardised x and y (scale equivariant per feature);
+    absent features get weight 0.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
-    Returns: features [B, N, dx + dy + 1 (+ dx with flags)] = (x std., y std.
-      zeroed on queries, query flag (, presence flags)), y_loc [B, 1, dy],
-      y_scale [B, 1, dy].
+    Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
+      = (x std., y std. zeroed on queries, query flag (, presence flags)
+      (, ridge predictions)), y_loc [B, 1, dy], y_scale [B, 1, dy].
     """
 
     def __init__(self, eps: float = 1e-7, standardize_y: bool = True,
-                 absent_features: str = "zero", **kwargs):
+                 absent_features: str = "zero", ridge_penalties=(), **kwargs):
         super().__init__(**kwargs)
         if absent_features not in ABSENT_FEATURES:
             raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
                              f"of {ABSENT_FEATURES}")
+        if ridge_penalties and not standardize_y:
+            raise ValueError("ridge_penalties are for regression (standardize_y=True): "
+                             "expected () for classification")
         self.eps = eps
         self.standardize_y = standardize_y
         self.absent_features = absent_features
+        self.ridge_penalties = tuple(float(p) for p in ridge_penalties)
 
     def _stats(self, v, w, n):
         """Location and scale of the context values, relative to the data.
@@ -95,6 +109,7 @@ class ContextStandardizer(keras.layers.Layer):
             ys, y_loc, y_scale = y, ops.zeros_like(y[:, :1]), ops.ones_like(y[:, :1])
         ys = ys * w  # queries' y never enters the model
         parts = [xs, ys, q]
+        ridge = self._ridge(xs, ys, w) if self.ridge_penalties else []
         if self.absent_features != "zero":
             present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
             if self.absent_features in ("rescale", "both"):
@@ -102,7 +117,22 @@ class ContextStandardizer(keras.layers.Layer):
                 parts[0] = xs * ops.sqrt(x.shape[-1] / d)
             if self.absent_features in ("flags", "both"):
                 parts.append(present * ops.ones_like(xs))
-        return ops.concatenate(parts, axis=-1), y_loc, y_scale
+        return ops.concatenate(parts + ridge, axis=-1), y_loc, y_scale
+
+    def _ridge(self, xs, ys, w):
+        """Per penalty, the context's ridge fit evaluated at every point: [B, N, dy]."""
+        xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
+        gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
+        xty = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy)
+        i = ops.arange(ops.shape(xs)[-1])  # the width may be dynamic (an export pads it)
+        eye = ops.cast(ops.equal(i[:, None], i[None, :]), xs.dtype)
+        out = []
+        for lam in self.ridge_penalties:
+            chol = ops.cholesky(gram + lam * eye)
+            z = ops.solve_triangular(chol, xty, lower=True)
+            coef = ops.solve_triangular(ops.transpose(chol, (0, 2, 1)), z, lower=False)
+            out.append(ops.einsum("bni,bik->bnk", xs, coef))
+        return out
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
@@ -116,13 +146,15 @@ class ContextStandardizer(keras.layers.Layer):
         b, n, dx = x.shape
         dy = y.shape[-1]
         flags = dx if self.absent_features in ("flags", "both") else 0
-        feat = keras.KerasTensor((b, n, dx + dy + 1 + flags), dtype=x.dtype)
+        ridge = dy * len(self.ridge_penalties)
+        feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge), dtype=x.dtype)
         loc = keras.KerasTensor((b, 1, dy), dtype=x.dtype)
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y,
-                "absent_features": self.absent_features}
+                "absent_features": self.absent_features,
+                "ridge_penalties": list(self.ridge_penalties)}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -51,6 +51,8 @@ class InContextTransformer(keras.Model):
       head: "mse" (the output is the prediction) or "bar" (the output is a dict
         with the bar distribution's logits; see the module docstring).
       n_bins: bins of the bar head.
+      ridge_penalties: penalties of the context ridge fits each token carries
+        (regression; see ContextStandardizer); () for none.
 
     Example:
 
@@ -67,7 +69,7 @@ class InContextTransformer(keras.Model):
                  n_heads: int = 4, key_dim: Optional[int] = None, mlp_ratio: int = 4,
                  std_eps: float = 1e-7, classify: bool = False,
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
-                 **kwargs):
+                 ridge_penalties=(), **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -75,7 +77,7 @@ class InContextTransformer(keras.Model):
         # Statistics and the output map stay in float32 under mixed precision.
         feats, y_loc, y_scale = ContextStandardizer(
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
-            dtype="float32",
+            ridge_penalties=ridge_penalties, dtype="float32",
             name="standardize")(x, y, is_query)
         mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
         h = keras.layers.Dense(d_model, name="embed")(feats)  # (B, N, D)
@@ -104,6 +106,7 @@ class InContextTransformer(keras.Model):
         self.key_dim, self.mlp_ratio, self.std_eps = key_dim, mlp_ratio, std_eps
         self.classify, self.absent_features = classify, absent_features
         self.head, self.n_bins = head, n_bins
+        self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
@@ -111,7 +114,8 @@ class InContextTransformer(keras.Model):
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "key_dim": self.key_dim,
                 "mlp_ratio": self.mlp_ratio, "std_eps": self.std_eps,
                 "classify": self.classify, "absent_features": self.absent_features,
-                "head": self.head, "n_bins": self.n_bins}
+                "head": self.head, "n_bins": self.n_bins,
+                "ridge_penalties": list(self.ridge_penalties)}
 
     @classmethod
     def from_config(cls, config):
@@ -125,7 +129,8 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
-        head=m.head, n_bins=m.n_bins, name=cfg.name.replace("-", "_"))
+        head=m.head, n_bins=m.n_bins, ridge_penalties=m.ridge_penalties,
+        name=cfg.name.replace("-", "_"))
 
 
 INPUT_NAMES = ("x", "y", "is_query")

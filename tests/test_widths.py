@@ -174,14 +174,17 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
         np.testing.assert_array_equal(feats[..., 10:], np.broadcast_to(want[:, None], (2, 16, 8)))
 
 
-@pytest.mark.parametrize("absent", ["zero", "flags", "rescale", "both"])
-def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent):
+@pytest.mark.parametrize("absent, ridge", [("zero", ""), ("flags", ""), ("rescale", ""),
+                                           ("both", ""), ("flags", "[0.001,1]"),
+                                           ("rescale", "[0.1]")])
+def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge):
     import keras
 
     from gpicl_tf.model import build_model, masked_inputs
 
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=1",
-                                              f"model.absent_features={absent}"])
+                                              f"model.absent_features={absent}"]
+                          + ([f"model.ridge_penalties={ridge}"] if ridge else []))
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -199,3 +202,50 @@ def test_query_independence_permutation_and_per_feature_equivariance_hold_for(ab
     a, b = np.array([1e-3, 50.0, 2e3], np.float32), np.array([0.5, -3.0, 1e3], np.float32)
     got = run(a * cx + b, 1e2 * cy - 7.0, a * qx + b)
     np.testing.assert_allclose((got + 7.0) / 1e2, base, atol=2e-3 * cy.std())
+
+
+def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
+    from sklearn.linear_model import Ridge
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    cx, cy, qx = _task(3, nc=12, nq=4)
+    cy = cy + 0.3 * cx[..., :1] - 2.0 * cx[..., 1:2]  # a linear part for the fit to find
+    x = _pad(np.concatenate([cx, qx], 1))
+    y = np.concatenate([cy, np.full((2, 4, 1), 50.0, np.float32)], 1)  # queries' y unseen
+    q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
+    lams = (1e-3, 0.5, 20.0)
+    layer = ContextStandardizer(absent_features="flags", ridge_penalties=lams)
+    feats = layer(x, y, q)[0].numpy()
+    assert feats.shape[-1] == 8 + 1 + 1 + 8 + 3
+    xs, ys = feats[..., :8], feats[..., 8]
+    for b in range(2):
+        for j, lam in enumerate(lams):
+            fit = Ridge(alpha=lam, fit_intercept=False).fit(xs[b, :12, :3], ys[b, :12])
+            np.testing.assert_allclose(feats[b, :, 18 + j], fit.predict(xs[b, :, :3]),
+                                       atol=2e-5)
+    # the queries' (hidden) targets do not enter the fit
+    y2 = y.copy()
+    y2[:, 12:] = -7.0
+    np.testing.assert_array_equal(layer(x, y2, q)[0].numpy()[..., 18:], feats[..., 18:])
+    # absent (zero-padded) and constant features get weight 0: the width-2 fit
+    x3 = x.copy()
+    x3[:, :, 2] = 0.25
+    narrow = _pad(np.concatenate([cx, qx], 1)[..., :2])
+    np.testing.assert_allclose(layer(x3, y, q)[0].numpy()[..., 18:],
+                               layer(narrow, y, q)[0].numpy()[..., 18:], atol=1e-6)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.ridge_penalties=[0]", "ridge_penalties"),
+    ("model.ridge_penalties=[-1,2]", "ridge_penalties"),
+])
+def test_bad_ridge_penalties_are_refused_naming_the_field(override, match):
+    with pytest.raises(ValueError, match=f"model.{match}=.*expected a tuple of at most 16 "
+                                         r"numbers in \(0, 1e6\)"):
+        apply_overrides(get_preset("tiny"), [override])
+
+
+def test_ridge_penalties_are_refused_for_classification():
+    with pytest.raises(ValueError, match=r"model.ridge_penalties=\(1.0,\).*classification"):
+        apply_overrides(get_preset("classify"), ["model.ridge_penalties=[1.0]"])
