@@ -1,7 +1,7 @@
 """Issue 5/7's predictive-distribution targets, read from gpicl-eval results files.
 
-    python benchmarks/distribution_targets.py docs/results/default_bar_1d_eval.json \
-        --mse docs/results/default_1d_eval.json
+    python benchmarks/distribution_targets.py docs/results/default_noridge_1d_eval.json \
+        --mse docs/results/default_mse_1d_eval.json
 
 The first file is gpicl-eval's results for a model with the bar head (its model, GP
 regression and, on gp_rbf suites, the exact GP posterior with the true kernel scored by

@@ -561,7 +561,8 @@ def _default() -> ExperimentConfig:
     # `mlp1d`. Sized to train in under 15 minutes on the slower 2-core machines (~4.5 steps/s).
     # It predicts distributions (the bar head, 64 bins, trained by the queries' NLL): its mean
     # had 11% lower MSE than the same model trained by MSE (geometric mean over the 1-D
-    # suites, docs/results/default_bar_1d_eval.json), and 1000 bins did no better than 64.
+    # suites: docs/results/default_noridge_1d_eval.json against default_mse_1d_eval.json),
+    # and 1000 bins did no better than 64.
     # Every token carries the context's ridge fits at 4 penalties (model.ridge_penalties):
     # least squares is what this model learnt worst in its budget (Garg's linear suites at
     # d = 8, k = 16: normalised MSE 0.144 without them, 0.010 with them).
