@@ -339,9 +339,9 @@ class TrainConfig:
         (the bar head's negative log-likelihood per query, in standardised units).
       init_from: None, or the preset whose finished run gives this run its initial
         weights (the model's only, not the optimiser's): a second training phase,
-        e.g. on noisier tasks or longer contexts. That run is looked up beside this one (the folder named
-        after that preset's name under the same parent), and its model must be this
-        run's model.
+        e.g. on noisier tasks or longer contexts. That run is looked up beside this
+        one (the folder named after that preset's name under the same parent), and
+        its model must be this run's model.
     """
 
     steps: int = 3000

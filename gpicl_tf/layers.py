@@ -120,19 +120,22 @@ class ContextStandardizer(keras.layers.Layer):
         return ops.concatenate(parts + ridge, axis=-1), y_loc, y_scale
 
     def _ridge(self, xs, ys, w):
-        """Per penalty, the context's ridge fit evaluated at every point: [B, N, dy]."""
+        """The context's ridge fits evaluated at every point, all penalties in one batch
+        of solves (a handful of ops however many penalties: the serving graph runs op by
+        op): [[B, N, P x dy]], penalty-major."""
         xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
         gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
         xty = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy)
         i = ops.arange(ops.shape(xs)[-1])  # the width may be dynamic (an export pads it)
         eye = ops.cast(ops.equal(i[:, None], i[None, :]), xs.dtype)
-        out = []
-        for lam in self.ridge_penalties:
-            chol = ops.cholesky(gram + lam * eye)
-            z = ops.solve_triangular(chol, xty, lower=True)
-            coef = ops.solve_triangular(ops.transpose(chol, (0, 2, 1)), z, lower=False)
-            out.append(ops.einsum("bni,bik->bnk", xs, coef))
-        return out
+        lams = ops.convert_to_tensor(self.ridge_penalties, dtype=xs.dtype)
+        chol = ops.cholesky(gram[:, None] + lams[:, None, None] * eye)  # (B, P, dx, dx)
+        rhs = ops.repeat(xty[:, None], len(self.ridge_penalties), axis=1)  # (B, P, dx, dy)
+        z = ops.solve_triangular(chol, rhs, lower=True)
+        coef = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
+        fits = ops.einsum("bni,bpik->bnpk", xs, coef)  # (B, N, P, dy)
+        shape = ops.shape(fits)
+        return [ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))]
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
