@@ -281,3 +281,26 @@ def test_a_second_phase_of_another_model_is_refused_naming_the_model(tmp_path, m
     with pytest.raises(ValueError, match=r"its model is another: .*d_model=32.*d_model=16"):
         Trainer(long, str(tmp_path / "runs" / "tiny-long")).train(verbose=False)
     assert not os.path.exists(tmp_path / "runs" / "tiny-long")
+
+
+def test_the_throughput_benchmarks_step_only_path_trains_on_one_repeated_batch(tiny, tmp_path):
+    """benchmarks/train_throughput.py times gpicl_tf "step only" the way the PyTorch peer
+    is timed: every step sees the stream's first batch, the stream is not drawn again."""
+    sys.path.insert(0, REPO)
+    from benchmarks.train_throughput import one_batch_dataset_fn
+    from gpicl_tf import data as data_lib
+    from gpicl_tf.train import Trainer, run_steps
+
+    fn = one_batch_dataset_fn(tiny)
+    batches = list(fn(None, 0).take(3))
+    first = next(iter(data_lib.make_dataset(tiny.task, tiny.train.seed,
+                                            tiny.train.batch_size)))
+    for b in batches:
+        for k in ("x", "y", "is_query"):
+            np.testing.assert_array_equal(b[k].numpy(), first[k].numpy())
+    cached = Trainer(tiny, str(tmp_path / "a"), dataset_fn=fn)
+    live = Trainer(tiny, str(tmp_path / "b"))
+    a, b = run_steps(cached, 30), run_steps(live, 30)
+    assert a[0] == b[0]  # the same first batch and initialisation
+    assert a[-1] < 0.5 * a[0], a  # fitting one batch drives its loss down
+    assert a[1:] != b[1:]
