@@ -283,10 +283,11 @@ def test_a_second_phase_of_another_model_is_refused_naming_the_model(tmp_path, m
     assert not os.path.exists(tmp_path / "runs" / "tiny-long")
 
 
-def test_the_throughput_benchmarks_step_only_path_trains_on_one_repeated_batch(tiny, tmp_path):
+def test_the_throughput_benchmarks_step_only_path_trains_on_one_repeated_batch(
+        tiny, tmp_path, monkeypatch):
     """benchmarks/train_throughput.py times gpicl_tf "step only" the way the PyTorch peer
-    is timed: every step sees the stream's first batch, the stream is not drawn again."""
-    sys.path.insert(0, REPO)
+    is timed: every step sees the stream's first batch."""
+    monkeypatch.syspath_prepend(REPO)
     from benchmarks.train_throughput import one_batch_dataset_fn
     from gpicl_tf import data as data_lib
     from gpicl_tf.train import Trainer, run_steps
