@@ -33,11 +33,18 @@ from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 from gpicl_tf.train import Trainer, run_steps  # noqa: E402
 
 
+def warm_trainer(cfg, **kwargs):
+    """A Trainer (kwargs: strategy, dataset_fn) in a fresh folder, compiled and warmed up
+    by two calls."""
+    trainer = Trainer(cfg, tempfile.mkdtemp(), **kwargs)
+    run_steps(trainer, 2, cfg.train.steps_per_call)
+    return trainer
+
+
 def measure(cfg, calls: int, strategy=None, with_loss: bool = False):
     """steps/s (and, with_loss, the mean loss of the last call: after (calls + 2) x
     steps_per_call steps from the seeded start, so two step paths compare)."""
-    trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=strategy)
-    run_steps(trainer, 2, cfg.train.steps_per_call)  # compile and warm up
+    trainer = warm_trainer(cfg, strategy=strategy)
     rate, loss = timed(trainer, calls)
     if with_loss:
         return rate, trainer.strategy.num_replicas_in_sync, loss
@@ -155,10 +162,7 @@ def compare_presets(a, cfg):
     """--preset against --compare: rounds interleaved on warm trainers (the tasks of each
     preset from its own stream, so a costlier task prior shows), medians and their ratio."""
     cfgs = {a.preset: cfg, a.compare: apply_overrides(get_preset(a.compare), a.set)}
-    trainers = {}
-    for name, c in cfgs.items():
-        trainers[name] = Trainer(c, tempfile.mkdtemp())
-        run_steps(trainers[name], 2, c.train.steps_per_call)
+    trainers = {name: warm_trainer(c) for name, c in cfgs.items()}
     rates = {name: [] for name in cfgs}
     for r in range(a.rounds):
         for name, t in trainers.items():
@@ -191,11 +195,8 @@ def compare_with_torch(a, cfg, peak: float, flops: float):
     for like figure); the other draws its tasks from the live stream, as the main job
     does. (The first trainer of a process, timed above, has run 0.5-0.7x slower in every
     run on this machine kind, so it is not one of the rounds.)"""
-    trainers = {"step only": Trainer(cfg, tempfile.mkdtemp(),
-                                     dataset_fn=one_batch_dataset_fn(cfg)),
-                "live stream": Trainer(cfg, tempfile.mkdtemp())}
-    for t in trainers.values():
-        run_steps(t, 2, cfg.train.steps_per_call)
+    trainers = {"step only": warm_trainer(cfg, dataset_fn=one_batch_dataset_fn(cfg)),
+                "live stream": warm_trainer(cfg)}
     rates = {**{name: [] for name in trainers}, "eager": [], "compile": []}
     for r in range(a.rounds):
         peer = torch_peer(a.torch_python, cfg, a.calls * cfg.train.steps_per_call)

@@ -109,7 +109,7 @@ class ContextStandardizer(keras.layers.Layer):
             ys, y_loc, y_scale = y, ops.zeros_like(y[:, :1]), ops.ones_like(y[:, :1])
         ys = ys * w  # queries' y never enters the model
         parts = [xs, ys, q]
-        ridge = self._ridge(xs, ys, w) if self.ridge_penalties else []
+        ridge = [self._ridge(xs, ys, w)] if self.ridge_penalties else []
         if self.absent_features != "zero":
             present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
             if self.absent_features in ("rescale", "both"):
@@ -122,7 +122,7 @@ class ContextStandardizer(keras.layers.Layer):
     def _ridge(self, xs, ys, w):
         """The context's ridge fits evaluated at every point, all penalties in one batch
         of solves (a handful of ops however many penalties: the serving graph runs op by
-        op): [[B, N, P x dy]], penalty-major."""
+        op): [B, N, P x dy], penalty-major."""
         xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
         gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
         xty = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy)
@@ -135,7 +135,7 @@ class ContextStandardizer(keras.layers.Layer):
         coef = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
         fits = ops.einsum("bni,bpik->bnpk", xs, coef)  # (B, N, P, dy)
         shape = ops.shape(fits)
-        return [ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))]
+        return ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
