@@ -49,8 +49,8 @@ class TaskSampler:
     def __init__(self, cfg: TaskConfig, seed: int, stream: int = TRAIN_STREAM):
         self.cfg = cfg
         self.families = [tasks.get_family(n)(cfg) for n in cfg.families]
-        weights = [float(m[1]) for m in cfg.mix] or [1.0]
-        self.logits = tasks.weight_logits(weights)  # (1, F)
+        self.weights = [float(m[1]) for m in cfg.mix] or [1.0]
+        self.logits = tasks.weight_logits(self.weights)  # (1, F)
         self.seed = seed
         self.stream_seed = tf.constant([seed, stream], tf.int64)
         self.pool_seed = tf.constant([seed, POOL], tf.int64)
@@ -64,21 +64,30 @@ class TaskSampler:
         kw = dict(fn_seed=fn_seed, fn_seeds=fn_seeds, x_low=x_low, x_high=x_high)
         if len(self.families) == 1:
             return self.families[0].sample_xy(x_seed, u, n, **kw)
-        outs = []
-        for i, f in enumerate(self.families):
-            if fn_seed is not None:
-                kw["fn_seed"] = fold(fn_seed, i)
-            outs.append(f.sample_xy(x_seed, u, n, **kw))
-        ys = tf.stack([o[1] for o in outs], 1)  # (U, F, N, dy)
         if fn_seeds is not None:  # a pool function keeps its family
             pick = tf.concat([self._pick(fold(s, 99), 1) for s in fn_seeds], 0)
         else:
             pick = self._pick(fold(fn_seed, 99), u)
+
+        def seeds_of(i):
+            return kw if fn_seed is None else dict(kw, fn_seed=fold(fn_seed, i))
+
         if any(f.own_x for f in self.families):  # inputs drawn with the labels (classes)
+            outs = [f.sample_xy(x_seed, u, n, **seeds_of(i)) for i, f in enumerate(self.families)]
             x = tf.gather(tf.stack([o[0] for o in outs], 1), pick, batch_dims=1)
-        else:
-            x = outs[0][0]  # every regression family draws x the same way
-        return x, tf.gather(ys, pick, batch_dims=1)
+            return x, tf.gather(tf.stack([o[1] for o in outs], 1), pick, batch_dims=1)
+        # Every regression family draws x the same way; only the families some example
+        # picked compute their outputs.
+        x = self.families[0].sample_x(x_seed, u, n, x_low, x_high)
+
+        def y_of(i, f):
+            if fn_seeds is not None:
+                return lambda: f.sample_y_from_seeds(fn_seeds, x)
+            return lambda: f.sample_y(fold(fn_seed, i), x)
+
+        makers = [y_of(i, f) for i, f in enumerate(self.families)]
+        return x, tasks.pick_outputs(pick, self.weights, makers,
+                                     tf.stack([u, tf.shape(x)[1], self.cfg.y_dim]))
 
     def block(self, step, index, u: int, n_context=None, x_low=None, x_high=None):
         """A block of u examples: x [U, N, dx], y [U, N, dy], is_query [U, N], task_id [U].

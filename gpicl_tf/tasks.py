@@ -82,6 +82,23 @@ def draw_index(logits, seed, u: int):
                    tf.int32)
 
 
+def pick_outputs(pick, weights, makers, shape):
+    """Row i of the output of makers[pick[i]]: [U, ...] of the given shape.
+
+    Equal to gathering row i from all outputs stacked, but a maker whose weight
+    is 0 (never picked) is not built, and a maker no row picked is not run: the
+    task stream's values are unchanged and it costs only what its draws use.
+    """
+    out = tf.zeros(shape)
+    for c, (w, make) in enumerate(zip(weights, makers)):
+        if w <= 0:
+            continue
+        used = tf.equal(pick, c)
+        made = tf.cond(tf.reduce_any(used), make, lambda: tf.zeros(shape))
+        out = tf.where(tf.reshape(used, [-1] + [1] * (made.shape.rank - 1)), made, out)
+    return out
+
+
 def uniform_index(seed, shape, n):
     """Integers uniform in 0..n-1 (n an int tensor broadcasting against shape)."""
     u = tf.random.stateless_uniform(shape, seed)
@@ -509,7 +526,8 @@ class Prior(TaskFamily):
     def __init__(self, cfg):
         super().__init__(cfg)
         weights = dict(cfg.prior_weights)
-        self.logits = weight_logits(weights.get(c, 0.0) for c in self.components)
+        self.weights = [float(weights.get(c, 0.0)) for c in self.components]
+        self.logits = weight_logits(self.weights)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -534,10 +552,11 @@ class Prior(TaskFamily):
         s = split(seed, 8)
         present = present_features(x)  # (U, 1, D)
         d = tf.maximum(tf.reduce_sum(present, -1, keepdims=True), 1.0)  # (U, 1, 1)
-        ys = tf.stack([self._mlp(s[1], x, d), self._gp(s[2], x, d), self._linear(s[3], x),
-                       self._sparse_linear(s[4], x, present), self._tree(s[5], x, present),
-                       self._relu2(s[7], x)], 1)  # (U, C, N, dy)
-        y = tf.gather(ys, self.pick(s[0], u), batch_dims=1)  # (U, N, dy)
+        makers = [lambda: self._mlp(s[1], x, d), lambda: self._gp(s[2], x, d),
+                  lambda: self._linear(s[3], x), lambda: self._sparse_linear(s[4], x, present),
+                  lambda: self._tree(s[5], x, present), lambda: self._relu2(s[7], x)]
+        y = pick_outputs(self.pick(s[0], u), self.weights, makers,
+                         tf.stack([u, tf.shape(x)[1], self.y_dim]))  # (U, N, dy)
         mean, var = tf.nn.moments(y, axes=[1], keepdims=True)
         y = (y - mean) * tf.math.rsqrt(var + 1e-8)
         lo, hi = self.cfg.prior_noise

@@ -130,3 +130,28 @@ def test_sine_parameters_follow_the_documented_ranges(tiny):
     assert 0.1 <= amp.numpy().min() and amp.numpy().max() <= 5.0
     assert 0.0 <= freq.numpy().min() and freq.numpy().max() <= 8.0
     assert 0.0 <= phase.numpy().min() and phase.numpy().max() <= 3.0
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_mix_gives_each_example_the_draw_of_its_own_family(tiny, pool):
+    """Each example of a regression mix is exactly its family's draw (fresh tasks: the
+    family's fn seed folded with its index; the pool: the task's own seed), and a
+    family no example of the block picked does not change anyone's draw."""
+    cfg = dataclasses.replace(tiny.task, mix=(("random_mlp", 1.0), ("sine", 1.0),
+                                              ("linear", 0.001)))
+    sampler = data_lib.TaskSampler(cfg, 0)
+    fn_seed = tf.constant([4, 5], tf.int64)
+    fn_seeds = [data_lib.fold(fn_seed, i) for i in range(32)] if pool else None
+    x, y = sampler._xy(tf.constant([1, 2], tf.int64), 32, 16, None if pool else fn_seed,
+                       fn_seeds, None, None)
+    if pool:
+        pick = tf.concat([sampler._pick(data_lib.fold(s, 99), 1) for s in fn_seeds], 0)
+    else:
+        pick = sampler._pick(data_lib.fold(fn_seed, 99), 32)
+    pick = pick.numpy()
+    assert set(pick) == {0, 1}
+    for i, name in enumerate(("random_mlp", "sine")):
+        fam = tasks.get_family(name)(cfg)
+        want = (fam.sample_y_from_seeds(fn_seeds, x) if pool
+                else fam.sample_y(data_lib.fold(fn_seed, i), x))
+        np.testing.assert_array_equal(y.numpy()[pick == i], want.numpy()[pick == i])

@@ -56,6 +56,43 @@ def test_the_stream_is_a_pure_function_of_seed_and_step():
     assert np.abs(a["y"].numpy() - c["y"].numpy()).max() > 0.1
 
 
+def test_only_the_picked_components_run_and_the_draws_equal_gathering_all_of_them():
+    """`pick_outputs` skips a weight-0 component (never built) and one no row picked
+    (never run), and gives row i of component pick[i] exactly, as stacking every
+    component's output and gathering did."""
+    shape = tf.constant([4, 3, 1])
+
+    def never_built():
+        raise AssertionError("a component of weight 0 was built")
+
+    def must_not_run():
+        with tf.control_dependencies([tf.debugging.Assert(False, ["ran unpicked"])]):
+            return tf.zeros(shape)
+
+    makers = [lambda: tf.fill(shape, 1.0), never_built, must_not_run, lambda: tf.fill(shape, 3.0)]
+    pick = tf.constant([3, 0, 0, 3])
+    out = tf.function(lambda p: tasks.pick_outputs(p, [1.0, 0.0, 1.0, 1.0], makers, shape))(pick)
+    np.testing.assert_array_equal(out.numpy()[:, :, 0], [[3] * 3, [1] * 3, [1] * 3, [3] * 3])
+    # The prior's draws equal the gather over all six components, bit for bit.
+    fam = tasks.get_family("prior")(_cfg(
+        'task.prior_weights=[["mlp", 1], ["gp", 1], ["linear", 1], ["sparse_linear", 1], '
+        '["tree", 1], ["relu2", 1]]', "task.prior_noise_free=1.0"))
+    seed = tf.constant([5, 6], tf.int64)
+    x = fam.sample_x(tf.constant([7, 8], tf.int64), 64, 24)
+    s = tasks.split(seed, 8)
+    present = tasks.present_features(x)
+    d = tf.maximum(tf.reduce_sum(present, -1, keepdims=True), 1.0)
+    every = tf.stack([fam._mlp(s[1], x, d), fam._gp(s[2], x, d), fam._linear(s[3], x),
+                      fam._sparse_linear(s[4], x, present), fam._tree(s[5], x, present),
+                      fam._relu2(s[7], x)], 1)
+    picks = fam.pick(s[0], 64)
+    assert len(set(picks.numpy())) == 6
+    want = tf.gather(every, picks, batch_dims=1)
+    mean, var = tf.nn.moments(want, axes=[1], keepdims=True)
+    np.testing.assert_array_equal(fam.sample_y(seed, x).numpy(),
+                                  ((want - mean) * tf.math.rsqrt(var + 1e-8)).numpy())
+
+
 def _least_squares(x, y):
     """Per example: the coefficients of y on [x, 1] and the residual RMS."""
     coefs, rms = [], []
