@@ -19,6 +19,8 @@ The shipped regressor reads at most 127 context rows: at 256 rows each query get
 127 nearest rows (the estimator's default, context_strategy="nearest"), and the
 `subsets` strategy (a mixture over 8 random subsets) is scored beside it. `gpicl_x4` is
 the estimator with n_permutations=4 (an ensemble over 4 orders of the columns);
+`gpicl_nobase` the regressor with linear_base="none" (the model on the context as given;
+the default, "auto", may let it read a ridge fit's residuals, chosen by cross-validation);
 `gpicl_x8` the classifier with n_permutations=8 (8 members: column orders and class
 ids, probabilities averaged).
 
@@ -101,6 +103,7 @@ def regression(model, splits: int, out: dict) -> None:
     from gpicl_tf import InContextRegressor
 
     nearest = InContextRegressor(model)
+    nobase = InContextRegressor(model, linear_base="none")
     ensemble = InContextRegressor(model, n_permutations=4)
     subsets = InContextRegressor(model, context_strategy="subsets")
     cfg = nearest._backend().cfg
@@ -123,7 +126,8 @@ def regression(model, splits: int, out: dict) -> None:
             c, q = order[:n], order[n:]
             cx, cy, qx, qy = X[c][:, cols], y[c], X[q][:, cols], y[q]
             preds = {"gpicl": nearest.fit(cx, cy).predict(qx),
-                     "gpicl_x4": ensemble.fit(cx, cy).predict(qx)}
+                     "gpicl_x4": ensemble.fit(cx, cy).predict(qx),
+                     "gpicl_nobase": nobase.fit(cx, cy).predict(qx)}
             if n > limit:
                 preds["gpicl_subsets"] = subsets.fit(cx, cy).predict(qx)
             for b in REG_BASELINES:
@@ -204,16 +208,16 @@ def best_baseline(cell: dict, names) -> tuple:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| task | context rows | shipped model | 4 column orders | "
+    lines = ["| task | context rows | shipped model | 4 column orders | no linear base | "
              + " | ".join(REG_BASELINES) + " |",
-             "|---|---|---|---|" + "---|" * len(REG_BASELINES)]
+             "|---|---|---|---|---|" + "---|" * len(REG_BASELINES)]
     for key, cell in results["regression"].items():
         name, rest = key.split(" ", 1)
         model = cell["gpicl"]["mean"]
         alt = f" (subsets {cell['gpicl_subsets']['mean']:.3f})" if "gpicl_subsets" in cell \
             else ""
         lines.append(f"| {name} (R^2) | {rest.replace('n=', '')} | {model:.3f}{alt} | "
-                     f"{cell['gpicl_x4']['mean']:.3f} | "
+                     f"{cell['gpicl_x4']['mean']:.3f} | {cell['gpicl_nobase']['mean']:.3f} | "
                      + " | ".join(f"{cell[b]['mean']:.3f}" for b in REG_BASELINES) + " |")
     lines += ["", "| task | context rows | shipped model | 8 members | "
               + " | ".join(CLS_BASELINES) + " |", "|---|---|---|---|" + "---|" * len(CLS_BASELINES)]
@@ -248,7 +252,8 @@ def plot(results: dict, path: str) -> None:
             ys = [cells[n][m]["mean"] for n in have]
             es = [cells[n][m]["se"] for n in have]
             style = dict(lw=2.5, color="k") if m.startswith("gpicl") else dict(lw=1.2)
-            ls = {"gpicl_subsets": "--", "gpicl_x4": ":", "gpicl_x8": ":"}.get(m, "-")
+            ls = {"gpicl_subsets": "--", "gpicl_x4": ":", "gpicl_x8": ":",
+                  "gpicl_nobase": "-."}.get(m, "-")
             ax.errorbar(have, ys, es, marker="o", label=m, capsize=2, ls=ls, **style)
         ax.set_xscale("log", base=2)
         ax.set_title(name)
@@ -287,7 +292,7 @@ def main(argv=None) -> int:
         cell = results["regression"].get(f"diabetes n={n}")
         if cell:
             b, v = best_baseline(cell, REG_BASELINES)
-            for m in ("gpicl", "gpicl_x4"):
+            for m in ("gpicl", "gpicl_x4", "gpicl_nobase"):
                 gap = cell[m]["mean"] - v
                 print(f"target: diabetes n={n}: {m} R^2 {cell[m]['mean']:.4f}, best baseline "
                       f"{b} {v:.4f}, gap {gap:+.4f} (target >= -0.02: "

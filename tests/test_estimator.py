@@ -45,7 +45,7 @@ def test_one_dimensional_X_and_multi_output_y(tiny_export_dir, tiny_export_2d):
 def test_more_context_than_trained_on(tiny_export_dir, strategy):
     X, y = _data(n=200)
     est = InContextRegressor(tiny_export_dir, context_strategy=strategy, n_subsets=3,
-                             batch_size=16).fit(X, y)
+                             batch_size=16, linear_base="none").fit(X, y)
     assert est.max_context_ == 15  # tiny: 16 points, at most 15 context
     pred = est.predict(X[:40])
     assert pred.shape == (40,) and np.isfinite(pred).all()
@@ -53,7 +53,7 @@ def test_more_context_than_trained_on(tiny_export_dir, strategy):
     if strategy == "nearest":
         q = X[3:4]
         idx = np.argsort(np.abs(X[:, 0] - q[0, 0]))[:15]
-        ref = InContextRegressor(tiny_export_dir).fit(X[idx], y[idx]).predict(q)
+        ref = InContextRegressor(tiny_export_dir, linear_base="none").fit(X[idx], y[idx]).predict(q)
         np.testing.assert_allclose(pred[3], ref[0], rtol=1e-5, atol=1e-6)
 
 
@@ -119,6 +119,7 @@ def test_malformed_inputs_raise_value_errors_saying_what_was_expected(
     ({"model": "http://localhost:8501/models/x"}, "expected a URL of the form"),
     ({"model": "/no/such/export"}, "expected an export folder"),
     ({"batch_size": 0}, "batch_size=0"),
+    ({"linear_base": "lasso"}, r"^linear_base='lasso': expected one of \['auto', 'ridge', 'none'\]$"),
 ])
 def test_bad_parameters(tiny_export_dir, params, match):
     X, y = _data()
@@ -321,3 +322,56 @@ def test_n_permutations_averages_the_predictions_over_column_orders(tiny_export_
         InContextRegressor(tiny_export_d8, n_permutations=1).fit(X, y).predict(Xq), one)
     with pytest.raises(ValueError, match="n_permutations=0: expected an integer >= 1"):
         InContextRegressor(tiny_export_d8, n_permutations=0).fit(X, y)
+
+
+def _ridge_residual_reference(export, X, y, Xq, **kw):
+    """The model (linear_base="none") on the residuals of RidgeCV over BASE_ALPHAS (fit on
+    standardised x and y), plus the ridge's prediction: what linear_base="ridge" means."""
+    from sklearn.linear_model import RidgeCV
+
+    from gpicl_tf.estimator import BASE_ALPHAS
+
+    loc, scale = X.mean(0), X.std(0)
+    ridge = RidgeCV(alphas=BASE_ALPHAS).fit((X - loc) / scale, (y - y.mean()) / y.std())
+    base = lambda x: ridge.predict((x - loc) / scale) * y.std() + y.mean()  # noqa: E731
+    plain = InContextRegressor(export, linear_base="none", **kw).fit(X, y - base(X))
+    return plain, base
+
+
+def test_linear_base_ridge_is_the_model_on_the_ridge_residuals_plus_the_ridge(tiny_export_d8):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(24, 3)) * [1.0, 5.0, 0.2] + 7.0
+    y = X @ [2.0, -0.3, 4.0] + np.sin(X[:, 0]) + 100.0
+    Xq = rng.normal(size=(9, 3)) * [1.0, 5.0, 0.2] + 7.0
+    est = InContextRegressor(tiny_export_d8, linear_base="ridge").fit(X, y)
+    assert est.linear_base_ == "ridge" and est.cv_errors_ is None
+    plain, base = _ridge_residual_reference(tiny_export_d8, X, y, Xq)
+    # The model is affine-equivariant in y, so the two contexts differ by an affine map.
+    np.testing.assert_allclose(est.predict(Xq), plain.predict(Xq) + base(Xq),
+                               rtol=0, atol=2e-4 * y.std())
+    none = InContextRegressor(tiny_export_d8, linear_base="none").fit(X, y)
+    assert none.linear_base_ == "none"
+    assert np.abs(none.predict(Xq) - est.predict(Xq)).max() > 1e-2 * y.std()
+
+
+def test_auto_picks_the_base_of_lower_cross_validated_error(tiny_export_d8):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 3))
+    y_lin = X @ [1.0, -2.0, 0.5]  # exactly linear: the ridge residuals are what is left
+    est = InContextRegressor(tiny_export_d8).fit(X, y_lin)
+    errors = est.cv_errors_
+    assert est.linear_base_ == "ridge" and errors["ridge"] < errors["none"], errors
+    Xq = rng.normal(size=(6, 3))
+    np.testing.assert_array_equal(
+        est.predict(Xq),
+        InContextRegressor(tiny_export_d8, linear_base="ridge").fit(X, y_lin).predict(Xq))
+    # The choice is argmin of its two errors, reproducible, and its folds follow
+    # random_state.
+    y = np.sin(4 * X[:, 0]) + rng.normal(size=40)
+    fits = [InContextRegressor(tiny_export_d8, random_state=s).fit(X, y) for s in (0, 0, 1)]
+    assert fits[0].cv_errors_ == fits[1].cv_errors_ != fits[2].cv_errors_
+    for f in fits:
+        assert f.linear_base_ == min(f.cv_errors_, key=f.cv_errors_.get)
+    # Below 10 points there are no 5 folds of two: the model reads the context as given.
+    small = InContextRegressor(tiny_export_d8).fit(X[:9], y_lin[:9])
+    assert small.linear_base_ == "none" and small.cv_errors_ is None

@@ -140,7 +140,7 @@ def test_the_real_data_table_matches_its_results_file():
         results = json.load(f)
     row = re.compile(r"^\| (\w+) \((R\^2|accuracy)\) \| (\d+(?: width=\d+)?) \| ([-\d.]+)"
                      r"(?: \(subsets ([-\d.]+)\))? \| (.*) \|$")
-    reg_names = ("gpicl_x4", "ridge", "gp", "gp_ard", "gbt", "random_forest", "knn")
+    reg_names = ("gpicl_x4", "gpicl_nobase", "ridge", "gp", "gp_ard", "gbt", "random_forest", "knn")
     checked = 0
     for line in _section("## Results").splitlines():
         m = row.match(line)
