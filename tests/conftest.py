@@ -110,3 +110,21 @@ def tiny_export_d10(tmp_path_factory):
     """An untrained tiny model for inputs of width 1 to 10: wide enough for every
     scikit-learn estimator check (the widest feeds 10 features)."""
     return _export(tmp_path_factory, ["task.x_dim=10", "task.min_x_dim=1"], "exd10")
+
+
+def ridge_residual_reference(export, X, y):
+    """(the model with linear_base="none" fitted on the residuals of RidgeCV over
+    BASE_ALPHAS (fit on standardised x and y), the ridge's prediction as a function):
+    what InContextRegressor(linear_base="ridge") is defined to be, for 1-D y."""
+    from sklearn.linear_model import RidgeCV
+
+    from gpicl_tf import InContextRegressor
+    from gpicl_tf.estimator import BASE_ALPHAS
+
+    loc, scale = X.mean(0), X.std(0)
+    ridge = RidgeCV(alphas=BASE_ALPHAS).fit((X - loc) / scale, (y - y.mean()) / y.std())
+
+    def base(x):
+        return ridge.predict((x - loc) / scale) * y.std() + y.mean()
+
+    return InContextRegressor(export, linear_base="none").fit(X, y - base(X)), base

@@ -440,19 +440,15 @@ def test_gpicl_eval_scores_the_distribution_of_every_method_that_has_one(bar_exp
 def test_a_linear_base_shifts_the_mean_and_quantiles_and_keeps_the_spread(bar_export):
     """linear_base="ridge": the distribution is the model's on the ridge residuals, moved by
     the ridge's prediction: mean and quantiles shift by it, the std is the model's."""
-    from sklearn.linear_model import RidgeCV
-
+    from conftest import ridge_residual_reference
     from gpicl_tf import InContextRegressor
-    from gpicl_tf.estimator import BASE_ALPHAS
 
     rng = np.random.default_rng(8)
     X = rng.uniform(-1, 1, (30, 1)) * 3.0 + 2.0
     y = 5.0 * X[:, 0] + np.sin(3 * X[:, 0]) + 0.1 * rng.normal(size=30)
     Xq = rng.uniform(-1, 1, (6, 1)) * 3.0 + 2.0
-    ridge = RidgeCV(alphas=BASE_ALPHAS).fit((X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std())
-    base = lambda x: ridge.predict((x - X.mean(0)) / X.std(0)) * y.std() + y.mean()  # noqa
     est = InContextRegressor(bar_export, linear_base="ridge").fit(X, y)
-    ref = InContextRegressor(bar_export, linear_base="none").fit(X, y - base(X))
+    ref, base = ridge_residual_reference(bar_export, X, y)
     tol = dict(rtol=0, atol=2e-4 * y.std())
     (m, s), (m0, s0) = est.predict(Xq, return_std=True), ref.predict(Xq, return_std=True)
     np.testing.assert_allclose(m, m0 + base(Xq), **tol)

@@ -7,6 +7,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
+from conftest import ridge_residual_reference
 from fake_serving import FakeServing
 from gpicl_tf import InContextClassifier, InContextRegressor
 
@@ -326,20 +327,6 @@ def test_n_permutations_averages_the_predictions_over_column_orders(tiny_export_
         InContextRegressor(tiny_export_d8, n_permutations=0).fit(X, y)
 
 
-def _ridge_residual_reference(export, X, y, Xq, **kw):
-    """The model (linear_base="none") on the residuals of RidgeCV over BASE_ALPHAS (fit on
-    standardised x and y), plus the ridge's prediction: what linear_base="ridge" means."""
-    from sklearn.linear_model import RidgeCV
-
-    from gpicl_tf.estimator import BASE_ALPHAS
-
-    loc, scale = X.mean(0), X.std(0)
-    ridge = RidgeCV(alphas=BASE_ALPHAS).fit((X - loc) / scale, (y - y.mean()) / y.std())
-    base = lambda x: ridge.predict((x - loc) / scale) * y.std() + y.mean()  # noqa: E731
-    plain = InContextRegressor(export, linear_base="none", **kw).fit(X, y - base(X))
-    return plain, base
-
-
 def test_linear_base_ridge_is_the_model_on_the_ridge_residuals_plus_the_ridge(tiny_export_d8):
     rng = np.random.default_rng(3)
     X = rng.normal(size=(24, 3)) * [1.0, 5.0, 0.2] + 7.0
@@ -347,7 +334,7 @@ def test_linear_base_ridge_is_the_model_on_the_ridge_residuals_plus_the_ridge(ti
     Xq = rng.normal(size=(9, 3)) * [1.0, 5.0, 0.2] + 7.0
     est = InContextRegressor(tiny_export_d8, linear_base="ridge").fit(X, y)
     assert est.linear_base_ == "ridge" and est.cv_errors_ is None
-    plain, base = _ridge_residual_reference(tiny_export_d8, X, y, Xq)
+    plain, base = ridge_residual_reference(tiny_export_d8, X, y)
     # The model is affine-equivariant in y, so the two contexts differ by an affine map.
     np.testing.assert_allclose(est.predict(Xq), plain.predict(Xq) + base(Xq),
                                rtol=0, atol=2e-4 * y.std())
