@@ -85,17 +85,27 @@ def test_estimator_is_equivariant_over_the_scale_grid_and_any_float64_shift(tiny
     cx, cy, qx = _task(b=1, nc=12)
     X, y, Xq = cx[0], cy[0, :, 0], qx[0]
     X, y, Xq = X.astype(np.float64), y.astype(np.float64), Xq.astype(np.float64)
-    est = InContextRegressor(tiny_export_dir)
+    # The model's path over the whole grid; the default linear base (cross-validated on
+    # the context: 11 model calls a fit) at the grid's corners, where it must also pick
+    # the same base as on the unmapped data.
+    model_only = InContextRegressor(tiny_export_dir, linear_base="none")
+    auto = InContextRegressor(tiny_export_dir)
+    picked = auto.fit(X, y).linear_base_
     for a in SCALES:
         for c in SCALES:
+            corner = a in (SCALES[0], SCALES[-1]) and c in (SCALES[0], SCALES[-1])
             for b, d in ((0.0, 0.0), (1e6, -1e6), (-1e6 * a, 1e3 * c)):
-                tX, ty, tXq = a * X + b, c * y + d, a * Xq + b
-                got = est.fit(tX, ty).predict(tXq)
-                # The baseline is the mapped data's own float64 values mapped back: their
-                # rounding (up to 1e-4 of the spread at a = 1e-6, b = 1e6) is the caller's.
-                base = est.fit((tX - b) / a, (ty - d) / c).predict((tXq - b) / a)
-                np.testing.assert_allclose((got - d) / c, base, atol=1e-3 * y.std(),
-                                           err_msg=str((a, c, b, d)))
+                for est in (model_only, auto) if corner else (model_only,):
+                    tX, ty, tXq = a * X + b, c * y + d, a * Xq + b
+                    got = est.fit(tX, ty).predict(tXq)
+                    if est is auto:
+                        assert est.linear_base_ == picked, (a, c, b, d)
+                    # The baseline is the mapped data's own float64 values mapped back:
+                    # their rounding (up to 1e-4 of the spread at a = 1e-6, b = 1e6) is
+                    # the caller's.
+                    base = est.fit((tX - b) / a, (ty - d) / c).predict((tXq - b) / a)
+                    np.testing.assert_allclose((got - d) / c, base, atol=1e-3 * y.std(),
+                                               err_msg=str((a, c, b, d, est.linear_base)))
 
 
 def test_huge_values_predict_finite_numbers_not_nan(tiny_export_dir):
