@@ -71,7 +71,9 @@ def test_with_the_mse_head_the_model_is_unchanged():
     io = np.load(os.path.join(here, "tiny_mse_head_v0_io.npz"))
     pred = old({"x": io["x"], "y": io["y"] * (1 - io["q"][..., None]), "is_query": io["q"]})
     assert not isinstance(pred, dict)
-    np.testing.assert_allclose(pred.numpy(), io["pred"], rtol=1e-6, atol=1e-6)
+    # The stored outputs were computed on another CPU: oneDNN's kernels round differently
+    # on each (1.8e-6 on a value of 0.25 seen); any change to the model moves them by far more.
+    np.testing.assert_allclose(pred.numpy(), io["pred"], rtol=1e-5, atol=1e-5)
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "task.min_x_dim=1",
                                                "model.absent_features=flags"])
     assert cfg.model.head == "mse" and cfg.loss == "mse"
