@@ -275,6 +275,11 @@ class ModelConfig:
         task's context (standardised units); every token carries their
         predictions at its x (gpicl_tf.layers.ContextStandardizer). Regression
         only; () for none.
+      kernel_length_scales: length scales l > 0 (standardised x units, times
+        sqrt(d) for d present features) of Gaussian-process regressions with an
+        RBF kernel fitted to each task's context; every token carries their
+        posterior means at its x (ContextStandardizer). Regression only; () for none.
+      kernel_noise: the noise variance (standardised y units) of those fits.
     """
 
     d_model: int = 64
@@ -287,6 +292,8 @@ class ModelConfig:
     head: str = "mse"
     n_bins: int = 64
     ridge_penalties: Tuple[float, ...] = ()
+    kernel_length_scales: Tuple[float, ...] = ()
+    kernel_noise: float = 0.01
 
     def __post_init__(self):
         o = "model"
@@ -299,6 +306,13 @@ class ModelConfig:
                  and all(_is_num(v) and 0 < v < 1e6 for v in self.ridge_penalties), o,
                  "ridge_penalties", self.ridge_penalties,
                  "a tuple of at most 16 numbers in (0, 1e6)")
+        _require(isinstance(self.kernel_length_scales, tuple)
+                 and len(self.kernel_length_scales) <= 16
+                 and all(_is_num(v) and 0 < v <= 100 for v in self.kernel_length_scales), o,
+                 "kernel_length_scales", self.kernel_length_scales,
+                 "a tuple of at most 16 numbers in (0, 100]")
+        _require(_is_num(self.kernel_noise) and 1e-4 <= self.kernel_noise <= 100, o,
+                 "kernel_noise", self.kernel_noise, "a number in [1e-4, 100]")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
@@ -408,6 +422,9 @@ class ExperimentConfig:
         _require(not self.model.ridge_penalties or kind == "regression", "model",
                  "ridge_penalties", self.model.ridge_penalties,
                  "() for classification tasks (ridge fits are a regression feature)")
+        _require(not self.model.kernel_length_scales or kind == "regression", "model",
+                 "kernel_length_scales", self.model.kernel_length_scales,
+                 "() for classification tasks (kernel fits are a regression feature)")
         if loss != "auto":
             want = ("cross_entropy" if kind == "classification" else
                     "nll" if head == "bar" else "mse or normalized_mse")

@@ -48,14 +48,25 @@ class ContextStandardizer(keras.layers.Layer):
     fitted to per-feature standardised x and y (scale equivariant per feature);
     absent features get weight 0.
 
+    With `kernel_length_scales` (l_1, ...), every token also carries, per length
+    scale, the posterior mean at its x of the Gaussian process with the RBF kernel
+    exp(-|x - x'|^2 / (2 d l^2)) (d present features) and noise variance
+    `kernel_noise` conditioned on the context in standardised units:
+    k(x, X) (K + noise I)^-1 y over the context rows (kernel ridge regression).
+    Smooth nonlinear interpolation from a handful of points is what a small
+    transformer learns slowly (sine, GP-drawn functions); like the ridge fits,
+    these come from the context only, are permutation invariant and per-feature
+    scale equivariant, and absent features do not enter the distances.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
       = (x std., y std. zeroed on queries, query flag (, presence flags)
-      (, ridge predictions)), y_loc [B, 1, dy], y_scale [B, 1, dy].
+      (, ridge predictions) (, kernel predictions)), y_loc [B, 1, dy], y_scale [B, 1, dy].
     """
 
     def __init__(self, eps: float = 1e-7, standardize_y: bool = True,
-                 absent_features: str = "zero", ridge_penalties=(), **kwargs):
+                 absent_features: str = "zero", ridge_penalties=(),
+                 kernel_length_scales=(), kernel_noise: float = 0.01, **kwargs):
         super().__init__(**kwargs)
         if absent_features not in ABSENT_FEATURES:
             raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
@@ -63,10 +74,15 @@ class ContextStandardizer(keras.layers.Layer):
         if ridge_penalties and not standardize_y:
             raise ValueError("ridge_penalties are for regression (standardize_y=True): "
                              "expected () for classification")
+        if kernel_length_scales and not standardize_y:
+            raise ValueError("kernel_length_scales are for regression (standardize_y=True): "
+                             "expected () for classification")
         self.eps = eps
         self.standardize_y = standardize_y
         self.absent_features = absent_features
         self.ridge_penalties = tuple(float(p) for p in ridge_penalties)
+        self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
+        self.kernel_noise = float(kernel_noise)
 
     def _stats(self, v, w, n):
         """Location and scale of the context values, relative to the data.
@@ -110,8 +126,10 @@ class ContextStandardizer(keras.layers.Layer):
         ys = ys * w  # queries' y never enters the model
         parts = [xs, ys, q]
         ridge = [self._ridge(xs, ys, w)] if self.ridge_penalties else []
+        present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
+        if self.kernel_length_scales:
+            ridge.append(self._kernel(xs, ys, w, present))
         if self.absent_features != "zero":
-            present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
             if self.absent_features in ("rescale", "both"):
                 d = ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1.0)
                 parts[0] = xs * ops.sqrt(x.shape[-1] / d)
@@ -137,6 +155,30 @@ class ContextStandardizer(keras.layers.Layer):
         shape = ops.shape(fits)
         return ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))
 
+    def _kernel(self, xs, ys, w, present):
+        """The context's GP posterior means (RBF kernel, one per length scale) at every
+        point, all length scales in one batch of solves: [B, N, L x dy], scale-major.
+        Query rows and columns of the kernel matrix are replaced by the identity (and
+        their y is 0), so queries get weight 0 and the solve keeps a fixed shape."""
+        sq = ops.sum(ops.square(xs), axis=-1)  # (B, N); absent features are exactly 0
+        d2 = ops.maximum(sq[:, :, None] + sq[:, None, :]
+                         - 2.0 * ops.einsum("bni,bmi->bnm", xs, xs), 0.0)  # (B, N, N)
+        d = ops.maximum(ops.sum(present, axis=-1), 1.0)  # (B, 1) present features
+        ls2 = ops.convert_to_tensor(self.kernel_length_scales, dtype=xs.dtype) ** 2  # (L,)
+        k = ops.exp(-0.5 * d2[:, None] / (d[:, :, None, None] * ls2[None, :, None, None]))
+        m = w[..., 0]  # (B, N) context weights
+        k_ctx = k * m[:, None, None, :]  # (B, L, N, N): columns of context points only
+        i = ops.arange(ops.shape(xs)[1])
+        eye = ops.cast(ops.equal(i[:, None], i[None, :]), xs.dtype)
+        diag = (self.kernel_noise * m + (1.0 - m))[:, None, :, None] * eye  # (B, 1, N, N)
+        chol = ops.cholesky(k_ctx * m[:, None, :, None] + diag)
+        rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
+        z = ops.solve_triangular(chol, rhs, lower=True)
+        alpha = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
+        fits = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
+        shape = ops.shape(fits)
+        return ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))
+
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
         vs = ((v - ref) / safe - mean_u) / std_u
@@ -149,7 +191,7 @@ class ContextStandardizer(keras.layers.Layer):
         b, n, dx = x.shape
         dy = y.shape[-1]
         flags = dx if self.absent_features in ("flags", "both") else 0
-        ridge = dy * len(self.ridge_penalties)
+        ridge = dy * (len(self.ridge_penalties) + len(self.kernel_length_scales))
         feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge), dtype=x.dtype)
         loc = keras.KerasTensor((b, 1, dy), dtype=x.dtype)
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
@@ -157,7 +199,9 @@ class ContextStandardizer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y,
                 "absent_features": self.absent_features,
-                "ridge_penalties": list(self.ridge_penalties)}
+                "ridge_penalties": list(self.ridge_penalties),
+                "kernel_length_scales": list(self.kernel_length_scales),
+                "kernel_noise": self.kernel_noise}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

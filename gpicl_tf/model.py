@@ -53,6 +53,8 @@ class InContextTransformer(keras.Model):
       n_bins: bins of the bar head.
       ridge_penalties: penalties of the context ridge fits each token carries
         (regression; see ContextStandardizer); () for none.
+      kernel_length_scales, kernel_noise: the context's RBF-kernel GP fits each
+        token carries (regression; see ContextStandardizer); () for none.
 
     Example:
 
@@ -69,7 +71,8 @@ class InContextTransformer(keras.Model):
                  n_heads: int = 4, key_dim: Optional[int] = None, mlp_ratio: int = 4,
                  std_eps: float = 1e-7, classify: bool = False,
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
-                 ridge_penalties=(), **kwargs):
+                 ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
+                 **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -77,7 +80,8 @@ class InContextTransformer(keras.Model):
         # Statistics and the output map stay in float32 under mixed precision.
         feats, y_loc, y_scale = ContextStandardizer(
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
-            ridge_penalties=ridge_penalties, dtype="float32",
+            ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
+            kernel_noise=kernel_noise, dtype="float32",
             name="standardize")(x, y, is_query)
         mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
         h = keras.layers.Dense(d_model, name="embed")(feats)  # (B, N, D)
@@ -107,6 +111,8 @@ class InContextTransformer(keras.Model):
         self.classify, self.absent_features = classify, absent_features
         self.head, self.n_bins = head, n_bins
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
+        self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
+        self.kernel_noise = float(kernel_noise)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
@@ -115,7 +121,9 @@ class InContextTransformer(keras.Model):
                 "mlp_ratio": self.mlp_ratio, "std_eps": self.std_eps,
                 "classify": self.classify, "absent_features": self.absent_features,
                 "head": self.head, "n_bins": self.n_bins,
-                "ridge_penalties": list(self.ridge_penalties)}
+                "ridge_penalties": list(self.ridge_penalties),
+                "kernel_length_scales": list(self.kernel_length_scales),
+                "kernel_noise": self.kernel_noise}
 
     @classmethod
     def from_config(cls, config):
@@ -130,6 +138,7 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
         head=m.head, n_bins=m.n_bins, ridge_penalties=m.ridge_penalties,
+        kernel_length_scales=m.kernel_length_scales, kernel_noise=m.kernel_noise,
         name=cfg.name.replace("-", "_"))
 
 

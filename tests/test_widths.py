@@ -174,17 +174,19 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
         np.testing.assert_array_equal(feats[..., 10:], np.broadcast_to(want[:, None], (2, 16, 8)))
 
 
-@pytest.mark.parametrize("absent, ridge", [("zero", ""), ("flags", ""), ("rescale", ""),
-                                           ("both", ""), ("flags", "[0.001,1]"),
-                                           ("rescale", "[0.1]")])
-def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge):
+@pytest.mark.parametrize("absent, ridge, kernel", [
+    ("zero", "", ""), ("flags", "", ""), ("rescale", "", ""), ("both", "", ""),
+    ("flags", "[0.001,1]", ""), ("rescale", "[0.1]", ""), ("flags", "[0.1]", "[0.2,1]")])
+def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
+                                                                              kernel):
     import keras
 
     from gpicl_tf.model import build_model, masked_inputs
 
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=1",
                                               f"model.absent_features={absent}"]
-                          + ([f"model.ridge_penalties={ridge}"] if ridge else []))
+                          + ([f"model.ridge_penalties={ridge}"] if ridge else [])
+                          + ([f"model.kernel_length_scales={kernel}"] if kernel else []))
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -236,6 +238,56 @@ def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
                                layer(narrow, y, q)[0].numpy()[..., 18:], atol=1e-6)
 
 
+def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_context():
+    from sklearn.kernel_ridge import KernelRidge
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    cx, cy, qx = _task(3, nc=12, nq=4)
+    cy = cy + np.sin(3.0 * cx[..., :1])  # a smooth part for the fit to find
+    x = _pad(np.concatenate([cx, qx], 1))
+    y = np.concatenate([cy, np.full((2, 4, 1), 50.0, np.float32)], 1)  # queries' y unseen
+    q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
+    scales, noise = (0.2, 1.0), 0.05
+    layer = ContextStandardizer(absent_features="flags", ridge_penalties=(0.1,),
+                                kernel_length_scales=scales, kernel_noise=noise)
+    feats = layer(x, y, q)[0].numpy()
+    assert feats.shape[-1] == 8 + 1 + 1 + 8 + 1 + 2  # kernel fits after the ridge fit
+    xs, ys = feats[..., :8], feats[..., 8]
+    for b in range(2):
+        for j, ls in enumerate(scales):
+            # the RBF kernel exp(-gamma |x - x'|^2), length scale ls * sqrt(3 present features)
+            fit = KernelRidge(alpha=noise, kernel="rbf", gamma=1.0 / (2 * 3 * ls ** 2))
+            fit.fit(xs[b, :12, :3], ys[b, :12])
+            np.testing.assert_allclose(feats[b, :, 19 + j], fit.predict(xs[b, :, :3]),
+                                       atol=2e-5)
+    # the queries' (hidden) targets do not enter the fit
+    y2 = y.copy()
+    y2[:, 12:] = -7.0
+    np.testing.assert_array_equal(layer(x, y2, q)[0].numpy()[..., 19:], feats[..., 19:])
+    # absent (zero-padded) and constant features neither enter the distances nor count in d
+    x3 = x.copy()
+    x3[:, :, 2] = 0.25
+    narrow = _pad(np.concatenate([cx, qx], 1)[..., :2])
+    np.testing.assert_allclose(layer(x3, y, q)[0].numpy()[..., 19:],
+                               layer(narrow, y, q)[0].numpy()[..., 19:], atol=1e-6)
+    # no context: every fit is 0
+    empty = layer(x, y, np.ones_like(q))[0].numpy()[..., 19:]
+    np.testing.assert_array_equal(empty, np.zeros_like(empty))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("kernel_length_scales", "[0]", r"a tuple of at most 16 numbers in \(0, 100\]"),
+    ("kernel_length_scales", "[0.5,-1]", r"a tuple of at most 16 numbers in \(0, 100\]"),
+    ("kernel_noise", "0", r"a number in \[1e-4, 100\]"),
+])
+def test_bad_kernel_fields_are_refused_naming_the_field(field, value, expected):
+    with pytest.raises(ValueError, match=rf"model.{field}=.*expected {expected}"):
+        apply_overrides(get_preset("tiny"), [f"model.{field}={value}"])
+    with pytest.raises(ValueError, match=r"model.kernel_length_scales=\(1.0,\).*classification"):
+        apply_overrides(get_preset("classify"), ["model.kernel_length_scales=[1.0]"])
+
+
 @pytest.mark.parametrize("value", ["[0]", "[-1,2]", "[1e7]"])
 def test_bad_ridge_penalties_are_refused_naming_the_field(value):
     with pytest.raises(ValueError, match=r"model.ridge_penalties=.*expected a tuple of at "
@@ -243,12 +295,14 @@ def test_bad_ridge_penalties_are_refused_naming_the_field(value):
         apply_overrides(get_preset("tiny"), [f"model.ridge_penalties={value}"])
 
 
-def test_a_model_with_ridge_fits_round_trips_through_a_keras_file(tmp_path):
+def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp_path):
     import keras
 
     from gpicl_tf.model import build_model, masked_inputs
 
-    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=4", "model.ridge_penalties=[0.1,5]"])
+    cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=4", "model.ridge_penalties=[0.1,5]",
+                                               "model.kernel_length_scales=[0.3]",
+                                               "model.kernel_noise=0.02"])
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -258,6 +312,7 @@ def test_a_model_with_ridge_fits_round_trips_through_a_keras_file(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert loaded.ridge_penalties == (0.1, 5.0)
+    assert (loaded.kernel_length_scales, loaded.kernel_noise) == ((0.3,), 0.02)
     np.testing.assert_allclose(loaded(inputs).numpy(), model(inputs).numpy(), atol=1e-6)
 
 
