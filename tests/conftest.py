@@ -106,6 +106,16 @@ def tiny_export_d8(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_export_d8_fits(tmp_path_factory):
+    """tiny_export_d8 with the `default` model's other token features: the context's ridge
+    fits and RBF-kernel GP fits."""
+    return _export(tmp_path_factory, ["task.x_dim=8", "task.min_x_dim=1",
+                                      "model.absent_features=flags",
+                                      "model.ridge_penalties=[0.001,1]",
+                                      "model.kernel_length_scales=[0.15,1]"], "exd8fits")
+
+
+@pytest.fixture(scope="session")
 def tiny_export_d10(tmp_path_factory):
     """An untrained tiny model for inputs of width 1 to 10: wide enough for every
     scikit-learn estimator check (the widest feeds 10 features)."""

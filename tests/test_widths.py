@@ -78,8 +78,10 @@ def _pad(a, width=8):
     return np.concatenate([a, np.zeros(a.shape[:-1] + (width - a.shape[-1],), a.dtype)], -1)
 
 
-def test_a_width_3_request_equals_the_same_request_padded_to_8_by_hand(tiny_export_d8):
-    sig = tf.saved_model.load(f"{tiny_export_d8}/1").signatures["serving_default"]
+@pytest.mark.parametrize("export", ["tiny_export_d8", "tiny_export_d8_fits"])
+def test_a_width_3_request_equals_the_same_request_padded_to_8_by_hand(export, request):
+    path = request.getfixturevalue(export)
+    sig = tf.saved_model.load(f"{path}/1").signatures["serving_default"]
     cx, cy, qx = _task(3)
     run = lambda cx, qx: sig(context_x=tf.constant(cx), context_y=tf.constant(cy),
                              query_x=tf.constant(qx))["mean"].numpy()
