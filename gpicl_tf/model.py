@@ -83,27 +83,27 @@ class InContextTransformer(keras.Model):
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
             kernel_noise=kernel_noise, dtype="float32",
             name="standardize")(x, y, is_query)
-        mask = ContextAttentionMask(name="attention_mask")(is_query)  # (B, N, N)
-        h = keras.layers.Dense(d_model, name="embed")(feats)  # (B, N, D)
-        res_scale = 1.0 / math.sqrt(2 * n_layers)
-        for i in range(n_layers):
-            h = TransformerBlock(d_model, n_heads, head_dim, mlp_ratio * d_model,
-                                 residual_scale=res_scale, name=f"block_{i}")(h, mask)
-        h = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_final")(h)
-        if head == "bar":
-            if classify:
-                raise ValueError("head='bar' is invalid for classification: expected 'mse'")
-            logits, y_pred = BarHead(y_dim, n_bins, dtype="float32", name="bar")(h, y_loc,
-                                                                                 y_scale)
-            outputs = {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
-        elif head == "mse":
-            dense = keras.layers.Dense(y_dim, kernel_initializer="zeros", dtype="float32",
-                                       name="y_pred" if classify else "head")
-            outputs = dense(h)  # (B, N, dy): logits, or standardised units
-            if not classify:
-                outputs = Destandardize(dtype="float32", name="y_pred")(outputs, y_loc, y_scale)
-        else:
+        if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
+        if head == "bar" and classify:
+            raise ValueError("head='bar' is invalid for classification: expected 'mse'")
+        res_scale = 1.0 / math.sqrt(2 * n_layers)
+        # Each layer is made when the graph first calls it (initialiser seeds are drawn in
+        # that order, so the initial weights stay what they were).
+        make = {"attention_mask": lambda: ContextAttentionMask(name="attention_mask"),
+                "embed": lambda: keras.layers.Dense(d_model, name="embed"),
+                "block": lambda i: TransformerBlock(d_model, n_heads, head_dim,
+                                                    mlp_ratio * d_model,
+                                                    residual_scale=res_scale, name=f"block_{i}"),
+                "ln_final": lambda: keras.layers.LayerNormalization(epsilon=1e-5,
+                                                                    name="ln_final"),
+                "bar": lambda: BarHead(y_dim, n_bins, dtype="float32", name="bar"),
+                "dense": lambda: keras.layers.Dense(y_dim, kernel_initializer="zeros",
+                                                    dtype="float32",
+                                                    name="y_pred" if classify else "head"),
+                "destandardize": lambda: Destandardize(dtype="float32", name="y_pred")}
+        outputs = _trunk_outputs(lambda name, *i: make[name](*i), n_layers, head == "bar",
+                                 classify, feats, y_loc, y_scale, is_query)
         super().__init__({"x": x, "y": y, "is_query": is_query}, outputs, **kwargs)
         self.x_dim, self.y_dim = x_dim, y_dim
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
@@ -113,6 +113,24 @@ class InContextTransformer(keras.Model):
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise = float(kernel_noise)
+
+    def trunk(self) -> keras.Model:
+        """The model after its standardisation, sharing this model's layers and weights:
+        [features, y_loc, y_scale, is_query] (the `standardize` layer's outputs and the
+        query flags) -> this model's outputs. The train step uses it to keep the context
+        fits' Cholesky solves out of XLA (`gpicl_tf.train`)."""
+        names = {"dense": "y_pred" if self.classify else "head", "destandardize": "y_pred"}
+
+        def layer(name, *i):
+            return self.get_layer(f"block_{i[0]}" if i else names.get(name, name))
+
+        feats = keras.Input((None, layer("embed").kernel.shape[0]), name="features")
+        y_loc = keras.Input((1, self.y_dim), name="y_loc")
+        y_scale = keras.Input((1, self.y_dim), name="y_scale")
+        is_query = keras.Input((None,), name="is_query")
+        return keras.Model([feats, y_loc, y_scale, is_query],
+                           _trunk_outputs(layer, self.n_layers, self.head == "bar",
+                                          self.classify, feats, y_loc, y_scale, is_query))
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
@@ -128,6 +146,22 @@ class InContextTransformer(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _trunk_outputs(layer, n_layers: int, bar: bool, classify: bool, feats, y_loc, y_scale,
+                   is_query):
+    """The layers after the standardisation applied to its outputs: the model's outputs.
+    layer(name) / layer("block", i) gives each layer (made or looked up)."""
+    mask = layer("attention_mask")(is_query)  # (B, N, N)
+    h = layer("embed")(feats)  # (B, N, D)
+    for i in range(n_layers):
+        h = layer("block", i)(h, mask)
+    h = layer("ln_final")(h)
+    if bar:
+        logits, y_pred = layer("bar")(h, y_loc, y_scale)
+        return {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
+    out = layer("dense")(h)  # (B, N, dy): logits, or standardised units
+    return out if classify else layer("destandardize")(out, y_loc, y_scale)
 
 
 def build_model(cfg: ExperimentConfig) -> InContextTransformer:

@@ -101,15 +101,17 @@ def test_event_files_hold_scalars_hparams_and_an_image(tiny, tmp_path):
     assert "_hparams_/session_start_info" in tags["tensors"]
 
 
-def test_mirrored_strategy_on_two_devices_matches_one_device():
-    code = """
+@pytest.mark.parametrize("overrides", [[], ["model.kernel_length_scales=[0.3,1]"]])
+def test_mirrored_strategy_on_two_devices_matches_one_device(overrides):
+    """Also with kernel fits: each replica standardises its own examples outside XLA."""
+    code = f"""
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from gpicl_tf.config import get_preset
+from gpicl_tf.config import apply_overrides, get_preset
 from gpicl_tf.train import Trainer, run_steps
 import tempfile, json
-cfg = get_preset("tiny")  # XLA on, as in real runs
+cfg = apply_overrides(get_preset("tiny"), {overrides!r})  # XLA on, as in real runs
 d = tempfile.mkdtemp()
 one = Trainer(cfg, d + "/a", strategy=tf.distribute.get_strategy())
 two = Trainer(cfg, d + "/b", strategy=tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
@@ -117,7 +119,7 @@ assert two.strategy.num_replicas_in_sync == 2
 a, b = run_steps(one, 8), run_steps(two, 8)
 wa = [w.ravel().tolist()[:50] for w in one.model.get_weights()]
 wb = [w.ravel().tolist()[:50] for w in two.model.get_weights()]
-print("RESULT", json.dumps({"a": a, "b": b, "wa": wa, "wb": wb}))
+print("RESULT", json.dumps({{"a": a, "b": b, "wa": wa, "wb": wb}}))
 """
     import json
     out = run_python(code).stdout
@@ -197,6 +199,52 @@ print("GRADIENT_ALL_REDUCES", len(calls))
     out = run_python(code).stdout
     # Traced once per replica (2 replicas): one gradient all-reduce per replica per step.
     assert "GRADIENT_ALL_REDUCES 2" in out, out[-300:]
+
+
+def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path):
+    """With kernel fits and XLA, the standardisation runs outside the XLA cluster and the
+    rest of the model inside it (model.trunk()); the step is the same mathematics as the
+    plain (no XLA) step of the whole model: the same losses and weights after 20 steps."""
+    from gpicl_tf.config import apply_overrides, get_preset
+    from gpicl_tf.train import Trainer, run_steps
+
+    base = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "model.head=bar",
+                                                "model.n_bins=16", "model.ridge_penalties=[0.1]",
+                                                "model.kernel_length_scales=[0.2,1]"])
+    runs = {}
+    for jit in (True, False):
+        cfg = apply_overrides(base, [f"train.jit_compile={str(jit).lower()}"])
+        t = Trainer(cfg, str(tmp_path / f"jit{jit}"), strategy=tf.distribute.get_strategy())
+        runs[jit] = (run_steps(t, 20, 1), t.model.get_weights())
+    assert np.ptp(runs[False][0]) > 0.05  # it trains
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
+    for u, v in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-4)
+
+
+def test_the_trunk_is_the_model_after_its_standardisation():
+    from gpicl_tf.config import apply_overrides, get_preset
+    from gpicl_tf.model import build_model
+
+    for extra in (["model.head=bar", "model.n_bins=16"], [], ["task.x_dim=1"]):
+        cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "model.ridge_penalties=[0.1]",
+                                                   "model.kernel_length_scales=[0.3]"] + extra)
+        model = build_model(cfg)
+        for w in model.weights:
+            w.assign(tf.random.normal(w.shape, seed=1) * 0.3)
+        rng = np.random.default_rng(0)
+        dx = cfg.task.x_dim
+        x = rng.normal(size=(2, 10, dx)).astype("float32")
+        q = np.zeros((2, 10), "float32")
+        q[:, 7:] = 1
+        y = (rng.normal(size=(2, 10, 1)) * (1 - q[..., None])).astype("float32")
+        want = model({"x": x, "y": y, "is_query": q})
+        feats = model.get_layer("standardize")(x, y, q)
+        got = model.trunk()([*feats, tf.constant(q)])
+        tf.nest.assert_same_structure(want, got)
+        for a, b in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+            assert float(np.abs(a).max()) > 0
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_fifty_tiny_steps_give_the_recorded_losses(tiny, tmp_path):

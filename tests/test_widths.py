@@ -208,6 +208,21 @@ def test_query_independence_permutation_and_per_feature_equivariance_hold_for(ab
     np.testing.assert_allclose((got + 7.0) / 1e2, base, atol=2e-3 * cy.std())
 
 
+def _assert_fits_see_the_context_only(layer, x, y, q, x3d, start):
+    """The fit features (columns start:) of `layer` on a width-3 task x3d padded to x: the
+    queries' hidden targets do not enter them, and an absent (zero-padded) or constant
+    third feature gives the width-2 fits (weight 0, not counted in the kernel's d)."""
+    feats = layer(x, y, q)[0].numpy()[..., start:]
+    y2 = y.copy()
+    y2[q > 0] = -7.0
+    np.testing.assert_array_equal(layer(x, y2, q)[0].numpy()[..., start:], feats)
+    x3 = x.copy()
+    x3[:, :, 2] = 0.25
+    narrow = _pad(x3d[..., :2])
+    np.testing.assert_allclose(layer(x3, y, q)[0].numpy()[..., start:],
+                               layer(narrow, y, q)[0].numpy()[..., start:], atol=1e-6)
+
+
 def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
     from sklearn.linear_model import Ridge
 
@@ -228,16 +243,7 @@ def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
             fit = Ridge(alpha=lam, fit_intercept=False).fit(xs[b, :12, :3], ys[b, :12])
             np.testing.assert_allclose(feats[b, :, 18 + j], fit.predict(xs[b, :, :3]),
                                        atol=2e-5)
-    # the queries' (hidden) targets do not enter the fit
-    y2 = y.copy()
-    y2[:, 12:] = -7.0
-    np.testing.assert_array_equal(layer(x, y2, q)[0].numpy()[..., 18:], feats[..., 18:])
-    # absent (zero-padded) and constant features get weight 0: the width-2 fit
-    x3 = x.copy()
-    x3[:, :, 2] = 0.25
-    narrow = _pad(np.concatenate([cx, qx], 1)[..., :2])
-    np.testing.assert_allclose(layer(x3, y, q)[0].numpy()[..., 18:],
-                               layer(narrow, y, q)[0].numpy()[..., 18:], atol=1e-6)
+    _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
 
 
 def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_context():
@@ -263,16 +269,7 @@ def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_cont
             fit.fit(xs[b, :12, :3], ys[b, :12])
             np.testing.assert_allclose(feats[b, :, 19 + j], fit.predict(xs[b, :, :3]),
                                        atol=2e-5)
-    # the queries' (hidden) targets do not enter the fit
-    y2 = y.copy()
-    y2[:, 12:] = -7.0
-    np.testing.assert_array_equal(layer(x, y2, q)[0].numpy()[..., 19:], feats[..., 19:])
-    # absent (zero-padded) and constant features neither enter the distances nor count in d
-    x3 = x.copy()
-    x3[:, :, 2] = 0.25
-    narrow = _pad(np.concatenate([cx, qx], 1)[..., :2])
-    np.testing.assert_allclose(layer(x3, y, q)[0].numpy()[..., 19:],
-                               layer(narrow, y, q)[0].numpy()[..., 19:], atol=1e-6)
+    _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 19)
     # no context: every fit is 0
     empty = layer(x, y, np.ones_like(q))[0].numpy()[..., 19:]
     np.testing.assert_array_equal(empty, np.zeros_like(empty))
