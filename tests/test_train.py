@@ -201,12 +201,18 @@ print("GRADIENT_ALL_REDUCES", len(calls))
     assert "GRADIENT_ALL_REDUCES 2" in out, out[-300:]
 
 
-def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path):
+def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path, monkeypatch):
     """With kernel fits and XLA, the standardisation runs outside the XLA cluster and the
     rest of the model inside it (model.trunk()); the step is the same mathematics as the
     plain (no XLA) step of the whole model: the same losses and weights after 20 steps."""
     from gpicl_tf.config import apply_overrides, get_preset
+    from gpicl_tf.model import InContextTransformer
     from gpicl_tf.train import Trainer, run_steps
+
+    trunks = []
+    original = InContextTransformer.trunk
+    monkeypatch.setattr(InContextTransformer, "trunk",
+                        lambda self: trunks.append(self) or original(self))
 
     base = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "model.head=bar",
                                                 "model.n_bins=16", "model.ridge_penalties=[0.1]",
@@ -214,8 +220,10 @@ def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path
     runs = {}
     for jit in (True, False):
         cfg = apply_overrides(base, [f"train.jit_compile={str(jit).lower()}"])
+        before = len(trunks)
         t = Trainer(cfg, str(tmp_path / f"jit{jit}"), strategy=tf.distribute.get_strategy())
         runs[jit] = (run_steps(t, 20, 1), t.model.get_weights())
+        assert len(trunks) - before == int(jit)  # the split step is the XLA one only
     assert np.ptp(runs[False][0]) > 0.05  # it trains
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
     for u, v in zip(runs[True][1], runs[False][1]):
