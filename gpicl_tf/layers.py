@@ -13,6 +13,27 @@ from gpicl_tf.config import ABSENT_FEATURES
 PACKAGE = "gpicl_tf"
 
 
+def _eye(n, dtype):
+    """The n x n identity for a possibly dynamic n."""
+    i = ops.arange(n)
+    return ops.cast(ops.equal(i[:, None], i[None, :]), dtype)
+
+
+def _spd_solve(a, rhs):
+    """a^-1 rhs for symmetric positive definite a [B, P, n, n], rhs [B, P, n, k]: a
+    Cholesky factor and two triangular solves (a handful of ops, since the serving graph
+    runs op by op)."""
+    chol = ops.cholesky(a)
+    z = ops.solve_triangular(chol, rhs, lower=True)
+    return ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
+
+
+def _merge_last_two(fits):
+    """[B, N, P, dy] -> [B, N, P x dy] (P-major)."""
+    shape = ops.shape(fits)
+    return ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ContextStandardizer(keras.layers.Layer):
     """Standardises x and y per task with the mean and std of its context points.
@@ -144,16 +165,11 @@ class ContextStandardizer(keras.layers.Layer):
         xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
         gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
         xty = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy)
-        i = ops.arange(ops.shape(xs)[-1])  # the width may be dynamic (an export pads it)
-        eye = ops.cast(ops.equal(i[:, None], i[None, :]), xs.dtype)
+        eye = _eye(ops.shape(xs)[-1], xs.dtype)  # the width may be dynamic (an export pads it)
         lams = ops.convert_to_tensor(self.ridge_penalties, dtype=xs.dtype)
-        chol = ops.cholesky(gram[:, None] + lams[:, None, None] * eye)  # (B, P, dx, dx)
         rhs = ops.repeat(xty[:, None], len(self.ridge_penalties), axis=1)  # (B, P, dx, dy)
-        z = ops.solve_triangular(chol, rhs, lower=True)
-        coef = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
-        fits = ops.einsum("bni,bpik->bnpk", xs, coef)  # (B, N, P, dy)
-        shape = ops.shape(fits)
-        return ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))
+        coef = _spd_solve(gram[:, None] + lams[:, None, None] * eye, rhs)  # (B, P, dx, dy)
+        return _merge_last_two(ops.einsum("bni,bpik->bnpk", xs, coef))  # from (B, N, P, dy)
 
     def _kernel(self, xs, ys, w, present):
         """The context's GP posterior means (RBF kernel, one per length scale) at every
@@ -168,16 +184,11 @@ class ContextStandardizer(keras.layers.Layer):
         k = ops.exp(-0.5 * d2[:, None] / (d[:, :, None, None] * ls2[None, :, None, None]))
         m = w[..., 0]  # (B, N) context weights
         k_ctx = k * m[:, None, None, :]  # (B, L, N, N): columns of context points only
-        i = ops.arange(ops.shape(xs)[1])
-        eye = ops.cast(ops.equal(i[:, None], i[None, :]), xs.dtype)
-        diag = (self.kernel_noise * m + (1.0 - m))[:, None, :, None] * eye  # (B, 1, N, N)
-        chol = ops.cholesky(k_ctx * m[:, None, :, None] + diag)
+        diag = (self.kernel_noise * m + (1.0 - m))[:, None, :, None] \
+            * _eye(ops.shape(xs)[1], xs.dtype)  # (B, 1, N, N)
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
-        z = ops.solve_triangular(chol, rhs, lower=True)
-        alpha = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
-        fits = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
-        shape = ops.shape(fits)
-        return ops.reshape(fits, (shape[0], shape[1], shape[2] * shape[3]))
+        alpha = _spd_solve(k_ctx * m[:, None, :, None] + diag, rhs)
+        return _merge_last_two(ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)))
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
