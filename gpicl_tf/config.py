@@ -279,8 +279,8 @@ class ModelConfig:
         sqrt(d) for d present features) of Gaussian-process regressions with an
         RBF kernel fitted to each task's context; every token carries their
         posterior means at its x (ContextStandardizer). Regression only; () for none.
-        Their Cholesky solves are slow under XLA on the CPU (about 165 ms against 7 ms
-        for 64 tasks x 3 scales of 64 points), so with train.jit_compile the train step
+        Their Cholesky solves are slow under XLA on the CPU (benchmarks/cholesky_xla.py:
+        ~29x TensorFlow's own for 64 tasks x 3 scales of 64 points), so with train.jit_compile the train step
         runs the standardisation outside XLA and the rest of the model inside it.
       kernel_noise: the noise variance (standardised y units) of those fits.
     """

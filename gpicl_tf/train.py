@@ -293,7 +293,7 @@ class Trainer:
         variables = model.trainable_variables
         single = strategy.num_replicas_in_sync == 1
         bars = bar_distribution(model)
-        # XLA's Cholesky on the CPU is ~25x slower than TensorFlow's at the kernel fits'
+        # XLA's Cholesky on the CPU is ~29x slower than TensorFlow's at the kernel fits'
         # size: with kernel fits, the standardisation (no weights) runs outside the XLA
         # cluster and the rest of the model (forward, backward, update) inside it.
         split = cfg.train.jit_compile and bool(getattr(model, "kernel_length_scales", ()))
