@@ -283,6 +283,10 @@ class ModelConfig:
         ~29x TensorFlow's own for 64 tasks x 3 scales of 64 points), so with train.jit_compile the train step
         runs the standardisation outside XLA and the rest of the model inside it.
       kernel_noise: the noise variance (standardised y units) of those fits.
+      fit_loo: a context point's token carries each fit's leave-one-out prediction at
+        its x (the fit to the other context points) instead of the fit itself, so the
+        model sees how far each fit misses points it did not see; queries carry the
+        full fits. Needs ridge_penalties or kernel_length_scales.
     """
 
     d_model: int = 64
@@ -297,6 +301,7 @@ class ModelConfig:
     ridge_penalties: Tuple[float, ...] = ()
     kernel_length_scales: Tuple[float, ...] = ()
     kernel_noise: float = 0.01
+    fit_loo: bool = False
 
     def __post_init__(self):
         o = "model"
@@ -316,6 +321,10 @@ class ModelConfig:
                  "a tuple of at most 16 numbers in (0, 100]")
         _require(_is_num(self.kernel_noise) and 1e-4 <= self.kernel_noise <= 100, o,
                  "kernel_noise", self.kernel_noise, "a number in [1e-4, 100]")
+        _require(isinstance(self.fit_loo, bool)
+                 and (not self.fit_loo or bool(self.ridge_penalties or self.kernel_length_scales)),
+                 o, "fit_loo", self.fit_loo,
+                 "a bool, true only with ridge_penalties or kernel_length_scales")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")

@@ -11,6 +11,7 @@ from keras import ops
 from gpicl_tf.config import ABSENT_FEATURES
 
 PACKAGE = "gpicl_tf"
+LOO_CLIP = 10.0  # leave-one-out fits beyond +-10 standardised units are clipped (fit_loo)
 
 
 def _eye(n, dtype):
@@ -79,6 +80,16 @@ class ContextStandardizer(keras.layers.Layer):
     these come from the context only, are permutation invariant and per-feature
     scale equivariant, and absent features do not enter the distances.
 
+    With `fit_loo`, a context point's token carries, for every fit, the fit's
+    leave-one-out prediction at its x instead (the same fit to the other context
+    points; closed form from the hat matrix for ridge, from (K + noise I)^-1 for the
+    kernel fits, Rasmussen & Williams eq. 5.12), clipped to +-LOO_CLIP; queries carry
+    the full fits as before. A context token's fit then tells how far the fit misses
+    a point it did not see, so the model can weigh the fits and size its predictive
+    spread from the context; in-sample fits interpolate the context and say nothing
+    of either. The fits still come from the context only, and queries stay
+    independent.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
       = (x std., y std. zeroed on queries, query flag (, presence flags)
@@ -87,7 +98,8 @@ class ContextStandardizer(keras.layers.Layer):
 
     def __init__(self, eps: float = 1e-7, standardize_y: bool = True,
                  absent_features: str = "zero", ridge_penalties=(),
-                 kernel_length_scales=(), kernel_noise: float = 0.01, **kwargs):
+                 kernel_length_scales=(), kernel_noise: float = 0.01,
+                 fit_loo: bool = False, **kwargs):
         super().__init__(**kwargs)
         if absent_features not in ABSENT_FEATURES:
             raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
@@ -98,12 +110,16 @@ class ContextStandardizer(keras.layers.Layer):
         if kernel_length_scales and not standardize_y:
             raise ValueError("kernel_length_scales are for regression (standardize_y=True): "
                              "expected () for classification")
+        if fit_loo and not (ridge_penalties or kernel_length_scales):
+            raise ValueError("fit_loo=True needs fits: expected ridge_penalties or "
+                             "kernel_length_scales")
         self.eps = eps
         self.standardize_y = standardize_y
         self.absent_features = absent_features
         self.ridge_penalties = tuple(float(p) for p in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise = float(kernel_noise)
+        self.fit_loo = bool(fit_loo)
 
     def _stats(self, v, w, n):
         """Location and scale of the context values, relative to the data.
@@ -161,15 +177,30 @@ class ContextStandardizer(keras.layers.Layer):
     def _ridge(self, xs, ys, w):
         """The context's ridge fits evaluated at every point, all penalties in one batch
         of solves (a handful of ops however many penalties: the serving graph runs op by
-        op): [B, N, P x dy], penalty-major."""
+        op): [B, N, P x dy], penalty-major. With fit_loo, context points get the
+        leave-one-out fits (y_hat_i - h_ii y_i) / (1 - h_ii), h_ii = x_i'(X'X + lambda I)^-1 x_i
+        their leverage, from the same solve with X' as further right-hand sides."""
         xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
         gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
-        xty = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy)
+        rhs = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy): X'y
+        dy = ops.shape(ys)[-1]
+        if self.fit_loo:
+            rhs = ops.concatenate([rhs, ops.transpose(xc, (0, 2, 1))], axis=-1)  # [X'y, X']
         eye = _eye(ops.shape(xs)[-1], xs.dtype)  # the width may be dynamic (an export pads it)
         lams = ops.convert_to_tensor(self.ridge_penalties, dtype=xs.dtype)
-        rhs = ops.repeat(xty[:, None], len(self.ridge_penalties), axis=1)  # (B, P, dx, dy)
-        coef = _spd_solve(gram[:, None] + lams[:, None, None] * eye, rhs)  # (B, P, dx, dy)
-        return _merge_last_two(ops.einsum("bni,bpik->bnpk", xs, coef))  # from (B, N, P, dy)
+        rhs = ops.repeat(rhs[:, None], len(self.ridge_penalties), axis=1)  # (B, P, dx, .)
+        sol = _spd_solve(gram[:, None] + lams[:, None, None] * eye, rhs)
+        fit = ops.einsum("bni,bpik->bnpk", xs, sol[..., :dy])  # (B, N, P, dy)
+        if self.fit_loo:
+            lev = ops.einsum("bni,bpin->bnp", xc, sol[..., dy:])[..., None]  # (B, N, P, 1)
+            loo = (fit - lev * ys[:, :, None]) / ops.maximum(1.0 - lev, 1e-6)
+            fit = self._context_loo(fit, loo, w)
+        return _merge_last_two(fit)
+
+    @staticmethod
+    def _context_loo(fit, loo, w):
+        """[B, N, F, dy] fits: the clipped leave-one-out fits on context rows (w = 1)."""
+        return ops.where(w[:, :, :, None] > 0, ops.clip(loo, -LOO_CLIP, LOO_CLIP), fit)
 
     def _kernel(self, xs, ys, w, present):
         """The context's GP posterior means (RBF kernel, one per length scale) at every
@@ -187,8 +218,20 @@ class ContextStandardizer(keras.layers.Layer):
         diag = (self.kernel_noise * m + (1.0 - m))[:, None, :, None] \
             * _eye(ops.shape(xs)[1], xs.dtype)  # (B, 1, N, N)
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
-        alpha = _spd_solve(k_ctx * m[:, None, :, None] + diag, rhs)
-        return _merge_last_two(ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)))
+        a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
+        dy = ops.shape(ys)[-1]
+        if self.fit_loo:  # [y, I]: A^-1 y and A^-1, whose diagonal gives the LOO residuals
+            rhs = ops.concatenate([rhs, ops.zeros_like(a) + _eye(ops.shape(xs)[1], xs.dtype)],
+                                  axis=-1)
+        sol = _spd_solve(a, rhs)
+        alpha = sol[..., :dy]  # (B, L, N, dy)
+        fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
+        if self.fit_loo:
+            a_inv_diag = ops.diagonal(sol[..., dy:], axis1=-2, axis2=-1)  # (B, L, N)
+            resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
+            loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3))
+            fit = self._context_loo(fit, loo, w)
+        return _merge_last_two(fit)
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
@@ -212,7 +255,7 @@ class ContextStandardizer(keras.layers.Layer):
                 "absent_features": self.absent_features,
                 "ridge_penalties": list(self.ridge_penalties),
                 "kernel_length_scales": list(self.kernel_length_scales),
-                "kernel_noise": self.kernel_noise}
+                "kernel_noise": self.kernel_noise, "fit_loo": self.fit_loo}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -55,6 +55,8 @@ class InContextTransformer(keras.Model):
         (regression; see ContextStandardizer); () for none.
       kernel_length_scales, kernel_noise: the context's RBF-kernel GP fits each
         token carries (regression; see ContextStandardizer); () for none.
+      fit_loo: context tokens carry the fits' leave-one-out predictions
+        (ContextStandardizer).
 
     Example:
 
@@ -72,7 +74,7 @@ class InContextTransformer(keras.Model):
                  std_eps: float = 1e-7, classify: bool = False,
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
-                 **kwargs):
+                 fit_loo: bool = False, **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -81,7 +83,7 @@ class InContextTransformer(keras.Model):
         feats, y_loc, y_scale = ContextStandardizer(
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
-            kernel_noise=kernel_noise, dtype="float32",
+            kernel_noise=kernel_noise, fit_loo=fit_loo, dtype="float32",
             name="standardize")(x, y, is_query)
         if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
@@ -113,6 +115,7 @@ class InContextTransformer(keras.Model):
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise = float(kernel_noise)
+        self.fit_loo = bool(fit_loo)
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
@@ -141,7 +144,7 @@ class InContextTransformer(keras.Model):
                 "head": self.head, "n_bins": self.n_bins,
                 "ridge_penalties": list(self.ridge_penalties),
                 "kernel_length_scales": list(self.kernel_length_scales),
-                "kernel_noise": self.kernel_noise}
+                "kernel_noise": self.kernel_noise, "fit_loo": self.fit_loo}
 
     @classmethod
     def from_config(cls, config):
@@ -173,6 +176,7 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         classify=t.kind == "classification", absent_features=m.absent_features,
         head=m.head, n_bins=m.n_bins, ridge_penalties=m.ridge_penalties,
         kernel_length_scales=m.kernel_length_scales, kernel_noise=m.kernel_noise,
+        fit_loo=m.fit_loo,
         name=cfg.name.replace("-", "_"))
 
 

@@ -39,6 +39,8 @@ def _batch(cfg, b=3, n=20, seed=0):
     ("tiny", ["model.head=bar", "model.n_bins=16"]),
     ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",
               "model.kernel_length_scales=[0.3,1]"]),
+    ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",
+              "model.kernel_length_scales=[0.3,1]", "model.fit_loo=true"]),
     ("classify", ["task.n_points=32", "model.d_model=32", "model.n_layers=2",
                   "model.n_heads=2", "model.mlp_ratio=2"]),
 ])

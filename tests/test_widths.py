@@ -176,11 +176,12 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
         np.testing.assert_array_equal(feats[..., 10:], np.broadcast_to(want[:, None], (2, 16, 8)))
 
 
-@pytest.mark.parametrize("absent, ridge, kernel", [
-    ("zero", "", ""), ("flags", "", ""), ("rescale", "", ""), ("both", "", ""),
-    ("flags", "[0.001,1]", ""), ("rescale", "[0.1]", ""), ("flags", "[0.1]", "[0.2,1]")])
+@pytest.mark.parametrize("absent, ridge, kernel, loo", [
+    ("zero", "", "", 0), ("flags", "", "", 0), ("rescale", "", "", 0), ("both", "", "", 0),
+    ("flags", "[0.001,1]", "", 0), ("rescale", "[0.1]", "", 0), ("flags", "[0.1]", "[0.2,1]", 0),
+    ("flags", "[0.001,1]", "[0.2,1]", 1)])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
-                                                                              kernel):
+                                                                              kernel, loo):
     import keras
 
     from gpicl_tf.model import build_model, masked_inputs
@@ -188,7 +189,8 @@ def test_query_independence_permutation_and_per_feature_equivariance_hold_for(ab
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=8", "task.min_x_dim=1",
                                               f"model.absent_features={absent}"]
                           + ([f"model.ridge_penalties={ridge}"] if ridge else [])
-                          + ([f"model.kernel_length_scales={kernel}"] if kernel else []))
+                          + ([f"model.kernel_length_scales={kernel}"] if kernel else [])
+                          + (["model.fit_loo=true"] if loo else []))
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -275,6 +277,44 @@ def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_cont
     np.testing.assert_array_equal(empty, np.zeros_like(empty))
 
 
+def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_points():
+    """fit_loo: a context point's ridge and kernel features are scikit-learn's fits to the
+    other context points at its x; the queries' features are the full fits, unchanged."""
+    from sklearn.kernel_ridge import KernelRidge
+    from sklearn.linear_model import Ridge
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    cx, cy, qx = _task(3, nc=12, nq=4)
+    cy = cy + np.sin(3.0 * cx[..., :1]) + 0.5 * cx[..., 1:2]
+    x = _pad(np.concatenate([cx, qx], 1))
+    y = np.concatenate([cy, np.full((2, 4, 1), 50.0, np.float32)], 1)  # queries' y unseen
+    q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
+    kw = dict(absent_features="flags", ridge_penalties=(1e-3, 0.5),
+              kernel_length_scales=(0.2, 1.0), kernel_noise=0.05)
+    layer = ContextStandardizer(fit_loo=True, **kw)
+    feats = layer(x, y, q)[0].numpy()
+    full = ContextStandardizer(**kw)(x, y, q)[0].numpy()
+    np.testing.assert_array_equal(feats[:, 12:], full[:, 12:])
+    assert np.abs(feats[:, :12, 18:] - full[:, :12, 18:]).min(axis=1).min() > 1e-4
+    xs, ys = feats[..., :8], feats[..., 8]
+    for b in range(2):
+        for i in range(12):
+            rest = [j for j in range(12) if j != i]
+            fits = [Ridge(alpha=lam, fit_intercept=False) for lam in (1e-3, 0.5)] + [
+                KernelRidge(alpha=0.05, kernel="rbf", gamma=1.0 / (2 * 3 * ls ** 2))
+                for ls in (0.2, 1.0)]
+            want = [f.fit(xs[b, rest, :3], ys[b, rest]).predict(xs[b, i:i + 1, :3])[0]
+                    for f in fits]
+            np.testing.assert_allclose(feats[b, i, 18:22], want, atol=2e-5)
+    _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
+    with pytest.raises(ValueError, match="fit_loo=True needs fits"):
+        ContextStandardizer(fit_loo=True)
+    with pytest.raises(ValueError, match=r"model.fit_loo=True.*expected a bool, true only "
+                                         r"with ridge_penalties or kernel_length_scales"):
+        apply_overrides(get_preset("tiny"), ["model.fit_loo=true"])
+
+
 @pytest.mark.parametrize("field, value, expected", [
     ("kernel_length_scales", "[0]", r"a tuple of at most 16 numbers in \(0, 100\]"),
     ("kernel_length_scales", "[0.5,-1]", r"a tuple of at most 16 numbers in \(0, 100\]"),
@@ -301,7 +341,8 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
 
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=4", "model.ridge_penalties=[0.1,5]",
                                                "model.kernel_length_scales=[0.3]",
-                                               "model.kernel_noise=0.02"])
+                                               "model.kernel_noise=0.02",
+                                               "model.fit_loo=true"])
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -312,6 +353,7 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert loaded.ridge_penalties == (0.1, 5.0)
     assert (loaded.kernel_length_scales, loaded.kernel_noise) == ((0.3,), 0.02)
+    assert loaded.fit_loo and loaded.get_layer("standardize").fit_loo
     np.testing.assert_allclose(loaded(inputs).numpy(), model(inputs).numpy(), atol=1e-6)
 
 
