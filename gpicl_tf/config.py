@@ -594,15 +594,22 @@ def _default() -> ExperimentConfig:
     # and 1000 bins did no better than 64.
     # Every token carries the context's ridge fits at 4 penalties (model.ridge_penalties):
     # least squares is what this model learnt worst in its budget (Garg's linear suites at
-    # d = 8, k = 16: normalised MSE 0.144 without them, 0.010 with them).
+    # d = 8, k = 16: normalised MSE 0.144 without them, 0.010 with them), and the context's
+    # RBF-kernel GP fits at 3 length scales (model.kernel_length_scales): smooth 1-D
+    # functions were what it transferred to worst (sine at k = 16: 0.0748 without them,
+    # 0.032 with them; docs/results/default_nokernel_1d_eval.json against
+    # default_1d_eval.json). With them a step costs 5% more (the standardisation runs
+    # outside XLA, docs/results/train_throughput_default_kernel_split.txt), so the preset
+    # trains 3000 steps instead of 3200 to stay within the slower machines' 15 minutes.
     return ExperimentConfig(
         name="gpicl",
         task=TaskConfig(family="prior", x_dim=8, min_x_dim=1,
                         x_dim_weights=tuple(round(1 / d, 4) for d in range(1, 9)),
                         mix=(("prior", 0.75), ("random_mlp", 0.25))),
         model=ModelConfig(absent_features="flags", head="bar", n_bins=64,
-                          ridge_penalties=(0.001, 0.1, 1.0, 10.0)),
-        train=TrainConfig(steps=3200))
+                          ridge_penalties=(0.001, 0.1, 1.0, 10.0),
+                          kernel_length_scales=(0.15, 0.4, 1.0)),
+        train=TrainConfig(steps=3000))
 
 
 def _regressor_base() -> ExperimentConfig:
@@ -615,8 +622,9 @@ def _regressor_base() -> ExperimentConfig:
     cfg = _default()
     return dataclasses.replace(
         cfg, name="gpicl-regressor-base",
-        # trained before `default` took the ridge fits; the shipped weights are of this model
-        model=dataclasses.replace(cfg.model, ridge_penalties=()),
+        # trained before `default` took the ridge and kernel fits; the shipped weights are of
+        # this model
+        model=dataclasses.replace(cfg.model, ridge_penalties=(), kernel_length_scales=()),
         task=dataclasses.replace(
             cfg.task, x_dim=16, n_points=128,
             x_dim_weights=tuple(round(d ** -0.5, 4) for d in range(1, 17)),
