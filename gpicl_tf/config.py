@@ -283,6 +283,9 @@ class ModelConfig:
         ~29x TensorFlow's own for 64 tasks x 3 scales of 64 points), so with train.jit_compile the train step
         runs the standardisation outside XLA and the rest of the model inside it.
       kernel_noise: the noise variance (standardised y units) of those fits.
+      kernel_noises: one noise variance per length scale instead (a length scale may
+        appear twice with two noises: a near-interpolating fit for noise-free tasks and
+        a smoothing one for noisy tasks); () for kernel_noise at every scale.
       fit_loo: a context point's token carries each fit's leave-one-out prediction at
         its x (the fit to the other context points) instead of the fit itself, so the
         model sees how far each fit misses points it did not see; queries carry the
@@ -301,6 +304,7 @@ class ModelConfig:
     ridge_penalties: Tuple[float, ...] = ()
     kernel_length_scales: Tuple[float, ...] = ()
     kernel_noise: float = 0.01
+    kernel_noises: Tuple[float, ...] = ()
     fit_loo: bool = False
 
     def __post_init__(self):
@@ -321,6 +325,12 @@ class ModelConfig:
                  "a tuple of at most 16 numbers in (0, 100]")
         _require(_is_num(self.kernel_noise) and 1e-4 <= self.kernel_noise <= 100, o,
                  "kernel_noise", self.kernel_noise, "a number in [1e-4, 100]")
+        _require(isinstance(self.kernel_noises, tuple)
+                 and len(self.kernel_noises) in (0, len(self.kernel_length_scales))
+                 and all(_is_num(v) and 1e-4 <= v <= 100 for v in self.kernel_noises), o,
+                 "kernel_noises", self.kernel_noises,
+                 f"() or {len(self.kernel_length_scales)} numbers in [1e-4, 100], one per "
+                 "kernel length scale")
         _require(isinstance(self.fit_loo, bool)
                  and (not self.fit_loo or bool(self.ridge_penalties or self.kernel_length_scales)),
                  o, "fit_loo", self.fit_loo,

@@ -73,7 +73,8 @@ class ContextStandardizer(keras.layers.Layer):
     With `kernel_length_scales` (l_1, ...), every token also carries, per length
     scale, the posterior mean at its x of the Gaussian process with the RBF kernel
     exp(-|x - x'|^2 / (2 d l^2)) (d present features) and noise variance
-    `kernel_noise` conditioned on the context in standardised units:
+    `kernel_noise` (one number, or one per length scale) conditioned on the context
+    in standardised units:
     k(x, X) (K + noise I)^-1 y over the context rows (kernel ridge regression).
     Smooth nonlinear interpolation from a handful of points is what a small
     transformer learns slowly (sine, GP-drawn functions); like the ridge fits,
@@ -118,7 +119,13 @@ class ContextStandardizer(keras.layers.Layer):
         self.absent_features = absent_features
         self.ridge_penalties = tuple(float(p) for p in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
-        self.kernel_noise = float(kernel_noise)
+        if isinstance(kernel_noise, (list, tuple)):
+            if len(kernel_noise) != len(self.kernel_length_scales):
+                raise ValueError(f"kernel_noise={list(kernel_noise)} is invalid: expected one "
+                                 f"noise per length scale ({len(self.kernel_length_scales)})")
+            self.kernel_noise = tuple(float(v) for v in kernel_noise)
+        else:
+            self.kernel_noise = float(kernel_noise)
         self.fit_loo = bool(fit_loo)
 
     def _stats(self, v, w, n):
@@ -215,8 +222,10 @@ class ContextStandardizer(keras.layers.Layer):
         k = ops.exp(-0.5 * d2[:, None] / (d[:, :, None, None] * ls2[None, :, None, None]))
         m = w[..., 0]  # (B, N) context weights
         k_ctx = k * m[:, None, None, :]  # (B, L, N, N): columns of context points only
-        diag = (self.kernel_noise * m + (1.0 - m))[:, None, :, None] \
-            * _eye(ops.shape(xs)[1], xs.dtype)  # (B, 1, N, N)
+        noise = ops.reshape(ops.convert_to_tensor(self.kernel_noise, dtype=xs.dtype),
+                            (1, -1, 1, 1))  # (1, L or 1, 1, 1)
+        diag = (noise * m[:, None, :, None] + (1.0 - m)[:, None, :, None]) \
+            * _eye(ops.shape(xs)[1], xs.dtype)  # (B, L or 1, N, N)
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
@@ -255,7 +264,9 @@ class ContextStandardizer(keras.layers.Layer):
                 "absent_features": self.absent_features,
                 "ridge_penalties": list(self.ridge_penalties),
                 "kernel_length_scales": list(self.kernel_length_scales),
-                "kernel_noise": self.kernel_noise, "fit_loo": self.fit_loo}
+                "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
+                                 else self.kernel_noise),
+                "fit_loo": self.fit_loo}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -114,7 +114,8 @@ class InContextTransformer(keras.Model):
         self.head, self.n_bins = head, n_bins
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
-        self.kernel_noise = float(kernel_noise)
+        self.kernel_noise = (tuple(float(v) for v in kernel_noise)
+                             if isinstance(kernel_noise, (list, tuple)) else float(kernel_noise))
         self.fit_loo = bool(fit_loo)
 
     def trunk(self) -> keras.Model:
@@ -144,7 +145,9 @@ class InContextTransformer(keras.Model):
                 "head": self.head, "n_bins": self.n_bins,
                 "ridge_penalties": list(self.ridge_penalties),
                 "kernel_length_scales": list(self.kernel_length_scales),
-                "kernel_noise": self.kernel_noise, "fit_loo": self.fit_loo}
+                "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
+                                 else self.kernel_noise),
+                "fit_loo": self.fit_loo}
 
     @classmethod
     def from_config(cls, config):
@@ -175,7 +178,8 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
         head=m.head, n_bins=m.n_bins, ridge_penalties=m.ridge_penalties,
-        kernel_length_scales=m.kernel_length_scales, kernel_noise=m.kernel_noise,
+        kernel_length_scales=m.kernel_length_scales,
+        kernel_noise=m.kernel_noises or m.kernel_noise,
         fit_loo=m.fit_loo,
         name=cfg.name.replace("-", "_"))
 

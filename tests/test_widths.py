@@ -248,7 +248,9 @@ def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
     _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
 
 
-def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_context():
+@pytest.mark.parametrize("noise", [0.05, (0.05, 1e-3)])
+def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_context(noise):
+    """Also with one noise per length scale (model.kernel_noises)."""
     from sklearn.kernel_ridge import KernelRidge
 
     from gpicl_tf.layers import ContextStandardizer
@@ -258,7 +260,8 @@ def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_cont
     x = _pad(np.concatenate([cx, qx], 1))
     y = np.concatenate([cy, np.full((2, 4, 1), 50.0, np.float32)], 1)  # queries' y unseen
     q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
-    scales, noise = (0.2, 1.0), 0.05
+    scales = (0.2, 1.0)
+    noises = noise if isinstance(noise, tuple) else (noise, noise)
     layer = ContextStandardizer(absent_features="flags", ridge_penalties=(0.1,),
                                 kernel_length_scales=scales, kernel_noise=noise)
     feats = layer(x, y, q)[0].numpy()
@@ -267,7 +270,7 @@ def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_cont
     for b in range(2):
         for j, ls in enumerate(scales):
             # the RBF kernel exp(-gamma |x - x'|^2), length scale ls * sqrt(3 present features)
-            fit = KernelRidge(alpha=noise, kernel="rbf", gamma=1.0 / (2 * 3 * ls ** 2))
+            fit = KernelRidge(alpha=noises[j], kernel="rbf", gamma=1.0 / (2 * 3 * ls ** 2))
             fit.fit(xs[b, :12, :3], ys[b, :12])
             np.testing.assert_allclose(feats[b, :, 19 + j], fit.predict(xs[b, :, :3]),
                                        atol=2e-5)
@@ -319,6 +322,7 @@ def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_p
     ("kernel_length_scales", "[0]", r"a tuple of at most 16 numbers in \(0, 100\]"),
     ("kernel_length_scales", "[0.5,-1]", r"a tuple of at most 16 numbers in \(0, 100\]"),
     ("kernel_noise", "0", r"a number in \[1e-4, 100\]"),
+    ("kernel_noises", "[0.01]", r"\(\) or 0 numbers in \[1e-4, 100\], one per kernel length"),
 ])
 def test_bad_kernel_fields_are_refused_naming_the_field(field, value, expected):
     with pytest.raises(ValueError, match=rf"model.{field}=.*expected {expected}"):
@@ -340,8 +344,8 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     from gpicl_tf.model import build_model, masked_inputs
 
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=4", "model.ridge_penalties=[0.1,5]",
-                                               "model.kernel_length_scales=[0.3]",
-                                               "model.kernel_noise=0.02",
+                                               "model.kernel_length_scales=[0.3,0.3]",
+                                               "model.kernel_noises=[0.02,0.001]",
                                                "model.fit_loo=true"])
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
@@ -352,7 +356,7 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert loaded.ridge_penalties == (0.1, 5.0)
-    assert (loaded.kernel_length_scales, loaded.kernel_noise) == ((0.3,), 0.02)
+    assert (loaded.kernel_length_scales, loaded.kernel_noise) == ((0.3, 0.3), (0.02, 0.001))
     assert loaded.fit_loo and loaded.get_layer("standardize").fit_loo
     np.testing.assert_allclose(loaded(inputs).numpy(), model(inputs).numpy(), atol=1e-6)
 
