@@ -224,14 +224,13 @@ class ContextStandardizer(keras.layers.Layer):
         k_ctx = k * m[:, None, None, :]  # (B, L, N, N): columns of context points only
         noise = ops.reshape(ops.convert_to_tensor(self.kernel_noise, dtype=xs.dtype),
                             (1, -1, 1, 1))  # (1, L or 1, 1, 1)
-        diag = (noise * m[:, None, :, None] + (1.0 - m)[:, None, :, None]) \
-            * _eye(ops.shape(xs)[1], xs.dtype)  # (B, L or 1, N, N)
+        eye = _eye(ops.shape(xs)[1], xs.dtype)  # (N, N)
+        diag = (noise * m[:, None, :, None] + (1.0 - m)[:, None, :, None]) * eye
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
         if self.fit_loo:  # [y, I]: A^-1 y and A^-1, whose diagonal gives the LOO residuals
-            rhs = ops.concatenate([rhs, ops.zeros_like(a) + _eye(ops.shape(xs)[1], xs.dtype)],
-                                  axis=-1)
+            rhs = ops.concatenate([rhs, ops.zeros_like(a) + eye], axis=-1)
         sol = _spd_solve(a, rhs)
         alpha = sol[..., :dy]  # (B, L, N, dy)
         fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)

@@ -80,11 +80,11 @@ class InContextTransformer(keras.Model):
         y = keras.Input((None, y_dim), name="y")
         is_query = keras.Input((None,), name="is_query")
         # Statistics and the output map stay in float32 under mixed precision.
-        feats, y_loc, y_scale = ContextStandardizer(
+        standardize = ContextStandardizer(
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
-            kernel_noise=kernel_noise, fit_loo=fit_loo, dtype="float32",
-            name="standardize")(x, y, is_query)
+            kernel_noise=kernel_noise, fit_loo=fit_loo, dtype="float32", name="standardize")
+        feats, y_loc, y_scale = standardize(x, y, is_query)
         if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
         if head == "bar" and classify:
@@ -114,9 +114,7 @@ class InContextTransformer(keras.Model):
         self.head, self.n_bins = head, n_bins
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
-        self.kernel_noise = (tuple(float(v) for v in kernel_noise)
-                             if isinstance(kernel_noise, (list, tuple)) else float(kernel_noise))
-        self.fit_loo = bool(fit_loo)
+        self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
