@@ -1,6 +1,7 @@
 """How good is each fit a token carries, on its own? Normalised MSE at the queries of the
 ridge and RBF-kernel fits (model.ridge_penalties, model.kernel_length_scales) on the tasks
-of gpicl-eval's suites, beside the model's and the best per-task learner's from a results
+of gpicl-eval's suites, and of the fit that model.base_fit="loo_best" picks per task (the
+one with the least leave-one-out error on the context), beside the model's and the best per-task learner's from a results
 file of the same tasks: whether the model's misses come from the fits or from how it uses them.
 
     python benchmarks/fit_quality.py --results docs/results/default_1d_eval.json \
@@ -46,26 +47,34 @@ def main():
     layer = ContextStandardizer(absent_features=m.absent_features,
                                 ridge_penalties=m.ridge_penalties,
                                 kernel_length_scales=scales, kernel_noise=noise)
+    based = ContextStandardizer(absent_features=m.absent_features,
+                                ridge_penalties=m.ridge_penalties,
+                                kernel_length_scales=scales, kernel_noise=noise,
+                                base_fit="loo_best")
     results = {}
     for path in a.results:
         with open(path) as f:
             results.update(json.load(f)["suites"])
     names = [f"ridge {v:g}" for v in m.ridge_penalties] + [f"rbf {v:g}" for v in scales]
+    cols = names + ["loo best"]
     wanted = a.suites.split(",")
     print(f"kernel noise {noise:g}; normalised MSE at the queries")
-    print("| suite | k | model | best per-task learner | " + " | ".join(names) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(names))
+    print("| suite | k | model | best per-task learner | " + " | ".join(cols) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(cols))
     for s in (s for s in default_suites(cfg) if s.name in wanted):
         methods = results[s.name]["methods"]
         for k in (int(v) for v in a.ks.split(",")):
             n_tasks = results[s.name]["methods"]["model"][str(k)]["n_tasks"]
             x, y, q = context_batch(cfg, k, n_tasks, 16, 20221208, family=s.family,
                                     **s.overrides)
-            feats, loc, scale = (t.numpy() for t in layer(pad_features(x, cfg.task.x_dim), y, q))
+            xp = pad_features(x, cfg.task.x_dim)
+            feats, loc, scale = (t.numpy() for t in layer(xp, y, q))
             fits = feats[:, k:, -len(names):] * scale[:, :, :1] + loc[:, :, :1]
+            base = based(xp, y, q)[1].numpy()[:, k:, :1]  # loc + scale x the picked fit
+            fits = np.concatenate([fits, base], axis=-1)
             var = np.var(y[:, :, 0], axis=1)
             nmse = [np.mean(np.mean((fits[..., i] - y[:, k:, 0]) ** 2, axis=1) / var)
-                    for i in range(len(names))]
+                    for i in range(len(cols))]
             best = min(v[str(k)]["nmse"] for n, v in methods.items()
                        if n not in ("model", "bayes_optimal"))
             print(f"| {s.name} | {k} | {methods['model'][str(k)]['nmse']:.3g} | {best:.3g} | "

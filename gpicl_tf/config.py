@@ -22,6 +22,7 @@ from typing import Any, Optional, Tuple
 ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
+BASE_FITS = ("none", "loo_best")  # ContextStandardizer: where predictions are centred
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
 HEADS = ("mse", "bar")  # gpicl_tf.model.InContextTransformer
 # Classes of the base datasets of classification tasks (gpicl_tf.datasets).
@@ -290,6 +291,10 @@ class ModelConfig:
         its x (the fit to the other context points) instead of the fit itself, so the
         model sees how far each fit misses points it did not see; queries carry the
         full fits. Needs ridge_penalties or kernel_length_scales.
+      base_fit: "none" (each task's prediction is centred on its context's mean y) or
+        "loo_best" (centred at every point on the fit, of the ridge and kernel fits,
+        with the least leave-one-out error on the context; the head predicts that
+        fit's residual). Needs ridge_penalties or kernel_length_scales.
     """
 
     d_model: int = 64
@@ -306,6 +311,7 @@ class ModelConfig:
     kernel_noise: float = 0.01
     kernel_noises: Tuple[float, ...] = ()
     fit_loo: bool = False
+    base_fit: str = "none"
 
     def __post_init__(self):
         o = "model"
@@ -335,6 +341,12 @@ class ModelConfig:
                  and (not self.fit_loo or bool(self.ridge_penalties or self.kernel_length_scales)),
                  o, "fit_loo", self.fit_loo,
                  "a bool, true only with ridge_penalties or kernel_length_scales")
+        _require(self.base_fit in BASE_FITS
+                 and (self.base_fit == "none"
+                      or bool(self.ridge_penalties or self.kernel_length_scales)),
+                 o, "base_fit", self.base_fit,
+                 f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "
+                 "kernel_length_scales")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")

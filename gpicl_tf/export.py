@@ -52,7 +52,8 @@ import tensorflow as tf
 from gpicl_tf import lean, tfserving
 from gpicl_tf.config import MAX_ABS_VALUE, ExperimentConfig, check_name, read_config
 from gpicl_tf.distributions import check_levels
-from gpicl_tf.model import Predictive, bar_distribution, masked_inputs, point_prediction
+from gpicl_tf.model import (Predictive, bar_distribution, masked_inputs, point_prediction,
+                            query_rows)
 
 DEFAULT_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)  # serving_default's quantiles (bar head)
 
@@ -161,7 +162,7 @@ def build_archive(model: keras.Model, cfg: ExperimentConfig, jit_compile: bool =
         nc = tf.shape(context_x)[1]
         if bars is None:
             return tf.cast(out[:, nc:, :], tf.float32)
-        return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:])
+        return query_rows(out, nc)
 
     def classify(context_x, context_y, query_x):
         """Class ids [B, Nc] in context_y -> probabilities [B, Nq, C], classes absent from

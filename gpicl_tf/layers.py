@@ -8,10 +8,14 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from gpicl_tf.config import ABSENT_FEATURES
+from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS
 
 PACKAGE = "gpicl_tf"
 LOO_CLIP = 10.0  # leave-one-out fits beyond +-10 standardised units are clipped (fit_loo)
+# base fits (base_fit) beyond +-3 standardised units are clipped: from a handful of context
+# points a picked fit can extrapolate far (at k = 4, +-10 doubled the base's error on
+# Garg's trees at width 4 against +-3; at k = 16 the two differ by under 1%)
+BASE_CLIP = 3.0
 
 
 def _eye(n, dtype):
@@ -91,16 +95,29 @@ class ContextStandardizer(keras.layers.Layer):
     of either. The fits still come from the context only, and queries stay
     independent.
 
+    With `base_fit="loo_best"`, the location of every point's prediction is no longer
+    the context's mean but a fit: per task and output, the fit (of the ridge and kernel
+    fits, and the mean itself) whose leave-one-out predictions miss the context's y least
+    (leave-one-out cross-validation, as RidgeCV's GCV does), evaluated at the point and
+    clipped to +-BASE_CLIP standardised units (the mean below 3 context points). y_loc becomes
+    [B, N, dy] = loc + scale * fit, so the head predicts the residual of that fit (the
+    bar head's borders are quantiles of the prior's residuals), and every token also
+    carries the fit and, on context points, the residual of its y from it. Where the
+    selected fit is right (least squares on a noise-free linear task) the head has only
+    a residual of nearly 0 to predict. Selection and fits come from the context only,
+    are permutation invariant and scale equivariant.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
       = (x std., y std. zeroed on queries, query flag (, presence flags)
-      (, ridge predictions) (, kernel predictions)), y_loc [B, 1, dy], y_scale [B, 1, dy].
+      (, ridge predictions) (, kernel predictions) (, base fit, context residual)),
+      y_loc [B, 1, dy] ([B, N, dy] with base_fit), y_scale [B, 1, dy].
     """
 
     def __init__(self, eps: float = 1e-7, standardize_y: bool = True,
                  absent_features: str = "zero", ridge_penalties=(),
                  kernel_length_scales=(), kernel_noise: float = 0.01,
-                 fit_loo: bool = False, **kwargs):
+                 fit_loo: bool = False, base_fit: str = "none", **kwargs):
         super().__init__(**kwargs)
         if absent_features not in ABSENT_FEATURES:
             raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
@@ -114,6 +131,12 @@ class ContextStandardizer(keras.layers.Layer):
         if fit_loo and not (ridge_penalties or kernel_length_scales):
             raise ValueError("fit_loo=True needs fits: expected ridge_penalties or "
                              "kernel_length_scales")
+        if base_fit not in BASE_FITS:
+            raise ValueError(f"base_fit={base_fit!r} is invalid: expected one of {BASE_FITS}")
+        if base_fit != "none" and not (ridge_penalties or kernel_length_scales):
+            raise ValueError(f"base_fit={base_fit!r} needs fits: expected ridge_penalties or "
+                             "kernel_length_scales")
+        self.base_fit = base_fit
         self.eps = eps
         self.standardize_y = standardize_y
         self.absent_features = absent_features
@@ -169,49 +192,81 @@ class ContextStandardizer(keras.layers.Layer):
             ys, y_loc, y_scale = y, ops.zeros_like(y[:, :1]), ops.ones_like(y[:, :1])
         ys = ys * w  # queries' y never enters the model
         parts = [xs, ys, q]
-        ridge = [self._ridge(xs, ys, w)] if self.ridge_penalties else []
         present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
+        fits = []  # (fit, leave-one-out fit or None) pairs, each [B, N, F, dy]
+        if self.ridge_penalties:
+            fits.append(self._ridge(xs, ys, w))
         if self.kernel_length_scales:
-            ridge.append(self._kernel(xs, ys, w, present))
+            fits.append(self._kernel(xs, ys, w, present))
+        extra = []
+        if fits:
+            fit = ops.concatenate([f for f, _ in fits], axis=2)  # (B, N, F, dy)
+            loo = (ops.clip(ops.concatenate([v for _, v in fits], axis=2), -LOO_CLIP, LOO_CLIP)
+                   if self._need_loo else None)
+            extra.append(_merge_last_two(self._context_loo(fit, loo, w) if self.fit_loo
+                                         else fit))
+            if self.base_fit == "loo_best":
+                base = self._loo_best(fit, loo, ys, w, n)
+                extra += [base, (ys - base) * w]
+                y_loc = y_loc + y_scale * base
         if self.absent_features != "zero":
             if self.absent_features in ("rescale", "both"):
                 d = ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1.0)
                 parts[0] = xs * ops.sqrt(x.shape[-1] / d)
             if self.absent_features in ("flags", "both"):
                 parts.append(present * ops.ones_like(xs))
-        return ops.concatenate(parts + ridge, axis=-1), y_loc, y_scale
+        return ops.concatenate(parts + extra, axis=-1), y_loc, y_scale
+
+    @staticmethod
+    def _loo_best(fit, loo, ys, w, n):
+        """[B, N, dy]: per task and output, the fit [B, N, F, dy] whose leave-one-out
+        predictions loo miss the context's ys least, clipped to +-BASE_CLIP, or 0 (the
+        context's mean) where the mean's own leave-one-out error, ys_i n / (n - 1), is
+        less (always below 3 context points: too few to cross-validate a fit)."""
+        err = ops.sum(ops.square(loo - ys[:, :, None]) * w[..., None], axis=1)  # (B, F, dy)
+        mean_err = (ops.sum(ops.square(ys) * w, axis=1)
+                    * ops.square(n[:, 0] / ops.maximum(n[:, 0] - 1.0, 1.0)))  # (B, dy)
+        mean_err = ops.where(n[:, 0] < 3.0, -ops.ones_like(mean_err), mean_err)
+        err = ops.concatenate([mean_err[:, None], err], axis=1)  # the mean first: ties pick it
+        pick = ops.one_hot(ops.argmin(err, axis=1), ops.shape(err)[1], axis=1,
+                           dtype=fit.dtype)[:, 1:]  # (B, F, dy); all 0 for the mean
+        return ops.clip(ops.sum(fit * pick[:, None], axis=2), -BASE_CLIP, BASE_CLIP)
+
+    @property
+    def _need_loo(self):
+        return self.fit_loo or self.base_fit != "none"
 
     def _ridge(self, xs, ys, w):
         """The context's ridge fits evaluated at every point, all penalties in one batch
         of solves (a handful of ops however many penalties: the serving graph runs op by
-        op): [B, N, P x dy], penalty-major. With fit_loo, context points get the
-        leave-one-out fits (y_hat_i - h_ii y_i) / (1 - h_ii), h_ii = x_i'(X'X + lambda I)^-1 x_i
-        their leverage, from the same solve with X' as further right-hand sides."""
+        op): [B, N, P, dy], and (with fit_loo or base_fit, else None) the leave-one-out
+        fits (y_hat_i - h_ii y_i) / (1 - h_ii), h_ii = x_i'(X'X + lambda I)^-1 x_i the
+        leverage, from the same solve with X' as further right-hand sides."""
         xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
         gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
         rhs = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy): X'y
         dy = ops.shape(ys)[-1]
-        if self.fit_loo:
+        if self._need_loo:
             rhs = ops.concatenate([rhs, ops.transpose(xc, (0, 2, 1))], axis=-1)  # [X'y, X']
         eye = _eye(ops.shape(xs)[-1], xs.dtype)  # the width may be dynamic (an export pads it)
         lams = ops.convert_to_tensor(self.ridge_penalties, dtype=xs.dtype)
         rhs = ops.repeat(rhs[:, None], len(self.ridge_penalties), axis=1)  # (B, P, dx, .)
         sol = _spd_solve(gram[:, None] + lams[:, None, None] * eye, rhs)
         fit = ops.einsum("bni,bpik->bnpk", xs, sol[..., :dy])  # (B, N, P, dy)
-        if self.fit_loo:
-            lev = ops.einsum("bni,bpin->bnp", xc, sol[..., dy:])[..., None]  # (B, N, P, 1)
-            loo = (fit - lev * ys[:, :, None]) / ops.maximum(1.0 - lev, 1e-6)
-            fit = self._context_loo(fit, loo, w)
-        return _merge_last_two(fit)
+        if not self._need_loo:
+            return fit, None
+        lev = ops.einsum("bni,bpin->bnp", xc, sol[..., dy:])[..., None]  # (B, N, P, 1)
+        return fit, (fit - lev * ys[:, :, None]) / ops.maximum(1.0 - lev, 1e-6)
 
     @staticmethod
     def _context_loo(fit, loo, w):
-        """[B, N, F, dy] fits: the clipped leave-one-out fits on context rows (w = 1)."""
-        return ops.where(w[:, :, :, None] > 0, ops.clip(loo, -LOO_CLIP, LOO_CLIP), fit)
+        """[B, N, F, dy] fits: the (clipped) leave-one-out fits on context rows (w = 1)."""
+        return ops.where(w[:, :, :, None] > 0, loo, fit)
 
     def _kernel(self, xs, ys, w, present):
         """The context's GP posterior means (RBF kernel, one per length scale) at every
-        point, all length scales in one batch of solves: [B, N, L x dy], scale-major.
+        point, all length scales in one batch of solves: [B, N, L, dy], and (with fit_loo
+        or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii.
         Query rows and columns of the kernel matrix are replaced by the identity (and
         their y is 0), so queries get weight 0 and the solve keeps a fixed shape."""
         sq = ops.sum(ops.square(xs), axis=-1)  # (B, N); absent features are exactly 0
@@ -229,17 +284,16 @@ class ContextStandardizer(keras.layers.Layer):
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
-        if self.fit_loo:  # [y, I]: A^-1 y and A^-1, whose diagonal gives the LOO residuals
+        if self._need_loo:  # [y, I]: A^-1 y and A^-1, whose diagonal gives the LOO residuals
             rhs = ops.concatenate([rhs, ops.zeros_like(a) + eye], axis=-1)
         sol = _spd_solve(a, rhs)
         alpha = sol[..., :dy]  # (B, L, N, dy)
         fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
-        if self.fit_loo:
-            a_inv_diag = ops.diagonal(sol[..., dy:], axis1=-2, axis2=-1)  # (B, L, N)
-            resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
-            loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3))
-            fit = self._context_loo(fit, loo, w)
-        return _merge_last_two(fit)
+        if not self._need_loo:
+            return fit, None
+        a_inv_diag = ops.diagonal(sol[..., dy:], axis1=-2, axis2=-1)  # (B, L, N)
+        resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
+        return fit, ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3))
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
@@ -254,8 +308,9 @@ class ContextStandardizer(keras.layers.Layer):
         dy = y.shape[-1]
         flags = dx if self.absent_features in ("flags", "both") else 0
         ridge = dy * (len(self.ridge_penalties) + len(self.kernel_length_scales))
-        feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge), dtype=x.dtype)
-        loc = keras.KerasTensor((b, 1, dy), dtype=x.dtype)
+        base = 2 * dy if self.base_fit != "none" else 0
+        feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge + base), dtype=x.dtype)
+        loc = keras.KerasTensor((b, n if base else 1, dy), dtype=x.dtype)
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
 
     def get_config(self):
@@ -265,7 +320,7 @@ class ContextStandardizer(keras.layers.Layer):
                 "kernel_length_scales": list(self.kernel_length_scales),
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
-                "fit_loo": self.fit_loo}
+                "fit_loo": self.fit_loo, "base_fit": self.base_fit}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

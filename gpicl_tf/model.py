@@ -4,8 +4,8 @@ Inputs (named): x [B, N, dx], y [B, N, dy], is_query [B, N] (1 = query).
 Output: y_pred [B, N, dy] on the raw scale of y (classification: class logits);
 only query rows are meaningful. With head="bar" the output is a dict: y_pred
 (the predictive mean, raw scale), logits [B, N, dy, n_bins] of the bar
-distribution over the standardised y, and y_loc, y_scale [B, 1, dy] that map
-standardised values to the raw scale (`predictive` turns them into quantiles,
+distribution over the standardised y, and y_loc [B, 1, dy] ([B, N, dy] with
+model.base_fit), y_scale [B, 1, dy] that map standardised values to the raw scale (`predictive` turns them into quantiles,
 standard deviations and densities).
 
 Each point is one token built from (standardised x, standardised y zeroed on
@@ -57,6 +57,8 @@ class InContextTransformer(keras.Model):
         token carries (regression; see ContextStandardizer); () for none.
       fit_loo: context tokens carry the fits' leave-one-out predictions
         (ContextStandardizer).
+      base_fit: "loo_best" centres every prediction on the fit with the least
+        leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
 
     Example:
 
@@ -74,7 +76,7 @@ class InContextTransformer(keras.Model):
                  std_eps: float = 1e-7, classify: bool = False,
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
-                 fit_loo: bool = False, **kwargs):
+                 fit_loo: bool = False, base_fit: str = "none", **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -83,7 +85,8 @@ class InContextTransformer(keras.Model):
         standardize = ContextStandardizer(
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
-            kernel_noise=kernel_noise, fit_loo=fit_loo, dtype="float32", name="standardize")
+            kernel_noise=kernel_noise, fit_loo=fit_loo, base_fit=base_fit, dtype="float32",
+            name="standardize")
         feats, y_loc, y_scale = standardize(x, y, is_query)
         if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
@@ -115,6 +118,7 @@ class InContextTransformer(keras.Model):
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
+        self.base_fit = standardize.base_fit
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
@@ -127,7 +131,7 @@ class InContextTransformer(keras.Model):
             return self.get_layer(f"block_{i[0]}" if i else names.get(name, name))
 
         feats = keras.Input((None, layer("embed").kernel.shape[0]), name="features")
-        y_loc = keras.Input((1, self.y_dim), name="y_loc")
+        y_loc = keras.Input((None, self.y_dim), name="y_loc")  # [B, N, dy] with base_fit
         y_scale = keras.Input((1, self.y_dim), name="y_scale")
         is_query = keras.Input((None,), name="is_query")
         return keras.Model([feats, y_loc, y_scale, is_query],
@@ -145,7 +149,7 @@ class InContextTransformer(keras.Model):
                 "kernel_length_scales": list(self.kernel_length_scales),
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
-                "fit_loo": self.fit_loo}
+                "fit_loo": self.fit_loo, "base_fit": self.base_fit}
 
     @classmethod
     def from_config(cls, config):
@@ -178,7 +182,7 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         head=m.head, n_bins=m.n_bins, ridge_penalties=m.ridge_penalties,
         kernel_length_scales=m.kernel_length_scales,
         kernel_noise=m.kernel_noises or m.kernel_noise,
-        fit_loo=m.fit_loo,
+        fit_loo=m.fit_loo, base_fit=m.base_fit,
         name=cfg.name.replace("-", "_"))
 
 
@@ -211,6 +215,14 @@ def point_prediction(out):
     """The model's point prediction [B, N, dy] from its output (a tensor, or the bar
     head's dict)."""
     return out["y_pred"] if isinstance(out, dict) else out
+
+
+def query_rows(out: dict, nc) -> dict:
+    """The bar head's output dict at the rows from nc on (the queries): logits, y_pred
+    and, where it is per point (model.base_fit), y_loc."""
+    loc = out["y_loc"]  # [B, 1, dy], or [B, N, dy] with model.base_fit
+    return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:],
+                y_loc=loc if loc.shape[1] == 1 else loc[:, nc:])
 
 
 def bar_distribution(model) -> Optional[BarDistribution]:

@@ -140,7 +140,8 @@ BORDERS_STREAM = 0xB0D5  # the tasks that place the bar head's borders (no train
 
 def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
     """The bar head's n_bins + 1 borders: quantiles of the standardised query y of n_tasks
-    tasks of the training prior (standardised by each task's context, as the model does).
+    tasks of the training prior (standardised by each task's context, as the model does;
+    with model.base_fit, the residuals of the base fit).
 
     A pure function of (task config, seed, n_bins): every worker and every resume
     computes the same borders (they are also in every checkpoint).
@@ -149,7 +150,11 @@ def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
     from gpicl_tf.layers import ContextStandardizer
 
     b = data_lib.sample_batch(cfg.task, cfg.train.seed, n_tasks, stream=BORDERS_STREAM)
-    _, loc, scale = ContextStandardizer(eps=cfg.model.std_eps)(b["x"], b["y"], b["is_query"])
+    m = cfg.model
+    fits = ({} if m.base_fit == "none" else  # the head predicts the base fit's residual
+            dict(ridge_penalties=m.ridge_penalties, kernel_length_scales=m.kernel_length_scales,
+                 kernel_noise=m.kernel_noises or m.kernel_noise, base_fit=m.base_fit))
+    _, loc, scale = ContextStandardizer(eps=m.std_eps, **fits)(b["x"], b["y"], b["is_query"])
     scale = tf.where(scale > 0, scale, tf.ones_like(scale))
     z = ((b["y"] - loc) / scale).numpy()  # (T, N, dy)
     return borders_from_samples(z[b["is_query"].numpy() > 0.5], cfg.model.n_bins)

@@ -52,11 +52,9 @@ def _task(seed=0, nc=9, nq=6, dx=1):
 
 
 def _keras_predictive(model, cx, cy, qx):
-    from gpicl_tf.model import Predictive, bar_distribution, masked_inputs
+    from gpicl_tf.model import Predictive, bar_distribution, masked_inputs, query_rows
 
-    out = model(masked_inputs(cx, cy, qx), training=False)
-    nc = cx.shape[1]
-    out = dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:])
+    out = query_rows(model(masked_inputs(cx, cy, qx), training=False), cx.shape[1])
     return Predictive(bar_distribution(model), out), out
 
 
@@ -228,6 +226,33 @@ def test_export_returns_the_keras_models_std_quantiles_and_density(bar_model, ba
     np.testing.assert_allclose(lp["cdf"].numpy(), dist.cdf(qy).numpy(), **tol)
     meta = sigs["model_config"](unused=tf.zeros([1]))
     np.testing.assert_allclose(meta["quantile_levels"].numpy(), DEFAULT_LEVELS)
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_with_a_base_fit_the_export_returns_the_keras_models_distribution(xla, tmp_path):
+    """model.base_fit: the location is per point; the export's mean, std, quantiles and
+    density at the queries are the Keras model's, with XLA and without."""
+    from gpicl_tf.export import DEFAULT_LEVELS, export_model
+
+    model, cfg = _bar_model(["model.ridge_penalties=[0.001,1]",
+                             "model.kernel_length_scales=[0.2,1]", "model.base_fit=loo_best"])
+    cx, cy, qx, qy = _task(4, nc=12)
+    dist, out = _keras_predictive(model, cx, cy, qx)
+    assert out["y_loc"].shape == (3, 6, 1)
+    plain, _ = _keras_predictive(_bar_model()[0], cx, cy, qx)
+    assert np.abs(dist.mean().numpy() - plain.mean().numpy()).max() > 1e-2  # it moved
+    sigs = tf.saved_model.load(export_model(model, cfg, str(tmp_path), "b", jit_compile=xla)
+                               ).signatures
+    served = sigs["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    # the fits' solves in another graph: float32 noise of 1e-5 of y's scale (4) and level
+    # (10), 1e-4 relative under XLA's fusions
+    tol = dict(rtol=1e-4 if xla else 1e-5, atol=1e-4)
+    np.testing.assert_allclose(served["mean"].numpy(), dist.mean().numpy(), **tol)
+    np.testing.assert_allclose(served["std"].numpy(), dist.std().numpy(), **tol)
+    np.testing.assert_allclose(served["quantiles"].numpy(),
+                               dist.quantiles(DEFAULT_LEVELS).numpy(), **tol)
+    lp = sigs["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+    np.testing.assert_allclose(lp["log_prob"].numpy(), dist.log_prob(qy).numpy(), **tol)
 
 
 def test_quantile_levels_outside_zero_one_are_refused(bar_model, bar_export, tmp_path):

@@ -201,10 +201,13 @@ print("GRADIENT_ALL_REDUCES", len(calls))
     assert "GRADIENT_ALL_REDUCES 2" in out, out[-300:]
 
 
-def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["model.base_fit=loo_best"]])
+def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path, monkeypatch,
+                                                                        extra):
     """With kernel fits and XLA, the standardisation runs outside the XLA cluster and the
     rest of the model inside it (model.trunk()); the step is the same mathematics as the
-    plain (no XLA) step of the whole model: the same losses and weights after 20 steps."""
+    plain (no XLA) step of the whole model: the same losses and weights after 20 steps
+    (also with a base fit, whose per-point location crosses the split)."""
     from gpicl_tf.config import apply_overrides, get_preset
     from gpicl_tf.model import InContextTransformer
     from gpicl_tf.train import Trainer, run_steps
@@ -216,7 +219,7 @@ def test_with_kernel_fits_the_split_xla_step_trains_like_the_plain_step(tmp_path
 
     base = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "model.head=bar",
                                                 "model.n_bins=16", "model.ridge_penalties=[0.1]",
-                                                "model.kernel_length_scales=[0.2,1]"])
+                                                "model.kernel_length_scales=[0.2,1]"] + extra)
     runs = {}
     for jit in (True, False):
         cfg = apply_overrides(base, [f"train.jit_compile={str(jit).lower()}"])
@@ -234,7 +237,8 @@ def test_the_trunk_is_the_model_after_its_standardisation():
     from gpicl_tf.config import apply_overrides, get_preset
     from gpicl_tf.model import build_model
 
-    for extra in (["model.head=bar", "model.n_bins=16"], [], ["task.x_dim=1"]):
+    for extra in (["model.head=bar", "model.n_bins=16"], [], ["task.x_dim=1"],
+                  ["model.head=bar", "model.n_bins=16", "model.base_fit=loo_best"]):
         cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=3", "model.ridge_penalties=[0.1]",
                                                    "model.kernel_length_scales=[0.3]"] + extra)
         model = build_model(cfg)

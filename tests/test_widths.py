@@ -177,9 +177,10 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
 
 
 @pytest.mark.parametrize("absent, ridge, kernel, loo", [
-    ("zero", "", "", 0), ("flags", "", "", 0), ("rescale", "", "", 0), ("both", "", "", 0),
-    ("flags", "[0.001,1]", "", 0), ("rescale", "[0.1]", "", 0), ("flags", "[0.1]", "[0.2,1]", 0),
-    ("flags", "[0.001,1]", "[0.2,1]", 1)])
+    ("zero", "", "", ""), ("flags", "", "", ""), ("rescale", "", "", ""), ("both", "", "", ""),
+    ("flags", "[0.001,1]", "", ""), ("rescale", "[0.1]", "", ""), ("flags", "[0.1]", "[0.2,1]", ""),
+    ("flags", "[0.001,1]", "[0.2,1]", "fit_loo=true"),
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best")])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
                                                                               kernel, loo):
     import keras
@@ -190,7 +191,7 @@ def test_query_independence_permutation_and_per_feature_equivariance_hold_for(ab
                                               f"model.absent_features={absent}"]
                           + ([f"model.ridge_penalties={ridge}"] if ridge else [])
                           + ([f"model.kernel_length_scales={kernel}"] if kernel else [])
-                          + (["model.fit_loo=true"] if loo else []))
+                          + ([f"model.{loo}"] if loo else []))
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -204,7 +205,8 @@ def test_query_independence_permutation_and_per_feature_equivariance_hold_for(ab
     other[:, 1:] = _task(3, nc=12, nq=6, seed=7)[2][:, 1:]
     np.testing.assert_allclose(run(cx, cy, other)[:, 0], base[:, 0], atol=1e-5)
     perm = np.random.default_rng(0).permutation(12)
-    np.testing.assert_allclose(run(cx[:, perm], cy[:, perm], qx), base, atol=1e-5)
+    # float32 sums in another order: 1e-5 relative to predictions of up to ~10
+    np.testing.assert_allclose(run(cx[:, perm], cy[:, perm], qx), base, atol=1e-5, rtol=1e-5)
     a, b = np.array([1e-3, 50.0, 2e3], np.float32), np.array([0.5, -3.0, 1e3], np.float32)
     got = run(a * cx + b, 1e2 * cy - 7.0, a * qx + b)
     np.testing.assert_allclose((got + 7.0) / 1e2, base, atol=2e-3 * cy.std())
@@ -318,6 +320,70 @@ def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_p
         apply_overrides(get_preset("tiny"), ["model.fit_loo=true"])
 
 
+def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_error():
+    """base_fit="loo_best": y_loc at every point is the context mean plus the scale times
+    the fit (refitted by scikit-learn) whose leave-one-out squared error on the context is
+    least; a linear task picks least squares, a wiggly one a short kernel; the queries'
+    hidden y do not move it; the tokens carry the fit and the context's residuals."""
+    from sklearn.kernel_ridge import KernelRidge
+    from sklearn.linear_model import Ridge
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    rng = np.random.default_rng(0)
+    cx, qx = rng.uniform(-1, 1, (2, 16, 3)), rng.uniform(-1, 1, (2, 4, 3))
+    cy = np.stack([cx[0, :, :1] - 2.0 * cx[0, :, 1:2] + 0.5 * cx[0, :, 2:],  # linear
+                   np.sin(4.0 * cx[1, :, :1].sum(-1, keepdims=True))])  # wiggly
+    x = _pad(np.concatenate([cx, qx], 1).astype(np.float32))
+    y = np.concatenate([cy, np.full((2, 4, 1), 50.0)], 1).astype(np.float32)
+    q = np.concatenate([np.zeros((2, 16)), np.ones((2, 4))], 1).astype(np.float32)
+    kw = dict(absent_features="flags", ridge_penalties=(1e-3, 1.0),
+              kernel_length_scales=(0.15, 1.0), kernel_noise=0.01)
+    feats, loc, scale = (t.numpy() for t in ContextStandardizer(base_fit="loo_best", **kw)(
+        x, y, q))
+    plain, loc0, _ = (t.numpy() for t in ContextStandardizer(**kw)(x, y, q))
+    assert loc.shape == (2, 20, 1) and loc0.shape == (2, 1, 1)
+    np.testing.assert_array_equal(feats[..., :plain.shape[-1]], plain)
+    xs, ys = plain[..., :8], plain[..., 8]
+    picked = []
+    for b in range(2):
+        makers = [lambda lam=lam: Ridge(alpha=lam, fit_intercept=False) for lam in (1e-3, 1.0)]
+        makers += [lambda ls=ls: KernelRidge(alpha=0.01, kernel="rbf",
+                                             gamma=1.0 / (2 * 3 * ls ** 2)) for ls in (0.15, 1.0)]
+        loo = [np.mean((ys[b, :16] * 16 / 15) ** 2)]  # the mean's: y_i - mean of the others
+        loo += [np.mean([(make().fit(xs[b, [j for j in range(16) if j != i], :3],
+                                     ys[b, [j for j in range(16) if j != i]])
+                          .predict(xs[b, i:i + 1, :3])[0] - ys[b, i]) ** 2
+                         for i in range(16)]) for make in makers]
+        best = int(np.argmin(loo))
+        picked.append(best)
+        fit = (makers[best - 1]().fit(xs[b, :16, :3], ys[b, :16]).predict(xs[b, :, :3])
+               if best else np.zeros(20))
+        np.testing.assert_allclose(loc[b, :, 0], loc0[b, 0, 0] + scale[b, 0, 0] * fit,
+                                   atol=2e-4 * scale[b, 0, 0])
+        np.testing.assert_allclose(feats[b, :, -2], fit, atol=2e-4)  # the fit ...
+        np.testing.assert_allclose(feats[b, :16, -1], ys[b, :16] - fit[:16], atol=2e-4)
+        np.testing.assert_array_equal(feats[b, 16:, -1], 0.0)  # ... and the context residual
+    assert picked == [1, 3]  # least squares for the linear task, l = 0.15 for the wiggly one
+    # below 3 context points, the mean
+    two = ContextStandardizer(base_fit="loo_best", **kw)(x, y, np.where(
+        np.arange(20) < 2, 0.0, 1.0)[None].repeat(2, 0).astype(np.float32))
+    plain_two = ContextStandardizer(**kw)(x, y, np.where(
+        np.arange(20) < 2, 0.0, 1.0)[None].repeat(2, 0).astype(np.float32))
+    np.testing.assert_array_equal(two[1].numpy(), plain_two[1].numpy() + np.zeros((2, 20, 1)))
+    y2 = y.copy()
+    y2[q > 0] = -7.0
+    np.testing.assert_array_equal(
+        ContextStandardizer(base_fit="loo_best", **kw)(x, y2, q)[1].numpy(), loc)
+    with pytest.raises(ValueError, match="base_fit='loo_best' needs fits"):
+        ContextStandardizer(base_fit="loo_best")
+    with pytest.raises(ValueError, match="base_fit='best' is invalid"):
+        ContextStandardizer(base_fit="best", **kw)
+    with pytest.raises(ValueError, match=r"model.base_fit='loo_best'.*other than 'none' only "
+                                         r"with ridge_penalties or kernel_length_scales"):
+        apply_overrides(get_preset("tiny"), ["model.base_fit=loo_best"])
+
+
 @pytest.mark.parametrize("field, value, expected", [
     ("kernel_length_scales", "[0]", r"a tuple of at most 16 numbers in \(0, 100\]"),
     ("kernel_length_scales", "[0.5,-1]", r"a tuple of at most 16 numbers in \(0, 100\]"),
@@ -346,7 +412,7 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=4", "model.ridge_penalties=[0.1,5]",
                                                "model.kernel_length_scales=[0.3,0.3]",
                                                "model.kernel_noises=[0.02,0.001]",
-                                               "model.fit_loo=true"])
+                                               "model.fit_loo=true", "model.base_fit=loo_best"])
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -358,6 +424,7 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     assert loaded.ridge_penalties == (0.1, 5.0)
     assert (loaded.kernel_length_scales, loaded.kernel_noise) == ((0.3, 0.3), (0.02, 0.001))
     assert loaded.fit_loo and loaded.get_layer("standardize").fit_loo
+    assert loaded.base_fit == loaded.get_layer("standardize").base_fit == "loo_best"
     np.testing.assert_allclose(loaded(inputs).numpy(), model(inputs).numpy(), atol=1e-6)
 
 
