@@ -284,14 +284,17 @@ class ContextStandardizer(keras.layers.Layer):
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
-        if self._need_loo:  # [y, I]: A^-1 y and A^-1, whose diagonal gives the LOO residuals
-            rhs = ops.concatenate([rhs, ops.zeros_like(a) + eye], axis=-1)
-        sol = _spd_solve(a, rhs)
-        alpha = sol[..., :dy]  # (B, L, N, dy)
-        fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
         if not self._need_loo:
-            return fit, None
-        a_inv_diag = ops.diagonal(sol[..., dy:], axis1=-2, axis2=-1)  # (B, L, N)
+            alpha = _spd_solve(a, rhs)  # (B, L, N, dy)
+            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None  # (B, N, L, dy)
+        # A = C C': C^-1 [y, I] in one triangular solve; then alpha = C'^-1 C^-1 y, and
+        # diag(A^-1)_i = sum_j (C^-1)_ji^2, which gives the leave-one-out residuals
+        chol = ops.cholesky(a)
+        z = ops.solve_triangular(chol, ops.concatenate([rhs, ops.zeros_like(a) + eye], axis=-1),
+                                 lower=True)
+        alpha = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z[..., :dy], lower=False)
+        fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
+        a_inv_diag = ops.sum(ops.square(z[..., dy:]), axis=-2)  # (B, L, N)
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
         return fit, ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3))
 

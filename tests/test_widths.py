@@ -382,6 +382,7 @@ def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_erro
     with pytest.raises(ValueError, match=r"model.base_fit='loo_best'.*other than 'none' only "
                                          r"with ridge_penalties or kernel_length_scales"):
         apply_overrides(get_preset("tiny"), ["model.base_fit=loo_best"])
+    assert apply_overrides(get_preset("default"), ["model.base_fit=none"]).model.base_fit == "none"
 
 
 @pytest.mark.parametrize("field, value, expected", [
