@@ -1,8 +1,9 @@
 """How good is each fit a token carries, on its own? Normalised MSE at the queries of the
 ridge and RBF-kernel fits (model.ridge_penalties, model.kernel_length_scales) on the tasks
 of gpicl-eval's suites, and of the fit that model.base_fit="loo_best" picks per task (the
-one with the least leave-one-out error on the context), beside the model's and the best per-task learner's from a results
-file of the same tasks: whether the model's misses come from the fits or from how it uses them.
+one with the least leave-one-out error on the context), beside the model's and the best
+per-task learner's from a results file of the same tasks: whether the model's misses come
+from the fits or from how it uses them.
 
     python benchmarks/fit_quality.py --results docs/results/default_1d_eval.json \
         docs/results/default_garg_d2_d4_eval.json docs/results/default_garg_d8_eval.json \

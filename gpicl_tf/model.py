@@ -5,8 +5,8 @@ Output: y_pred [B, N, dy] on the raw scale of y (classification: class logits);
 only query rows are meaningful. With head="bar" the output is a dict: y_pred
 (the predictive mean, raw scale), logits [B, N, dy, n_bins] of the bar
 distribution over the standardised y, and y_loc [B, 1, dy] ([B, N, dy] with
-model.base_fit), y_scale [B, 1, dy] that map standardised values to the raw scale (`predictive` turns them into quantiles,
-standard deviations and densities).
+model.base_fit), y_scale [B, 1, dy] that map standardised values to the raw scale
+(`Predictive` turns them into quantiles, standard deviations and densities).
 
 Each point is one token built from (standardised x, standardised y zeroed on
 queries, query flag). No positional encoding: a task is a set of points.
