@@ -23,6 +23,7 @@ ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
 BASE_FITS = ("none", "loo_best")  # ContextStandardizer: where predictions are centred
+Y_SCALES = ("std", "student_t")  # ContextStandardizer: the unit of the predicted residual
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
 HEADS = ("mse", "bar")  # gpicl_tf.model.InContextTransformer
 # Classes of the base datasets of classification tasks (gpicl_tf.datasets).
@@ -295,6 +296,13 @@ class ModelConfig:
         "loo_best" (centred at every point on the fit, of the ridge and kernel fits,
         with the least leave-one-out error on the context; the head predicts that
         fit's residual). Needs ridge_penalties or kernel_length_scales.
+      y_scale: the unit of what the model predicts of y: "std" (the context's standard
+        deviation) or "student_t" (that std times the Student-t predictive factor of n
+        context points, t_{n-1}(0.95) / z(0.95) x sqrt((n + 1) / (n - 1)), 6.6 at n = 2,
+        1.3 at n = 8, 1.07 at n = 32: with n i.i.d. Gaussian context values, a new value
+        then falls within +-z(0.95) units of their mean with probability 0.90 at every n,
+        so the prediction's spread no longer grows as the context shrinks and the bar
+        head's fixed bins and tails fit small contexts too). Regression only.
     """
 
     d_model: int = 64
@@ -312,6 +320,7 @@ class ModelConfig:
     kernel_noises: Tuple[float, ...] = ()
     fit_loo: bool = False
     base_fit: str = "none"
+    y_scale: str = "std"
 
     def __post_init__(self):
         o = "model"
@@ -349,6 +358,7 @@ class ModelConfig:
                  o, "base_fit", self.base_fit,
                  f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "
                  "kernel_length_scales")
+        _require(self.y_scale in Y_SCALES, o, "y_scale", self.y_scale, f"one of {Y_SCALES}")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
@@ -461,6 +471,8 @@ class ExperimentConfig:
         _require(not self.model.kernel_length_scales or kind == "regression", "model",
                  "kernel_length_scales", self.model.kernel_length_scales,
                  "() for classification tasks (kernel fits are a regression feature)")
+        _require(self.model.y_scale == "std" or kind == "regression", "model", "y_scale",
+                 self.model.y_scale, "'std' for classification tasks (y is not standardised)")
         if loss != "auto":
             want = ("cross_entropy" if kind == "classification" else
                     "nll" if head == "bar" else "mse or normalized_mse")

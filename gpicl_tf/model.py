@@ -59,6 +59,8 @@ class InContextTransformer(keras.Model):
         (ContextStandardizer).
       base_fit: "loo_best" centres every prediction on the fit with the least
         leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
+      y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
+        context's size (ContextStandardizer); "std" leaves it the context's std.
 
     Example:
 
@@ -76,7 +78,8 @@ class InContextTransformer(keras.Model):
                  std_eps: float = 1e-7, classify: bool = False,
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
-                 fit_loo: bool = False, base_fit: str = "none", **kwargs):
+                 fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
+                 **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -85,8 +88,8 @@ class InContextTransformer(keras.Model):
         standardize = ContextStandardizer(
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
-            kernel_noise=kernel_noise, fit_loo=fit_loo, base_fit=base_fit, dtype="float32",
-            name="standardize")
+            kernel_noise=kernel_noise, fit_loo=fit_loo, base_fit=base_fit, y_scale=y_scale,
+            dtype="float32", name="standardize")
         feats, y_loc, y_scale = standardize(x, y, is_query)
         if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
@@ -118,7 +121,7 @@ class InContextTransformer(keras.Model):
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
-        self.base_fit = standardize.base_fit
+        self.base_fit, self.y_scale = standardize.base_fit, standardize.y_scale
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
@@ -149,7 +152,7 @@ class InContextTransformer(keras.Model):
                 "kernel_length_scales": list(self.kernel_length_scales),
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
-                "fit_loo": self.fit_loo, "base_fit": self.base_fit}
+                "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale}
 
     @classmethod
     def from_config(cls, config):
@@ -172,6 +175,13 @@ def _trunk_outputs(layer, n_layers: int, bar: bool, classify: bool, feats, y_loc
     return out if classify else layer("destandardize")(out, y_loc, y_scale)
 
 
+def standardizer_kwargs(m) -> dict:
+    """The ContextStandardizer's fit and scale arguments of a model config (ModelConfig)."""
+    return dict(ridge_penalties=m.ridge_penalties, kernel_length_scales=m.kernel_length_scales,
+                kernel_noise=m.kernel_noises or m.kernel_noise, fit_loo=m.fit_loo,
+                base_fit=m.base_fit, y_scale=m.y_scale)
+
+
 def build_model(cfg: ExperimentConfig) -> InContextTransformer:
     """The in-context transformer of an experiment: its model config and task widths."""
     m, t = cfg.model, cfg.task
@@ -179,10 +189,7 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
-        head=m.head, n_bins=m.n_bins, ridge_penalties=m.ridge_penalties,
-        kernel_length_scales=m.kernel_length_scales,
-        kernel_noise=m.kernel_noises or m.kernel_noise,
-        fit_loo=m.fit_loo, base_fit=m.base_fit,
+        head=m.head, n_bins=m.n_bins, **standardizer_kwargs(m),
         name=cfg.name.replace("-", "_"))
 
 

@@ -140,21 +140,22 @@ BORDERS_STREAM = 0xB0D5  # the tasks that place the bar head's borders (no train
 
 def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
     """The bar head's n_bins + 1 borders: quantiles of the standardised query y of n_tasks
-    tasks of the training prior (standardised by each task's context, as the model does;
-    with model.base_fit, the residuals of the base fit).
+    tasks of the training prior (standardised by each task's context, as the model does:
+    with model.base_fit, the residuals of the base fit, in units of model.y_scale).
 
     A pure function of (task config, seed, n_bins): every worker and every resume
     computes the same borders (they are also in every checkpoint).
     """
     from gpicl_tf.distributions import borders_from_samples
     from gpicl_tf.layers import ContextStandardizer
+    from gpicl_tf.model import standardizer_kwargs
 
     b = data_lib.sample_batch(cfg.task, cfg.train.seed, n_tasks, stream=BORDERS_STREAM)
     m = cfg.model
-    fits = ({} if m.base_fit == "none" else  # the head predicts the base fit's residual
-            dict(ridge_penalties=m.ridge_penalties, kernel_length_scales=m.kernel_length_scales,
-                 kernel_noise=m.kernel_noises or m.kernel_noise, base_fit=m.base_fit))
-    _, loc, scale = ContextStandardizer(eps=m.std_eps, **fits)(b["x"], b["y"], b["is_query"])
+    kw = standardizer_kwargs(m)  # with base_fit the head predicts the base fit's residual
+    if m.base_fit == "none":  # the fits do not move the location: skip their solves
+        kw = {"y_scale": m.y_scale}
+    _, loc, scale = ContextStandardizer(eps=m.std_eps, **kw)(b["x"], b["y"], b["is_query"])
     scale = tf.where(scale > 0, scale, tf.ones_like(scale))
     z = ((b["y"] - loc) / scale).numpy()  # (T, N, dy)
     return borders_from_samples(z[b["is_query"].numpy() > 0.5], cfg.model.n_bins)

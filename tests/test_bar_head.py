@@ -230,12 +230,14 @@ def test_export_returns_the_keras_models_std_quantiles_and_density(bar_model, ba
 
 @pytest.mark.parametrize("xla", [False, True])
 def test_with_a_base_fit_the_export_returns_the_keras_models_distribution(xla, tmp_path):
-    """model.base_fit: the location is per point; the export's mean, std, quantiles and
-    density at the queries are the Keras model's, with XLA and without."""
+    """model.base_fit: the location is per point (and model.y_scale=student_t widens the
+    scale by the context's size); the export's mean, std, quantiles and density at the
+    queries are the Keras model's, with XLA and without."""
     from gpicl_tf.export import DEFAULT_LEVELS, export_model
 
     model, cfg = _bar_model(["model.ridge_penalties=[0.001,1]",
-                             "model.kernel_length_scales=[0.2,1]", "model.base_fit=loo_best"])
+                             "model.kernel_length_scales=[0.2,1]", "model.base_fit=loo_best",
+                             "model.y_scale=student_t"])
     cx, cy, qx, qy = _task(4, nc=12)
     dist, out = _keras_predictive(model, cx, cy, qx)
     assert out["y_loc"].shape == (3, 6, 1)

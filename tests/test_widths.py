@@ -180,7 +180,8 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
     ("zero", "", "", ""), ("flags", "", "", ""), ("rescale", "", "", ""), ("both", "", "", ""),
     ("flags", "[0.001,1]", "", ""), ("rescale", "[0.1]", "", ""), ("flags", "[0.1]", "[0.2,1]", ""),
     ("flags", "[0.001,1]", "[0.2,1]", "fit_loo=true"),
-    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best")])
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best"),
+    ("flags", "[0.001,1]", "[0.2,1]", "y_scale=student_t")])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
                                                                               kernel, loo):
     import keras
@@ -413,7 +414,8 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     cfg = apply_overrides(get_preset("tiny"), ["task.x_dim=4", "model.ridge_penalties=[0.1,5]",
                                                "model.kernel_length_scales=[0.3,0.3]",
                                                "model.kernel_noises=[0.02,0.001]",
-                                               "model.fit_loo=true", "model.base_fit=loo_best"])
+                                               "model.fit_loo=true", "model.base_fit=loo_best",
+                                               "model.y_scale=student_t"])
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -426,9 +428,72 @@ def test_a_model_with_ridge_and_kernel_fits_round_trips_through_a_keras_file(tmp
     assert (loaded.kernel_length_scales, loaded.kernel_noise) == ((0.3, 0.3), (0.02, 0.001))
     assert loaded.fit_loo and loaded.get_layer("standardize").fit_loo
     assert loaded.base_fit == loaded.get_layer("standardize").base_fit == "loo_best"
+    assert loaded.y_scale == loaded.get_layer("standardize").y_scale == "student_t"
     np.testing.assert_allclose(loaded(inputs).numpy(), model(inputs).numpy(), atol=1e-6)
 
 
 def test_ridge_penalties_are_refused_for_classification():
     with pytest.raises(ValueError, match=r"model.ridge_penalties=\(1.0,\).*classification"):
         apply_overrides(get_preset("classify"), ["model.ridge_penalties=[1.0]"])
+
+
+def test_the_student_t_factor_is_students_quantile_ratio():
+    from scipy.stats import norm, t
+
+    from gpicl_tf.layers import student_t_factor
+
+    n = np.arange(0, 200, dtype=np.float32)
+    got = student_t_factor(tf.constant(n)).numpy()
+    want = t.ppf(0.95, np.maximum(n - 1, 1)) / norm.ppf(0.95) * np.sqrt((n + 1) /
+                                                                        np.maximum(n - 1, 1))
+    np.testing.assert_array_equal(got[:2], 1.0)  # no scale below 2 context points
+    np.testing.assert_allclose(got[2:], want[2:], rtol=5e-4)  # Cornish-Fisher from nu = 3
+
+
+@pytest.mark.parametrize("base_fit", ["none", "loo_best"])
+def test_with_student_t_scale_90_percent_of_gaussian_queries_lie_within_z95_at_every_k(
+        base_fit):
+    """y_scale=student_t: for i.i.d. Gaussian y (nothing to fit: the base is the mean below
+    3 points and mostly thereafter), the standardised query residual |y - y_loc| / y_scale
+    is below z(0.95) for 90% of the queries at every context size; with the plain std far
+    fewer at k = 2 (the spread of a Student-t with 1 degree of freedom)."""
+    from gpicl_tf.layers import ContextStandardizer
+
+    rng = np.random.default_rng(1)
+    b, n = 4000, 40
+    x = rng.uniform(-1, 1, (b, n, 2)).astype(np.float32)
+    y = (rng.normal(size=(b, n, 1)) * 3.0 + 2.0).astype(np.float32)
+    kw = (dict(ridge_penalties=(1.0,), kernel_length_scales=(1.0,), base_fit="loo_best")
+          if base_fit == "loo_best" else {})
+    # 3 sigma of a proportion over 4000 tasks of correlated queries: ~0.015. With the base
+    # fit, the fit picked by leave-one-out error from 3-5 points fits a little of the
+    # noise, so its residuals at the queries are wider: 85-87% within (measured)
+    loose = 0.84 if base_fit == "loo_best" else 0.885
+    for k, lo in ((2, 0.885), (3, loose), (5, loose), (10, loose), (30, loose)):
+        q = np.broadcast_to(np.arange(n) >= k, (b, n)).astype(np.float32)
+        inside = {}
+        for rule in ("std", "student_t"):
+            _, loc, scale = ContextStandardizer(y_scale=rule, **kw)(x, y * (1 - q[..., None]), q)
+            z = ((y - loc.numpy()) / scale.numpy())[..., 0][q > 0]
+            inside[rule] = np.mean(np.abs(z) <= 1.6448536)
+        assert lo <= inside["student_t"] <= 0.915, (k, inside)
+        if k == 2:
+            assert inside["std"] < 0.7, inside
+    with pytest.raises(ValueError, match="y_scale='t' is invalid"):
+        ContextStandardizer(y_scale="t")
+    with pytest.raises(ValueError, match=r"model.y_scale='t' is invalid.*expected one of "
+                                         r"\('std', 'student_t'\)"):
+        apply_overrides(get_preset("tiny"), ["model.y_scale=t"])
+    with pytest.raises(ValueError, match=r"model.y_scale='student_t'.*classification"):
+        apply_overrides(get_preset("classify"), ["model.y_scale=student_t"])
+
+
+def test_the_bar_borders_follow_the_y_scale():
+    """prior_borders standardises the prior's queries as the model does: with the Student-t
+    factor the small contexts' wide residuals shrink, and the borders' range with them."""
+    from gpicl_tf.train import prior_borders
+
+    cfg = apply_overrides(get_preset("tiny"), ["model.head=bar", "model.n_bins=16"])
+    std = prior_borders(cfg, n_tasks=256)
+    student = prior_borders(apply_overrides(cfg, ["model.y_scale=student_t"]), n_tasks=256)
+    assert student[-1] - student[0] < 0.8 * (std[-1] - std[0]), (std, student)
