@@ -7,7 +7,8 @@ from the fits or from how it uses them.
 
     python benchmarks/fit_quality.py --results docs/results/default_1d_eval.json \
         docs/results/default_garg_d2_d4_eval.json docs/results/default_garg_d8_eval.json \
-        [--scales 0.15,0.4,1.0] [--noise 0.01] [--suites sine,polynomial,...]
+        [--scales 0.15,0.4,1.0] [--noise 0.01 | --noises 1e-4,1e-4,0.01] \
+        [--suites sine,polynomial,...]
 
 The tasks are gpicl-eval's (seed 20221208, 128 tasks per 1-D cell, 64 per Garg cell, 16
 queries), drawn for the `default` preset's widths. Normalisation divides by the variance
@@ -37,6 +38,9 @@ def main():
     p.add_argument("--results", nargs="+", required=True)
     p.add_argument("--scales", default=None, help="kernel length scales (default: the preset's)")
     p.add_argument("--noise", type=float, default=None, help="kernel noise (default: the preset's)")
+    p.add_argument("--noises", default=None,
+                   help="one kernel noise per length scale (model.kernel_noises), instead of "
+                        "--noise")
     p.add_argument("--suites", default=SUITES)
     p.add_argument("--ks", default="16,32")
     a = p.parse_args()
@@ -45,21 +49,24 @@ def main():
     scales = (tuple(float(v) for v in a.scales.split(",")) if a.scales
               else m.kernel_length_scales)
     noise = m.kernel_noise if a.noise is None else a.noise
-    layer = ContextStandardizer(absent_features=m.absent_features,
-                                ridge_penalties=m.ridge_penalties,
-                                kernel_length_scales=scales, kernel_noise=noise)
-    based = ContextStandardizer(absent_features=m.absent_features,
-                                ridge_penalties=m.ridge_penalties,
-                                kernel_length_scales=scales, kernel_noise=noise,
-                                base_fit="loo_best")
+    noises = (tuple(float(v) for v in a.noises.split(",")) if a.noises
+              else m.kernel_noises)
+    if noises and len(noises) != len(scales):
+        p.error(f"--noises: {len(noises)} values for {len(scales)} length scales")
+    fit_kw = dict(absent_features=m.absent_features, ridge_penalties=m.ridge_penalties,
+                  kernel_length_scales=scales, kernel_noise=noises or noise)
+    layer = ContextStandardizer(**fit_kw)
+    based = ContextStandardizer(**fit_kw, base_fit="loo_best")
     results = {}
     for path in a.results:
         with open(path) as f:
             results.update(json.load(f)["suites"])
-    names = [f"ridge {v:g}" for v in m.ridge_penalties] + [f"rbf {v:g}" for v in scales]
+    names = [f"ridge {v:g}" for v in m.ridge_penalties] + [
+        f"rbf {v:g}" + (f" n{w:g}" if noises else "") for v, w in zip(scales, noises or scales)]
     cols = names + ["loo best"]
     wanted = a.suites.split(",")
-    print(f"kernel noise {noise:g}; normalised MSE at the queries")
+    print(f"kernel noise {', '.join(f'{v:g}' for v in noises) if noises else f'{noise:g}'}; "
+          "normalised MSE at the queries")
     print("| suite | k | model | best per-task learner | " + " | ".join(cols) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(cols))
     for s in (s for s in default_suites(cfg) if s.name in wanted):
