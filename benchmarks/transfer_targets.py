@@ -2,7 +2,8 @@
 
     python benchmarks/transfer_targets.py docs/results/default_1d_eval.json \
         docs/results/default_garg_d2_d4_eval.json docs/results/default_garg_d8_eval.json \
-        [--specialist 0.0155] [--plot docs/garg_by_width_default.png]
+        [--specialist 0.0155] [--plot docs/garg_by_width_default.png] \
+        [--baselines-from OTHER_RESULTS.json ...]
 
 Prints, with every method scored on the same tasks (paired) by normalised MSE:
   - every 1-D suite at k = 16 and 32: the model, the best per-task learner, the excess
@@ -10,6 +11,11 @@ Prints, with every method scored on the same tasks (paired) by normalised MSE:
   - every Garg cell (suite, d, k in {16, 32}): the model over the best per-task learner
     (target: first, or within 1.2x, in at least 80% of the cells);
   - random_mlp at k = 16 against the 1-D specialist's figure (target: at most 1.2x).
+
+--baselines-from takes the per-task learners from other results files of the same tasks
+(gpicl-eval seeds each suite and k, so a model evaluated with `--baselines mean` pairs with
+an earlier run's fitted baselines): every cell of the model's files must hold the `mean`
+baseline, equal to the other file's, or the pairing is refused.
 """
 
 import argparse
@@ -33,11 +39,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-ratio", type=float, default=1.2)
     p.add_argument("--plot", help="also write the Garg suites' error-against-k plot of all the "
                                   "files (gpicl_tf.evaluate.plot_garg_by_width) here")
+    p.add_argument("--baselines-from", nargs="+", default=[], metavar="RESULTS",
+                   help="take the per-task learners from these results files of the same "
+                        "tasks (checked by their `mean` baseline)")
     a = p.parse_args(argv)
     suites = {}
     for path in a.results:
         with open(path) as f:
             suites.update(json.load(f)["suites"])
+    if a.baselines_from:
+        try:
+            pair_baselines(suites, a.baselines_from)
+        except ValueError as e:
+            p.error(f"--baselines-from: {e}")
     one_d = {n: s for n, s in suites.items()
              if s["kind"] != "garg" and s["overrides"].get("x_dim", 1) == 1 and n != "prior"}
     garg = {n: s for n, s in suites.items() if s["kind"] == "garg"}
@@ -88,6 +102,29 @@ def main(argv=None) -> int:
         print(f"\nrandom_mlp k=16: {v:.4g} against the specialist's {a.specialist} "
               f"({v / a.specialist:.2f}x; target <= 1.2x)")
     return 0
+
+
+def pair_baselines(suites: dict, paths) -> None:
+    """Replaces each suite's baselines by those of the same suite in `paths` (in place),
+    after checking that every k of the model's has the same `mean` baseline there (the
+    same tasks): ValueError names the first suite and k that differ or are missing."""
+    other = {}
+    for path in paths:
+        with open(path) as f:
+            other.update(json.load(f)["suites"])
+    for name, s in suites.items():
+        if name not in other:
+            raise ValueError(f"suite {name!r} is in no baselines file")
+        theirs = other[name]["methods"]
+        for k in s["methods"]["model"]:
+            mine = s["methods"].get("mean", {}).get(k, {}).get("nmse")
+            ref = theirs.get("mean", {}).get(k, {}).get("nmse")
+            if mine is None or ref is None or abs(mine - ref) > 1e-5 * max(abs(ref), 1e-12):
+                raise ValueError(f"suite {name!r} at k={k}: mean baseline {mine} here, {ref} "
+                                 "in the baselines file: not the same tasks")
+        s["methods"] = {**{n: v for n, v in theirs.items()
+                           if n not in ("model", "bayes_optimal")},
+                        "model": s["methods"]["model"]}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""The benchmark scripts' own logic (no timing): what they pair and refuse."""
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, REPO)
+from benchmarks import transfer_targets  # noqa: E402
+
+RESULTS = os.path.join(REPO, "docs", "results")
+
+
+def _load(name):
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+def test_baselines_from_pairs_a_model_only_file_with_an_earlier_runs_baselines(tmp_path,
+                                                                               capsys):
+    """A results file with the model and the mean baseline only takes its per-task learners
+    from a file of the same tasks; the targets printed equal those of the full file."""
+    full = _load("default_1d_eval.json")
+    lean = copy.deepcopy(full)
+    for s in lean["suites"].values():
+        s["methods"] = {n: v for n, v in s["methods"].items() if n in ("model", "mean")}
+    (tmp_path / "lean.json").write_text(json.dumps(lean))
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    assert transfer_targets.main([str(tmp_path / "full.json")]) == 0
+    want = capsys.readouterr().out
+    assert transfer_targets.main([str(tmp_path / "lean.json"), "--baselines-from",
+                                  str(tmp_path / "full.json")]) == 0
+    got = capsys.readouterr().out
+    assert got == want and "1-D cells met:" in got
+    assert transfer_targets.main([str(tmp_path / "lean.json")]) == 0  # mean is then the best
+    assert capsys.readouterr().out != want
+
+
+def test_baselines_from_refuses_other_tasks(tmp_path, capsys):
+    """A mean baseline that differs in one cell (other tasks) is refused, naming the cell."""
+    full = _load("default_1d_eval.json")
+    other = copy.deepcopy(full)
+    other["suites"]["sine"]["methods"]["mean"]["16"]["nmse"] *= 1.001
+    (tmp_path / "a.json").write_text(json.dumps(full))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as e:
+        transfer_targets.main([str(tmp_path / "a.json"), "--baselines-from",
+                               str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'sine' at k=16" in err and "not the same tasks" in err
