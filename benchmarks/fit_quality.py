@@ -16,6 +16,7 @@ of each task's y over its context and queries, close to (not exactly) gpicl-eval
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 from gpicl_tf.config import get_preset  # noqa: E402
 from gpicl_tf.evaluate import context_batch, default_suites, pad_features  # noqa: E402
 from gpicl_tf.layers import ContextStandardizer  # noqa: E402
+from gpicl_tf.model import standardizer_kwargs  # noqa: E402
 
 SUITES = ("random_mlp,sine,polynomial,gp_rbf_l0.1,gp_rbf_l0.5,shift_noisy,"
           "garg_linear_d2_noisy,garg_linear_d4_noisy,garg_linear_d8_noisy,garg_tree_d4")
@@ -49,14 +51,17 @@ def main():
     scales = (tuple(float(v) for v in a.scales.split(",")) if a.scales
               else m.kernel_length_scales)
     noise = m.kernel_noise if a.noise is None else a.noise
+    # the preset's noise per scale unless --scales or --noise replaced its fits
     noises = (tuple(float(v) for v in a.noises.split(",")) if a.noises
-              else m.kernel_noises)
-    if noises and len(noises) != len(scales):
-        p.error(f"--noises: {len(noises)} values for {len(scales)} length scales")
-    fit_kw = dict(absent_features=m.absent_features, ridge_penalties=m.ridge_penalties,
-                  kernel_length_scales=scales, kernel_noise=noises or noise)
-    layer = ContextStandardizer(**fit_kw)
-    based = ContextStandardizer(**fit_kw, base_fit="loo_best")
+              else () if a.scales or a.noise is not None else m.kernel_noises)
+    try:  # the model config checks the scales and noises (one noise per scale)
+        m = dataclasses.replace(m, kernel_length_scales=scales, kernel_noise=noise,
+                                kernel_noises=noises)
+    except ValueError as e:
+        p.error(str(e))
+    fit_kw = {**standardizer_kwargs(m), "absent_features": m.absent_features}
+    layer = ContextStandardizer(**{**fit_kw, "base_fit": "none"})
+    based = ContextStandardizer(**{**fit_kw, "base_fit": "loo_best"})
     results = {}
     for path in a.results:
         with open(path) as f:

@@ -43,10 +43,7 @@ def main(argv=None) -> int:
                    help="take the per-task learners from these results files of the same "
                         "tasks (checked by their `mean` baseline)")
     a = p.parse_args(argv)
-    suites = {}
-    for path in a.results:
-        with open(path) as f:
-            suites.update(json.load(f)["suites"])
+    suites = load_suites(a.results)
     if a.baselines_from:
         try:
             pair_baselines(suites, a.baselines_from)
@@ -104,14 +101,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def load_suites(paths) -> dict:
+    """The suites of gpicl-eval results files, merged (a later file's suite wins)."""
+    suites = {}
+    for path in paths:
+        with open(path) as f:
+            suites.update(json.load(f)["suites"])
+    return suites
+
+
 def pair_baselines(suites: dict, paths) -> None:
     """Replaces each suite's baselines by those of the same suite in `paths` (in place),
     after checking that every k of the model's has the same `mean` baseline there (the
     same tasks): ValueError names the first suite and k that differ or are missing."""
-    other = {}
-    for path in paths:
-        with open(path) as f:
-            other.update(json.load(f)["suites"])
+    other = load_suites(paths)
     for name, s in suites.items():
         if name not in other:
             raise ValueError(f"suite {name!r} is in no baselines file")
