@@ -23,7 +23,7 @@ ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
 BASE_FITS = ("none", "loo_best")  # ContextStandardizer: where predictions are centred
-Y_SCALES = ("std", "student_t")  # ContextStandardizer: the unit of the predicted residual
+Y_SCALES = ("std", "student_t", "loo")  # ContextStandardizer: the unit of the predicted residual
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
 HEADS = ("mse", "bar")  # gpicl_tf.model.InContextTransformer
 # Classes of the base datasets of classification tasks (gpicl_tf.datasets).
@@ -302,7 +302,15 @@ class ModelConfig:
         1.3 at n = 8, 1.07 at n = 32: with n i.i.d. Gaussian context values, a new value
         then falls within +-z(0.95) units of their mean with probability 0.90 at every n,
         so the prediction's spread no longer grows as the context shrinks and the bar
-        head's fixed bins and tails fit small contexts too). Regression only.
+        head's fixed bins and tails fit small contexts too) or "loo" (the context's std
+        times the base fit's leave-one-out root-mean-square error on the context in
+        standardised units, plus e^(3 - n) for a handful of points, at least 1e-3: the
+        head predicts the residual in units of how far the fit misses points it did not
+        see, so a fit that is exact (least squares on a noise-free linear task) leaves
+        nothing for the head to add, and on a noisy task the unit is about the noise's
+        std; every token also carries the unit, each fit's distance from the base in it
+        and, on context points, the base's leave-one-out residual in it; needs
+        base_fit="loo_best"). Regression only.
     """
 
     d_model: int = 64
@@ -358,7 +366,10 @@ class ModelConfig:
                  o, "base_fit", self.base_fit,
                  f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "
                  "kernel_length_scales")
-        _require(self.y_scale in Y_SCALES, o, "y_scale", self.y_scale, f"one of {Y_SCALES}")
+        _require(self.y_scale in Y_SCALES and (self.y_scale != "loo"
+                                               or self.base_fit == "loo_best"),
+                 o, "y_scale", self.y_scale,
+                 f"one of {Y_SCALES}, 'loo' only with base_fit='loo_best'")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")
@@ -677,7 +688,7 @@ def _regressor_base() -> ExperimentConfig:
         # trained before `default` took the ridge and kernel fits; the shipped weights are of
         # this model
         model=dataclasses.replace(cfg.model, ridge_penalties=(), kernel_length_scales=(),
-                                  kernel_noises=(), base_fit="none"),
+                                  kernel_noises=(), base_fit="none", y_scale="std"),
         task=dataclasses.replace(
             cfg.task, x_dim=16, n_points=128,
             x_dim_weights=tuple(round(d ** -0.5, 4) for d in range(1, 17)),

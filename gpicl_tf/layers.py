@@ -12,10 +12,17 @@ from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS, Y_SCALES
 
 PACKAGE = "gpicl_tf"
 LOO_CLIP = 10.0  # leave-one-out fits beyond +-10 standardised units are clipped (fit_loo)
-# base fits (base_fit) beyond +-3 standardised units are clipped: from a handful of context
-# points a picked fit can extrapolate far (at k = 4, +-10 doubled the base's error on
-# Garg's trees at width 4 against +-3; at k = 16 the two differ by under 1%)
+# base fits (base_fit) beyond +-3 standardised units are clipped below 8 context points,
+# beyond +-3 n / 8 up to +-6 from there: from a handful of points a picked fit can
+# extrapolate far (at k = 4, +-10 doubled the base's error on Garg's trees at width 4
+# against +-3; at k = 16 the two differ by under 1%), but from 16 points a linear fit is
+# right to: 2-14 of 64 noise-free linear Garg tasks at k = 16 have a query beyond +-3
+# of the context's std (up to 4.6), none beyond +-6 at k >= 16
 BASE_CLIP = 3.0
+BASE_CLIP_MAX = 6.0
+# y_scale="loo": the unit is the base fit's leave-one-out RMS error, but not below this
+# fraction of the context's std (an exact fit's error is float32 rounding)
+LOO_SCALE_FLOOR = 1e-3
 
 
 def _eye(n, dtype):
@@ -128,7 +135,8 @@ class ContextStandardizer(keras.layers.Layer):
     the context's mean but a fit: per task and output, the fit (of the ridge and kernel
     fits, and the mean itself) whose leave-one-out predictions miss the context's y least
     (leave-one-out cross-validation, as RidgeCV's GCV does), evaluated at the point and
-    clipped to +-BASE_CLIP standardised units (the mean below 3 context points). y_loc becomes
+    clipped to +-BASE_CLIP standardised units below 8 context points, +-3 n / 8 up to
+    +-BASE_CLIP_MAX from there (the mean below 3 context points). y_loc becomes
     [B, N, dy] = loc + scale * fit, so the head predicts the residual of that fit (the
     bar head's borders are quantiles of the prior's residuals), and every token also
     carries the fit and, on context points, the residual of its y from it. Where the
@@ -146,6 +154,17 @@ class ContextStandardizer(keras.layers.Layer):
     head's fixed borders and half-normal tails cannot follow; after the factor, Gaussian
     context values put 90% of new values within +-1.645 units at every n. It depends on n
     only, so queries stay independent and the model equivariant.
+
+    With `y_scale="loo"` (needs base_fit="loo_best"), the unit is the context's standard
+    deviation times the selected base fit's leave-one-out root-mean-square error on the
+    context in standardised units (sqrt of its mean squared LOO residual plus e^(3 - n),
+    a term that keeps the unit near the std where a handful of points make the least
+    LOO error unreliable; 1 below 3 context points), at least LOO_SCALE_FLOOR, and every
+    token carries the log of that factor: the head predicts
+    the residual in units of how far the fit misses points it did not see. An exact fit
+    (least squares on a noise-free linear task) then leaves the head almost nothing to
+    add, and on a noisy task the unit is about the noise's std. Context only, so queries
+    stay independent; a ratio of residuals, so the model stays equivariant.
 
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
@@ -179,6 +198,9 @@ class ContextStandardizer(keras.layers.Layer):
                              "kernel_length_scales")
         if y_scale not in Y_SCALES:
             raise ValueError(f"y_scale={y_scale!r} is invalid: expected one of {Y_SCALES}")
+        if y_scale == "loo" and base_fit != "loo_best":
+            raise ValueError("y_scale='loo' is the base fit's leave-one-out error: expected "
+                             f"base_fit='loo_best', got {base_fit!r}")
         if y_scale != "std" and not standardize_y:
             raise ValueError(f"y_scale={y_scale!r} is for regression (standardize_y=True): "
                              "expected 'std' for classification")
@@ -252,9 +274,18 @@ class ContextStandardizer(keras.layers.Layer):
             extra.append(_merge_last_two(self._context_loo(fit, loo, w) if self.fit_loo
                                          else fit))
             if self.base_fit == "loo_best":
-                base = self._loo_best(fit, loo, ys, w, n)
+                base, base_err, loo_resid = self._loo_best(fit, loo, ys, w, n)
                 extra += [base, (ys - base) * w]
                 y_loc = y_loc + y_scale * base
+                if self.y_scale == "loo":
+                    y_scale = y_scale * base_err
+                    # every token is told the unit and sees, in it, how far each fit is
+                    # from the base; context tokens also the base's leave-one-out residual
+                    in_unit = lambda v, u: ops.clip(v / u, -LOO_CLIP, LOO_CLIP)
+                    extra += [ops.log(base_err) * ops.ones_like(ys),
+                              in_unit(loo_resid, base_err) * w,
+                              _merge_last_two(in_unit(fit - base[:, :, None],
+                                                      base_err[:, :, None]))]
         if self.absent_features != "zero":
             if self.absent_features in ("rescale", "both"):
                 d = ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1.0)
@@ -268,9 +299,12 @@ class ContextStandardizer(keras.layers.Layer):
     @staticmethod
     def _loo_best(fit, loo, ys, w, n):
         """[B, N, dy]: per task and output, the fit [B, N, F, dy] whose leave-one-out
-        predictions loo miss the context's ys least, clipped to +-BASE_CLIP, or 0 (the
+        predictions loo miss the context's ys least, clipped to +-BASE_CLIP (up to
+        +-BASE_CLIP_MAX from 8 context points on), or 0 (the
         context's mean) where the mean's own leave-one-out error, ys_i n / (n - 1), is
-        less (always below 3 context points: too few to cross-validate a fit)."""
+        less (always below 3 context points: too few to cross-validate a fit); and
+        [B, 1, dy] the picked fit's leave-one-out RMS error, at least LOO_SCALE_FLOOR
+        (1 below 3 context points), with a small-context term (see below)."""
         err = ops.sum(ops.square(loo - ys[:, :, None]) * w[..., None], axis=1)  # (B, F, dy)
         mean_err = (ops.sum(ops.square(ys) * w, axis=1)
                     * ops.square(n[:, 0] / ops.maximum(n[:, 0] - 1.0, 1.0)))  # (B, dy)
@@ -278,7 +312,22 @@ class ContextStandardizer(keras.layers.Layer):
         err = ops.concatenate([mean_err[:, None], err], axis=1)  # the mean first: ties pick it
         pick = ops.one_hot(ops.argmin(err, axis=1), ops.shape(err)[1], axis=1,
                            dtype=fit.dtype)[:, 1:]  # (B, F, dy); all 0 for the mean
-        return ops.clip(ops.sum(fit * pick[:, None], axis=2), -BASE_CLIP, BASE_CLIP)
+        mse = ops.min(err, axis=1) / ops.maximum(n[:, 0], 1.0)  # (B, dy)
+        # From a few points the least of the fits' leave-one-out errors is often near 0 by
+        # chance (at 3-5 points the median picked error was 0.03 of the std and the prior's
+        # queries then missed by up to 1,500 of it): a term worth e^-1 less with every
+        # further point keeps the unit near the std there (5%/95% of the `default` prior's
+        # standardised query residuals -5.7/4.7 at 3-5 points, -2.1/2.1 at 12-23)
+        mse = mse + ops.exp(3.0 - n[:, 0])
+        rms = ops.sqrt(ops.maximum(mse, LOO_SCALE_FLOOR ** 2))
+        rms = ops.where(n[:, 0] < 3.0, ops.ones_like(rms), rms)
+        clip = BASE_CLIP * ops.clip(n[:, 0] / 8.0, 1.0, BASE_CLIP_MAX / BASE_CLIP)  # (B, 1)
+        base = ops.sum(fit * pick[:, None], axis=2)  # (B, N, dy)
+        resid = ops.where(ops.sum(pick, axis=1, keepdims=True) > 0,  # (B, N, dy)
+                          ops.sum((ys[:, :, None] - loo) * pick[:, None], axis=2),
+                          ys * (n / ops.maximum(n - 1.0, 1.0))) * w
+        return (ops.minimum(ops.maximum(base, -clip[:, None]), clip[:, None]), rms[:, None],
+                resid)
 
     @property
     def _need_loo(self):
@@ -360,6 +409,8 @@ class ContextStandardizer(keras.layers.Layer):
         flags = dx if self.absent_features in ("flags", "both") else 0
         ridge = dy * (len(self.ridge_penalties) + len(self.kernel_length_scales))
         base = 2 * dy if self.base_fit != "none" else 0
+        if self.y_scale == "loo":  # the unit, the LOO residual, and each fit in the unit
+            base += 2 * dy + ridge
         feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge + base), dtype=x.dtype)
         loc = keras.KerasTensor((b, n if base else 1, dy), dtype=x.dtype)
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)

@@ -60,7 +60,9 @@ class InContextTransformer(keras.Model):
       base_fit: "loo_best" centres every prediction on the fit with the least
         leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
-        context's size (ContextStandardizer); "std" leaves it the context's std.
+        context's size (ContextStandardizer); "loo" makes it the base fit's
+        leave-one-out error (needs base_fit="loo_best"); "std" leaves it the
+        context's std.
 
     Example:
 

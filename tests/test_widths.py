@@ -181,7 +181,8 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
     ("flags", "[0.001,1]", "", ""), ("rescale", "[0.1]", "", ""), ("flags", "[0.1]", "[0.2,1]", ""),
     ("flags", "[0.001,1]", "[0.2,1]", "fit_loo=true"),
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best"),
-    ("flags", "[0.001,1]", "[0.2,1]", "y_scale=student_t")])
+    ("flags", "[0.001,1]", "[0.2,1]", "y_scale=student_t"),
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo")])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
                                                                               kernel, loo):
     import keras
@@ -192,7 +193,7 @@ def test_query_independence_permutation_and_per_feature_equivariance_hold_for(ab
                                               f"model.absent_features={absent}"]
                           + ([f"model.ridge_penalties={ridge}"] if ridge else [])
                           + ([f"model.kernel_length_scales={kernel}"] if kernel else [])
-                          + ([f"model.{loo}"] if loo else []))
+                          + [f"model.{o}" for o in loo.split()])
     keras.utils.set_random_seed(0)
     model = build_model(cfg)
     for w in model.get_layer("head").weights:
@@ -482,7 +483,7 @@ def test_with_student_t_scale_90_percent_of_gaussian_queries_lie_within_z95_at_e
     with pytest.raises(ValueError, match="y_scale='t' is invalid"):
         ContextStandardizer(y_scale="t")
     with pytest.raises(ValueError, match=r"model.y_scale='t' is invalid.*expected one of "
-                                         r"\('std', 'student_t'\)"):
+                                         r"\('std', 'student_t', 'loo'\)"):
         apply_overrides(get_preset("tiny"), ["model.y_scale=t"])
     with pytest.raises(ValueError, match=r"model.y_scale='student_t'.*classification"):
         apply_overrides(get_preset("classify"), ["model.y_scale=student_t"])
@@ -497,3 +498,87 @@ def test_the_bar_borders_follow_the_y_scale():
     std = prior_borders(cfg, n_tasks=256)
     student = prior_borders(apply_overrides(cfg, ["model.y_scale=student_t"]), n_tasks=256)
     assert student[-1] - student[0] < 0.8 * (std[-1] - std[0]), (std, student)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_with_the_loo_scale_the_unit_is_the_base_fits_leave_one_out_error(d):
+    """y_scale=loo: on a noise-free linear task the picked fit (least squares) misses
+    points it did not see by almost nothing, so the unit shrinks to a small fraction of
+    the std and the head has nothing to add; with noise of std s the unit is about s;
+    below 3 context points it is the std; without base_fit it is refused."""
+    from gpicl_tf.layers import ContextStandardizer
+
+    rng = np.random.default_rng(2)
+    b, n, k = 64, 48, 32
+    x = rng.uniform(-1, 1, (b, n, d)).astype(np.float32)
+    w = rng.normal(size=(b, d, 1)).astype(np.float32)
+    clean = np.einsum("bnd,bdk->bnk", x, w) * 50.0 + 7.0
+    kw = dict(ridge_penalties=(1e-3, 1.0), kernel_length_scales=(0.3,), base_fit="loo_best")
+    q = np.broadcast_to(np.arange(n) >= k, (b, n)).astype(np.float32)
+    layer = ContextStandardizer(y_scale="loo", **kw)
+    plain = ContextStandardizer(**kw)
+    for noise in (0.0, 5.0):
+        y = (clean + noise * rng.normal(size=clean.shape)).astype(np.float32)
+        feats, _, unit = layer(x, y * (1 - q[..., None]), q)
+        _, _, std = plain(x, y * (1 - q[..., None]), q)
+        ratio = (unit / std).numpy()[:, 0, 0]
+        if noise == 0.0:
+            assert np.all(ratio < 0.01), ratio.max()
+        else:  # the noise's std over the context's std; ridge's LOO error is a bit above it
+            want = noise / std.numpy()[:, 0, 0]
+            assert 0.9 < np.median(ratio / want) < 1.3, np.median(ratio / want)
+        # every token carries the log of the factor, then (context) the base's leave-one-out
+        # residual in the unit, then each of the 3 fits' distance from the base in the unit
+        f = feats.numpy()
+        np.testing.assert_allclose(f[..., -5], np.log(ratio)[:, None] + 0 * q,
+                                   rtol=1e-5, atol=1e-5)
+        rms = np.sqrt(np.sum(f[..., -4] ** 2, axis=1) / k)
+        if noise:  # the unit is that RMS (and e^(3 - k), negligible at k = 32)
+            np.testing.assert_allclose(rms, 1.0, rtol=1e-3)
+        else:  # ... unless below the floor, 1e-3 of the std
+            assert np.all(rms < 0.1), rms.max()
+        assert np.all(f[..., -4][q > 0] == 0)
+        assert np.abs(f[..., -3:]).max() <= 10.0  # clipped to +-LOO_CLIP
+    q2 = np.broadcast_to(np.arange(n) >= 2, (b, n)).astype(np.float32)
+    _, _, unit = layer(x, clean * (1 - q2[..., None]), q2)
+    _, _, std = plain(x, clean * (1 - q2[..., None]), q2)
+    np.testing.assert_allclose(unit.numpy(), std.numpy())
+    with pytest.raises(ValueError, match="y_scale='loo'.*expected base_fit='loo_best'"):
+        ContextStandardizer(y_scale="loo", ridge_penalties=(1.0,))
+    with pytest.raises(ValueError, match=r"model.y_scale='loo' is invalid.*'loo' only with "
+                                         r"base_fit='loo_best'"):
+        apply_overrides(get_preset("tiny"), ["model.ridge_penalties=[1]", "model.y_scale=loo"])
+
+
+def test_the_base_fit_extrapolates_a_linear_task_beyond_3_stds_from_8_context_points():
+    """base_fit=loo_best clips the picked fit to +-3 context stds below 8 context points
+    (a fit picked from a handful of points can extrapolate far), +-3 n / 8 up to +-6 from
+    there: from 16 points least squares is right beyond +-3 (2-14 of 64 noise-free linear
+    Garg tasks at k = 16 have such a query) and the base then equals the line."""
+    from gpicl_tf.layers import ContextStandardizer
+
+    rng = np.random.default_rng(4)
+    layer = ContextStandardizer(ridge_penalties=(1e-3,), kernel_length_scales=(0.3,),
+                                base_fit="loo_best")
+    for k, clip in ((4, 3.0), (8, 3.0), (12, 4.5), (16, 6.0), (32, 6.0)):
+        x = rng.uniform(-0.2, 0.2, (1, k + 3, 2)).astype(np.float32)
+        x[0, k:] = [[0.8, 0.8], [-0.8, -0.8], [0.05, 0.0]]  # queries far out, and one inside
+        y = (x @ np.array([[3.0], [1.0]], np.float32) + 2.0).astype(np.float32)
+        q = (np.arange(k + 3) >= k).astype(np.float32)[None]
+        _, loc, _ = layer(x, y * (1 - q[..., None]), q)
+        cy = y[0, :k, 0]
+        z_true = (y[0, k:, 0] - cy.mean()) / cy.std()
+        z_base = (loc.numpy()[0, k:, 0] - cy.mean()) / cy.std()
+        assert np.abs(z_true[:2]).min() > 6.0, z_true  # both far queries beyond any clip
+        np.testing.assert_allclose(np.abs(z_base[:2]), clip, rtol=1e-4)
+        np.testing.assert_allclose(z_base[2], z_true[2], atol=1e-3)  # inside: the line
+    x = rng.uniform(-1, 1, (1, 19, 2)).astype(np.float32)
+    y = (x @ np.array([[3.0], [1.0]], np.float32) + 2.0).astype(np.float32)
+    q = (np.arange(19) >= 16).astype(np.float32)[None]
+    x[0, 16] = [1.6, 1.6]  # beyond 3 stds of the context's y, within 6
+    y[0, 16] = 3.0 * 1.6 + 1.6 + 2.0
+    _, loc, _ = layer(x, y * (1 - q[..., None]), q)
+    cy = y[0, :16, 0]
+    assert 3.0 < (y[0, 16, 0] - cy.mean()) / cy.std() < 6.0
+    # ridge 1e-3 shrinks the line by about 1e-4 of itself; a clip at 3 would miss by > 0.5 std
+    np.testing.assert_allclose(loc.numpy()[0, 16:, 0], y[0, 16:, 0], atol=1e-3 * cy.std())
