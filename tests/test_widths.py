@@ -384,7 +384,11 @@ def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_erro
     with pytest.raises(ValueError, match=r"model.base_fit='loo_best'.*other than 'none' only "
                                          r"with ridge_penalties or kernel_length_scales"):
         apply_overrides(get_preset("tiny"), ["model.base_fit=loo_best"])
-    assert apply_overrides(get_preset("default"), ["model.base_fit=none"]).model.base_fit == "none"
+    assert apply_overrides(get_preset("default"), ["model.base_fit=none", "model.y_scale=std"]
+                           ).model.base_fit == "none"
+    with pytest.raises(ValueError, match=r"model.y_scale='loo'.*'loo' only with "
+                                         r"base_fit='loo_best'"):  # the default's unit needs it
+        apply_overrides(get_preset("default"), ["model.base_fit=none"])
 
 
 @pytest.mark.parametrize("field, value, expected", [
