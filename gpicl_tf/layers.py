@@ -159,9 +159,11 @@ class ContextStandardizer(keras.layers.Layer):
     deviation times the selected base fit's leave-one-out root-mean-square error on the
     context in standardised units (sqrt of its mean squared LOO residual plus e^(3 - n),
     a term that keeps the unit near the std where a handful of points make the least
-    LOO error unreliable; 1 below 3 context points), at least LOO_SCALE_FLOOR, and every
-    token carries the log of that factor: the head predicts
-    the residual in units of how far the fit misses points it did not see. An exact fit
+    LOO error unreliable; 1 below 3 context points), at least LOO_SCALE_FLOOR: the head
+    predicts the residual in units of how far the fit misses points it did not see, and
+    every token also carries the log of that factor, each fit's distance from the base
+    in the unit (clipped to +-LOO_CLIP) and, on context points, the base's leave-one-out
+    residual in the unit. An exact fit
     (least squares on a noise-free linear task) then leaves the head almost nothing to
     add, and on a noisy task the unit is about the noise's std. Context only, so queries
     stay independent; a ratio of residuals, so the model stays equivariant.
@@ -169,7 +171,8 @@ class ContextStandardizer(keras.layers.Layer):
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
       = (x std., y std. zeroed on queries, query flag (, presence flags)
-      (, ridge predictions) (, kernel predictions) (, base fit, context residual)),
+      (, ridge predictions) (, kernel predictions) (, base fit, context residual)
+      (, with y_scale="loo": log unit, context LOO residual, each fit less the base)),
       y_loc [B, 1, dy] ([B, N, dy] with base_fit), y_scale [B, 1, dy].
     """
 
@@ -302,9 +305,10 @@ class ContextStandardizer(keras.layers.Layer):
         predictions loo miss the context's ys least, clipped to +-BASE_CLIP (up to
         +-BASE_CLIP_MAX from 8 context points on), or 0 (the
         context's mean) where the mean's own leave-one-out error, ys_i n / (n - 1), is
-        less (always below 3 context points: too few to cross-validate a fit); and
+        less (always below 3 context points: too few to cross-validate a fit);
         [B, 1, dy] the picked fit's leave-one-out RMS error, at least LOO_SCALE_FLOOR
-        (1 below 3 context points), with a small-context term (see below)."""
+        (1 below 3 context points), with a small-context term (see below); and [B, N, dy]
+        the picked fit's leave-one-out residuals on the context (0 on queries)."""
         err = ops.sum(ops.square(loo - ys[:, :, None]) * w[..., None], axis=1)  # (B, F, dy)
         mean_err = (ops.sum(ops.square(ys) * w, axis=1)
                     * ops.square(n[:, 0] / ops.maximum(n[:, 0] - 1.0, 1.0)))  # (B, dy)

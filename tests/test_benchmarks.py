@@ -53,3 +53,22 @@ def test_baselines_from_refuses_other_tasks(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "'sine' at k=16" in err and "not the same tasks" in err
+
+
+def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
+    """benchmarks/unit_residuals.py on the `default` prior: with the loo unit's e^(3 - k)
+    term, the middle 90% of standardised query residuals at 3-5 context points spans
+    tens of units at most; without it the least leave-one-out error, ~0 by chance, makes it
+    hundreds of units wide; from 12 points the two agree (the term is negligible)."""
+    from benchmarks import unit_residuals
+
+    assert unit_residuals.main(["--tasks", "512"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[1][:1].isdigit():
+            rows[(cells[0], cells[1])] = [float(v) for v in cells[4:]]
+    loo, bare = rows[("loo", "3-5")], rows[("loo, no e^(3-k)", "3-5")]
+    assert 20 * (loo[4] - loo[0]) < bare[4] - bare[0], (loo, bare)  # 2048 tasks: 10 vs 3500
+    assert rows[("loo", "24-64")] == pytest.approx(rows[("loo, no e^(3-k)", "24-64")], abs=1e-3)
+    assert 2.0 < rows[("loo", "24-64")][4] - rows[("loo", "24-64")][0] < 6.0

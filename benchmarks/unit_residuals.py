@@ -1,0 +1,82 @@
+"""How wide are the prior's query residuals in the head's unit (model.y_scale)?
+
+For tasks of a preset's training prior, standardises every query's y as the model does
+(ContextStandardizer: the base fit's residual over the unit) and prints, per bucket of
+context sizes, the median unit (in context stds) and the 5/25/50/75/95% quantiles of the
+standardised residuals, for each unit: "std" (the context's std), "loo" (the base fit's
+leave-one-out error, the `default`'s) and, for comparison, "loo" without its small-context
+term e^(3 - k) (how it was first tried: the least of the fits' leave-one-out errors is often
+near 0 by chance at a handful of points). A unit is good for the bar head when these
+quantiles are alike in every bucket.
+
+    python benchmarks/unit_residuals.py [--preset default] [--tasks 2048]
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from gpicl_tf import data as data_lib  # noqa: E402
+from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
+from gpicl_tf.layers import ContextStandardizer  # noqa: E402
+from gpicl_tf.model import standardizer_kwargs  # noqa: E402
+from gpicl_tf.train import BORDERS_STREAM  # noqa: E402
+
+BUCKETS = ((0, 3), (3, 6), (6, 12), (12, 24), (24, 65))
+LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def standardised(layer, b):
+    """(z [T, N], unit [T] in context stds) of the queries' y under `layer`."""
+    _, loc, scale = layer(b["x"], b["y"], b["is_query"])
+    scale = np.where(scale.numpy() > 0, scale.numpy(), 1.0)
+    return (b["y"].numpy() - loc.numpy())[..., 0] / scale[:, :, 0], scale[:, 0, 0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="default")
+    p.add_argument("--tasks", type=int, default=2048)
+    a = p.parse_args(argv)
+    cfg = get_preset(a.preset)
+    if cfg.model.base_fit != "loo_best":
+        p.error(f"--preset {a.preset}: model.base_fit is {cfg.model.base_fit!r}; the units "
+                "compared here need 'loo_best'")
+    b = data_lib.sample_batch(cfg.task, cfg.train.seed, a.tasks, stream=BORDERS_STREAM)
+    q = b["is_query"].numpy() > 0.5
+    n = (~q).sum(axis=1)
+    units = {}
+    for rule in ("std", "loo"):
+        m = apply_overrides(cfg, [f"model.y_scale={rule}"]).model
+        units[rule] = standardised(ContextStandardizer(eps=m.std_eps, **standardizer_kwargs(m)), b)
+    # the loo unit without its small-context term: the same unit, e^(3 - k) taken back out
+    z, unit = units["loo"]
+    std_unit = units["std"][1]
+    ratio = unit / np.where(std_unit > 0, std_unit, 1.0)
+    bare = np.sqrt(np.maximum(ratio ** 2 - np.exp(3.0 - n), 1e-6))
+    bare = np.where(n < 3, ratio, bare)
+    units["loo, no e^(3-k)"] = (z * (ratio / bare)[:, None], bare * std_unit)
+    print(f"{a.tasks} tasks of the `{a.preset}` prior (seed {cfg.train.seed}, the bar borders' "
+          "stream); standardised query residuals (y - base) / unit")
+    print("| unit | context points | tasks | median unit (context stds) | "
+          + " | ".join(f"{v:.0%}" for v in LEVELS) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(LEVELS))
+    for name, (z, unit) in units.items():
+        rel = unit / np.where(std_unit > 0, std_unit, 1.0)
+        for lo, hi in BUCKETS:
+            t = (n >= lo) & (n < hi)
+            if not t.any():
+                continue
+            qs = np.quantile(z[t][q[t]], LEVELS)
+            print(f"| {name} | {lo}-{hi - 1} | {int(t.sum())} | {np.median(rel[t]):.3g} | "
+                  + " | ".join(f"{v:.3g}" for v in qs) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
