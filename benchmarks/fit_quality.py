@@ -35,7 +35,7 @@ SUITES = ("random_mlp,sine,polynomial,gp_rbf_l0.1,gp_rbf_l0.5,shift_noisy,"
           "garg_linear_d2_noisy,garg_linear_d4_noisy,garg_linear_d8_noisy,garg_tree_d4")
 
 
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", nargs="+", required=True)
     p.add_argument("--scales", default=None, help="kernel length scales (default: the preset's)")
@@ -45,7 +45,7 @@ def main():
                         "--noise")
     p.add_argument("--suites", default=SUITES)
     p.add_argument("--ks", default="16,32")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     cfg = get_preset("default")
     m = cfg.model
     scales = (tuple(float(v) for v in a.scales.split(",")) if a.scales
@@ -60,7 +60,8 @@ def main():
     except ValueError as e:
         p.error(str(e))
     fit_kw = {**standardizer_kwargs(m), "absent_features": m.absent_features}
-    layer = ContextStandardizer(**{**fit_kw, "base_fit": "none"})
+    # the fits alone (their unit is irrelevant here: "loo" needs a base fit)
+    layer = ContextStandardizer(**{**fit_kw, "base_fit": "none", "y_scale": "std"})
     based = ContextStandardizer(**{**fit_kw, "base_fit": "loo_best"})
     results = {}
     for path in a.results:
@@ -92,7 +93,8 @@ def main():
                        if n not in ("model", "bayes_optimal"))
             print(f"| {s.name} | {k} | {methods['model'][str(k)]['nmse']:.3g} | {best:.3g} | "
                   + " | ".join(f"{v:.3g}" for v in nmse) + " |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

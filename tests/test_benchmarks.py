@@ -72,3 +72,21 @@ def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
     assert 20 * (loo[4] - loo[0]) < bare[4] - bare[0], (loo, bare)  # 2048 tasks: 10 vs 3500
     assert rows[("loo", "24-64")] == pytest.approx(rows[("loo, no e^(3-k)", "24-64")], abs=1e-3)
     assert 2.0 < rows[("loo", "24-64")][4] - rows[("loo", "24-64")][0] < 6.0
+
+
+def test_fit_quality_scores_the_default_presets_fits_on_the_evaluated_tasks(capsys):
+    """benchmarks/fit_quality.py on the `default` (whose unit, model.y_scale=loo, needs a
+    base fit: the fits alone are read without one): one row per cell, the model's figure
+    that of the results file, the picked fit far better than least squares on sine and
+    within 1.5x of the best single fit."""
+    from benchmarks import fit_quality
+
+    path = os.path.join(RESULTS, "default_1d_eval.json")
+    assert fit_quality.main(["--results", path, "--suites", "sine", "--ks", "16"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sine")]
+    cells = [float(c) for c in row[0].strip("|").split("|")[2:]]
+    model, fits, picked = cells[0], cells[2:-1], cells[-1]
+    assert model == pytest.approx(_load("default_1d_eval.json")["suites"]["sine"]["methods"]
+                                  ["model"]["16"]["nmse"], rel=5e-3)
+    assert len(fits) == 12  # 4 ridge penalties, 8 kernel fits
+    assert picked < 0.1 * fits[0] and picked <= 1.5 * min(fits), (picked, fits)
