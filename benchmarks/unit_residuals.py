@@ -21,21 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from gpicl_tf import data as data_lib  # noqa: E402
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
-from gpicl_tf.layers import ContextStandardizer  # noqa: E402
-from gpicl_tf.model import standardizer_kwargs  # noqa: E402
-from gpicl_tf.train import BORDERS_STREAM  # noqa: E402
+from gpicl_tf.layers import loo_small_context_term  # noqa: E402
+from gpicl_tf.train import standardised_prior  # noqa: E402
 
 BUCKETS = ((0, 3), (3, 6), (6, 12), (12, 24), (24, 65))
 LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-def standardised(layer, b):
-    """(z [T, N], unit [T] in context stds) of the queries' y under `layer`."""
-    _, loc, scale = layer(b["x"], b["y"], b["is_query"])
-    scale = np.where(scale.numpy() > 0, scale.numpy(), 1.0)
-    return (b["y"].numpy() - loc.numpy())[..., 0] / scale[:, :, 0], scale[:, 0, 0]
 
 
 def main(argv=None) -> int:
@@ -47,27 +38,27 @@ def main(argv=None) -> int:
     if cfg.model.base_fit != "loo_best":
         p.error(f"--preset {a.preset}: model.base_fit is {cfg.model.base_fit!r}; the units "
                 "compared here need 'loo_best'")
-    b = data_lib.sample_batch(cfg.task, cfg.train.seed, a.tasks, stream=BORDERS_STREAM)
+    units = {}  # name: (z [T, N], unit [T] in the context's stds)
+    for rule in ("std", "loo"):
+        z, unit, b = standardised_prior(apply_overrides(cfg, [f"model.y_scale={rule}"]),
+                                        a.tasks)
+        units[rule] = (z[..., 0], unit[:, 0, 0])
     q = b["is_query"].numpy() > 0.5
     n = (~q).sum(axis=1)
-    units = {}
-    for rule in ("std", "loo"):
-        m = apply_overrides(cfg, [f"model.y_scale={rule}"]).model
-        units[rule] = standardised(ContextStandardizer(eps=m.std_eps, **standardizer_kwargs(m)), b)
-    # the loo unit without its small-context term: the same unit, e^(3 - k) taken back out
-    z, unit = units["loo"]
-    std_unit = units["std"][1]
-    ratio = unit / np.where(std_unit > 0, std_unit, 1.0)
-    bare = np.sqrt(np.maximum(ratio ** 2 - np.exp(3.0 - n), 1e-6))
+    # the loo unit without its small-context term: the same unit, the term taken back out
+    ratio = units["loo"][1] / units["std"][1]
+    bare = np.sqrt(np.maximum(ratio ** 2 - loo_small_context_term(n.astype(np.float64)),
+                              1e-6))
     bare = np.where(n < 3, ratio, bare)
-    units["loo, no e^(3-k)"] = (z * (ratio / bare)[:, None], bare * std_unit)
+    units["loo, no e^(3-k)"] = (units["loo"][0] * (ratio / bare)[:, None],
+                                bare * units["std"][1])
     print(f"{a.tasks} tasks of the `{a.preset}` prior (seed {cfg.train.seed}, the bar borders' "
           "stream); standardised query residuals (y - base) / unit")
     print("| unit | context points | tasks | median unit (context stds) | "
           + " | ".join(f"{v:.0%}" for v in LEVELS) + " |")
     print("|---|---|---:|---:|" + "---:|" * len(LEVELS))
     for name, (z, unit) in units.items():
-        rel = unit / np.where(std_unit > 0, std_unit, 1.0)
+        rel = unit / units["std"][1]
         for lo, hi in BUCKETS:
             t = (n >= lo) & (n < hi)
             if not t.any():

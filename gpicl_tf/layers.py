@@ -69,6 +69,13 @@ def student_t_factor(n):
     return ops.where(n < 2.0, ops.ones_like(factor), factor)
 
 
+def loo_small_context_term(n):
+    """e^(3 - n): what y_scale="loo" adds to the base fit's mean squared leave-one-out error
+    (in context variances) for n context points, so that the unit stays near the context's
+    std where a handful of points make that error unreliable (ContextStandardizer)."""
+    return ops.exp(3.0 - n)
+
+
 def _merge_last_two(fits):
     """[B, N, P, dy] -> [B, N, P x dy] (P-major)."""
     shape = ops.shape(fits)
@@ -322,7 +329,7 @@ class ContextStandardizer(keras.layers.Layer):
         # queries then missed by up to 1,500 of it): a term worth e^-1 less with every
         # further point keeps the unit near the std there (5%/95% of the `default` prior's
         # standardised query residuals -5.7/4.7 at 3-5 points, -2.1/2.1 at 12-23)
-        mse = mse + ops.exp(3.0 - n[:, 0])
+        mse = mse + loo_small_context_term(n[:, 0])
         rms = ops.sqrt(ops.maximum(mse, LOO_SCALE_FLOOR ** 2))
         rms = ops.where(n[:, 0] < 3.0, ops.ones_like(rms), rms)
         clip = BASE_CLIP * ops.clip(n[:, 0] / 8.0, 1.0, BASE_CLIP_MAX / BASE_CLIP)  # (B, 1)

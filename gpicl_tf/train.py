@@ -138,15 +138,11 @@ FINAL = "final.json"  # figures of a finished run, read back when it is rerun
 BORDERS_STREAM = 0xB0D5  # the tasks that place the bar head's borders (no training step)
 
 
-def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
-    """The bar head's n_bins + 1 borders: quantiles of the standardised query y of n_tasks
-    tasks of the training prior (standardised by each task's context, as the model does:
-    with model.base_fit, the residuals of the base fit, in units of model.y_scale).
-
-    A pure function of (task config, seed, n_bins): every worker and every resume
-    computes the same borders (they are also in every checkpoint).
-    """
-    from gpicl_tf.distributions import borders_from_samples
+def standardised_prior(cfg: ExperimentConfig, n_tasks: int = 2048):
+    """n_tasks tasks of the training prior (the borders' stream) standardised by each
+    task's context as the model does (with model.base_fit, the residuals of the base fit;
+    in units of model.y_scale): (z [T, N, dy], unit [T, 1, dy] (a zero unit, a constant
+    context, counted as 1), the batch)."""
     from gpicl_tf.layers import ContextStandardizer
     from gpicl_tf.model import standardizer_kwargs
 
@@ -157,7 +153,19 @@ def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
         kw = {"y_scale": m.y_scale}
     _, loc, scale = ContextStandardizer(eps=m.std_eps, **kw)(b["x"], b["y"], b["is_query"])
     scale = tf.where(scale > 0, scale, tf.ones_like(scale))
-    z = ((b["y"] - loc) / scale).numpy()  # (T, N, dy)
+    return ((b["y"] - loc) / scale).numpy(), scale.numpy(), b
+
+
+def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
+    """The bar head's n_bins + 1 borders: quantiles of the standardised query y of n_tasks
+    tasks of the training prior (`standardised_prior`).
+
+    A pure function of (task config, seed, n_bins): every worker and every resume
+    computes the same borders (they are also in every checkpoint).
+    """
+    from gpicl_tf.distributions import borders_from_samples
+
+    z, _, b = standardised_prior(cfg, n_tasks)
     return borders_from_samples(z[b["is_query"].numpy() > 0.5], cfg.model.n_bins)
 
 
