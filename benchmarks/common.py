@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmarks: a matmul peak and model FLOP counts."""
+"""Shared helpers of the benchmarks: a matmul peak, model FLOP counts, cores used."""
 
+import resource
 import time
 
 import tensorflow as tf
@@ -33,3 +34,9 @@ def train_flops_per_step(cfg) -> float:
     per_token_layer += 2 * 2 * d * m.mlp_ratio * d       # MLP in and out
     per_token = m.n_layers * per_token_layer + 2 * (t.x_dim + t.y_dim + 1) * d + 2 * d * t.y_dim
     return 3.0 * per_token * b * n
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime

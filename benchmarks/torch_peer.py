@@ -16,6 +16,7 @@ step is timed. Prints one JSON line.
 import argparse
 import json
 import math
+import resource
 import time
 
 import torch
@@ -108,10 +109,17 @@ def time_steps(model, batch, steps, compiled):
     fn = torch.compile(step) if compiled else step
     for _ in range(5):  # compile and warm up
         fn()
-    tic = time.perf_counter()
+    cpu, tic = cpu_seconds(), time.perf_counter()
     for _ in range(steps):
         loss = fn()
-    return steps / (time.perf_counter() - tic), float(loss)
+    wall = time.perf_counter() - tic
+    return steps / wall, float(loss), (cpu_seconds() - cpu) / wall
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def matmul_peak(n=2048, repeats=20):
@@ -144,8 +152,9 @@ def main():
     for name, compiled in (("eager", False), ("compile", True)):
         model = InContextTransformer(d=a.d_model, layers=a.layers, heads=a.heads,
                                      key_dim=a.key_dim or None, mlp_ratio=a.mlp_ratio)
-        rate, loss = time_steps(model, batch, a.steps, compiled)
+        rate, loss, cores = time_steps(model, batch, a.steps, compiled)
         out[f"{name}_steps_per_sec"], out[f"{name}_last_loss"] = rate, loss
+        out[f"{name}_cores"] = cores  # CPU seconds per second while timed
     print(json.dumps(out))
 
 

@@ -90,3 +90,42 @@ def test_fit_quality_scores_the_default_presets_fits_on_the_evaluated_tasks(caps
                                   ["model"]["16"]["nmse"], rel=5e-3)
     assert len(fits) == 12  # 4 ridge penalties, 8 kernel fits
     assert picked < 0.1 * fits[0] and picked <= 1.5 * min(fits), (picked, fits)
+
+
+def test_distribution_targets_reads_coverage_from_a_larger_run(tmp_path, capsys):
+    """--coverage takes the coverage cells (and their task count) from another results file,
+    leaving every other target cell as the first file has it; the 95% interval is printed."""
+    from benchmarks import distribution_targets
+
+    bar = os.path.join(RESULTS, "default_1d_eval.json")
+    mse = os.path.join(RESULTS, "default_mse_1d_eval.json")
+    assert distribution_targets.main([bar, "--mse", mse]) == 0
+    before = capsys.readouterr().out
+    big = _load("default_1d_eval.json")
+    big["n_tasks"] = 2048
+    for s in big["suites"].values():
+        for cell in s["methods"]["model"].values():
+            cell["cover50"], cell["cover50_ci95"] = 0.5, [0.49, 0.51]
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    assert distribution_targets.main([bar, "--mse", mse, "--coverage",
+                                      str(tmp_path / "big.json")]) == 0
+    after = capsys.readouterr().out
+    assert "128 tasks of 16 queries" in before and "2048 tasks of 16 queries" in after
+    assert "cover50: 0/12" in before and "cover50: 12/12" in after
+    assert "0.500 [0.490, 0.510]" in after
+    keep = [ln for ln in before.splitlines() if "cover" not in ln and "tasks of" not in ln
+            and not ln.startswith("| prior") and not ln.startswith("| random_mlp |")]
+    assert keep == [ln for ln in after.splitlines() if "cover" not in ln
+                    and "tasks of" not in ln and not ln.startswith("| prior")
+                    and not ln.startswith("| random_mlp |")]
+
+
+def test_full_core_rounds_keeps_rounds_in_which_every_timing_had_the_cores():
+    """A round counts for the full-core medians only when every implementation's timing in it
+    used at least FULL_CORES of the machine's cores."""
+    from benchmarks.train_throughput import FULL_CORES, full_core_rounds
+
+    assert FULL_CORES == 0.8
+    cores = {"step only": [1.80, 1.20, 1.79, 1.61], "eager": [1.95, 1.97, 1.50, 1.99]}
+    assert full_core_rounds(cores, n_cpus=2) == [0, 3]
+    assert full_core_rounds(cores, n_cpus=4) == []
