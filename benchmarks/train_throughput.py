@@ -31,14 +31,18 @@ import tensorflow as tf  # noqa: E402
 from benchmarks.common import (matmul_peak_gflops, process_cpu_seconds,  # noqa: E402
                                train_flops_per_step)
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
-from gpicl_tf.train import Trainer, run_steps  # noqa: E402
+from gpicl_tf.train import Trainer, run_steps, stream_iterator  # noqa: E402
 
 
 def warm_trainer(cfg, **kwargs):
     """A Trainer (kwargs: strategy, dataset_fn) in a fresh folder, compiled and warmed up
-    by two calls."""
+    by two calls on the one stream iterator that every later timing of it goes on with,
+    as training keeps one iterator for a run. (A new iterator per timing put gpicl_tf in
+    a slow mode, 9.65-9.70 steps/s on 1.12-1.36 cores, in 2-4 of 8-10 rounds of the mlp1d
+    step; one kept iterator in none of 20: docs/results/README.md.)"""
     trainer = Trainer(cfg, tempfile.mkdtemp(), **kwargs)
-    run_steps(trainer, 2, cfg.train.steps_per_call)
+    trainer.bench_iterator = stream_iterator(trainer)
+    run_steps(trainer, 2, cfg.train.steps_per_call, trainer.bench_iterator)
     return trainer
 
 
@@ -57,7 +61,7 @@ def timed(trainer, calls: int):
     the cores the process used meanwhile (its CPU seconds per second)."""
     k = trainer.cfg.train.steps_per_call
     cpu, tic = process_cpu_seconds(), time.perf_counter()
-    losses = run_steps(trainer, calls, k)
+    losses = run_steps(trainer, calls, k, trainer.bench_iterator)
     wall = time.perf_counter() - tic
     return calls * k / wall, losses[-1], (process_cpu_seconds() - cpu) / wall
 
@@ -151,14 +155,15 @@ def main():
         compare_presets(a, cfg)
 
 
-# On this machine kind (2 vCPUs under Firecracker) gpicl_tf's step has a slow mode: whole
-# rounds at 9.6-9.7 steps/s instead of 10.5-13.5, in which its process used 1.13-1.36 cores
-# of CPU time instead of 1.73-1.81 (getrusage over each timing). PyTorch, timed in the same
-# rounds, used 1.95-1.99 cores in every round: its OpenMP threads spin while they wait,
-# where TensorFlow's sleep, and a sleeping vCPU may wake late. So the slow mode is
-# gpicl_tf's, not the machine's alone: the medians over all rounds are the figure of record.
-# The full-core rounds (every timing used at least FULL_CORES of os.cpu_count()) leave it
-# out, which favours gpicl_tf; they bound what removing it would give.
+# On this machine kind (2 vCPUs under Firecracker) gpicl_tf's step had a slow mode while
+# this benchmark started a new stream iterator for every timing: whole rounds at 9.65-9.70
+# steps/s, in which its process used 1.13-1.36 cores of CPU time (1.73-1.85 otherwise) and
+# the machine sat idle, with no steal time. PyTorch, timed in the same rounds, used
+# 1.95-1.99 cores in every round (its OpenMP threads spin while they wait). With one kept
+# iterator per trainer (warm_trainer), as training keeps one per run, no round of 20 fell
+# into it. Every timing still prints its cores; the full-core rounds (every timing used at
+# least FULL_CORES of os.cpu_count()) are printed beside all rounds, which stay the figure
+# of record.
 FULL_CORES = 0.8
 
 

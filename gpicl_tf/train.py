@@ -571,17 +571,24 @@ class RunLog:
         return result
 
 
-def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1) -> list:
+def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1, iterator=None) -> list:
     """Runs n_calls train calls from the trainer's current step; returns their losses.
 
-    No summaries, evaluation or checkpoints: for tests and benchmarks.
+    No summaries, evaluation or checkpoints: for tests and benchmarks. `iterator`: one
+    from `stream_iterator(trainer)` to go on drawing from, as training does (one
+    iterator per run); by default a new one starts at the trainer's step.
     """
     if trainer._train_call is None:
         trainer._train_call = trainer.build_train_call()
-    it = trainer._distributed_iterator(int(trainer.step.numpy()))
+    it = stream_iterator(trainer) if iterator is None else iterator
     n = tf.constant(steps_per_call)
     return [float(trainer._train_call(it, n)) for _ in range(n_calls)]
 
 
+def stream_iterator(trainer: Trainer):
+    """The trainer's distributed task stream from its current step (for run_steps)."""
+    return trainer._distributed_iterator(int(trainer.step.numpy()))
+
+
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "WorkerFailure", "select_strategy",
-           "run_steps"]
+           "run_steps", "stream_iterator"]

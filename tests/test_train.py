@@ -365,3 +365,24 @@ def test_the_throughput_benchmarks_step_only_path_trains_on_one_repeated_batch(
     assert a[0] == b[0]  # the same first batch and initialisation
     assert a[-1] < 0.5 * a[0], a  # fitting one batch drives its loss down
     assert a[1:] != b[1:]
+
+
+def test_run_steps_goes_on_with_a_kept_iterator_as_training_does(tiny, tmp_path, monkeypatch):
+    """run_steps on one kept stream iterator (the throughput benchmark's timings: one
+    iterator per run, as in training) trains on the tasks of one uninterrupted call
+    sequence, call for call, and draws from the iterator it is given."""
+    monkeypatch.syspath_prepend(REPO)
+    from benchmarks.train_throughput import one_batch_dataset_fn
+    from gpicl_tf.train import Trainer, run_steps, stream_iterator
+
+    whole = run_steps(Trainer(tiny, str(tmp_path / "a")), 6)
+    kept = Trainer(tiny, str(tmp_path / "b"))
+    it = stream_iterator(kept)
+    assert run_steps(kept, 2, 1, it) + run_steps(kept, 4, 1, it) == whole
+    assert int(kept.step.numpy()) == 6
+    one = Trainer(tiny, str(tmp_path / "c"), dataset_fn=one_batch_dataset_fn(tiny))
+    other = Trainer(tiny, str(tmp_path / "d"))
+    got = run_steps(other, 6, 1, stream_iterator(one))  # other's model, one's stream
+    assert got == run_steps(Trainer(tiny, str(tmp_path / "e"),
+                                    dataset_fn=one_batch_dataset_fn(tiny)), 6)
+    assert got != whole
