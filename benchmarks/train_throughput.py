@@ -157,7 +157,7 @@ def main():
 
 # On this machine kind (2 vCPUs under Firecracker) gpicl_tf's step had a slow mode while
 # this benchmark started a new stream iterator for every timing: whole rounds at 9.65-9.70
-# steps/s, in which its process used 1.13-1.36 cores of CPU time (1.73-1.85 otherwise) and
+# steps/s, in which its process used 1.12-1.36 cores of CPU time (1.73-1.85 otherwise) and
 # the machine sat idle, with no steal time. PyTorch, timed in the same rounds, used
 # 1.95-1.99 cores in every round (its OpenMP threads spin while they wait). With one kept
 # iterator per trainer (warm_trainer), as training keeps one per run, no round of 20 fell
