@@ -26,8 +26,13 @@ import math
 
 
 def _load(path):
-    with open(path) as f:
-        return json.load(f)
+    """A results file's JSON; an unreadable one ends the script with one line naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"distribution_targets.py: error: {path}: cannot read a gpicl-eval "
+                         f"results.json ({e.strerror if isinstance(e, OSError) else e})")
 
 
 def _ci(cell, key) -> str:
@@ -46,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-mse-ratio", type=float, default=1.05)
     a = p.parse_args(argv)
     bar, mse = _load(a.results), _load(a.mse)
+    cov = _load(a.coverage) if a.coverage else bar  # every file read before any output
     for key in ("seed", "n_tasks", "n_queries"):
         if bar.get(key) != mse.get(key):
             raise SystemExit(f"{key}: {bar.get(key)} against {mse.get(key)}; the two files "
@@ -71,7 +77,6 @@ def main(argv=None) -> int:
                   f"{m['bayes_optimal'][k]['nll']:.4f} | {gap:+.4f} | {m['gp'][k]['nll']:.4f} | "
                   f"{tally('nll', gap <= a.max_nll_gap)} |")
 
-    cov = _load(a.coverage) if a.coverage else bar
     print(f"\nCoverage on suites drawn from the training prior, {cov['n_tasks']} tasks of "
           f"{cov['n_queries']} queries per cell (targets: 90% interval 0.88-0.92, 50% interval "
           "0.48-0.52; in brackets the 95% interval over tasks)")

@@ -130,3 +130,22 @@ def test_full_core_rounds_keeps_rounds_in_which_every_timing_had_the_cores():
     cores = {"step only": [1.80, 1.20, 1.79, 1.61], "eager": [1.95, 1.97, 1.50, 1.99]}
     assert full_core_rounds(cores, n_cpus=2) == [0, 3]
     assert full_core_rounds(cores, n_cpus=4) == []
+
+
+def test_distribution_targets_names_an_unreadable_results_file(tmp_path, capsys):
+    """A missing or broken results file (first file, --mse or --coverage) ends in one line
+    naming it, not a traceback, before any table is printed."""
+    from benchmarks import distribution_targets
+
+    bar = os.path.join(RESULTS, "default_1d_eval.json")
+    mse = os.path.join(RESULTS, "default_mse_1d_eval.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for argv, name in (([bar, "--mse", mse, "--coverage", str(tmp_path / "no.json")], "no.json"),
+                       ([str(broken), "--mse", mse], "broken.json")):
+        with pytest.raises(SystemExit) as e:
+            distribution_targets.main(argv)
+        msg = str(e.value.code)
+        assert name in msg and "cannot read a gpicl-eval results.json" in msg
+        assert "\n" not in msg
+        assert capsys.readouterr().out == ""
