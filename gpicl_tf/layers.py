@@ -535,6 +535,12 @@ def normal_borders(n_bins: int) -> list:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+def unit_scale(y_scale):
+    """The unit a bar head's distribution is in: y_scale, or 1 (raw units of y) where it
+    is 0 (a context whose y do not vary carries no scale, as one point carries none)."""
+    return ops.where(y_scale > 0, y_scale, ops.ones_like(y_scale))
+
+
 class BarHead(keras.layers.Layer):
     """The bar-distribution head: logits over n_bins bins of each standardised output.
 
@@ -571,7 +577,7 @@ class BarHead(keras.layers.Layer):
         shape = ops.shape(h)
         logits = ops.reshape(logits, (shape[0], shape[1], self.y_dim, self.n_bins))
         mean = self.distribution().mean(logits)  # (B, N, dy), standardised
-        return logits, mean * y_scale + y_loc
+        return logits, mean * unit_scale(y_scale) + y_loc
 
     def compute_output_spec(self, h, y_loc, y_scale):
         b, n, _ = h.shape

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from gpicl_tf.layers import unit_scale
+
 
 def task_variance(y, eps: float = 1e-6):
     """Variance of each task's y over all its points: [B, 1, dy]."""
@@ -49,8 +51,7 @@ def query_nll_and_count(y, out, is_query, bars):
       y_loc, y_scale [B, 1, dy]); is_query [B, N]; bars: the head's BarDistribution.
     """
     q = tf.cast(is_query, tf.float32)
-    scale = out["y_scale"]
-    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    scale = unit_scale(out["y_scale"])
     # The gradient of the NLL w.r.t. the logits is bounded (a softmax over bins); only
     # its value grows as z^2 in the tails. Clipping z keeps that value finite in float32
     # when a context's y barely vary, and changes no gradient.

@@ -25,7 +25,7 @@ import tensorflow as tf
 from gpicl_tf.config import ExperimentConfig
 from gpicl_tf.distributions import BarDistribution
 from gpicl_tf.layers import (PACKAGE, BarHead, ContextAttentionMask, ContextStandardizer,
-                             Destandardize, TransformerBlock)
+                             Destandardize, TransformerBlock, unit_scale)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -248,14 +248,17 @@ class Predictive:
       bars: the head's BarDistribution (standardised units).
       out: the model's output dict (logits [B, N, dy, K], y_loc, y_scale [B, 1, dy]).
 
-    A context whose y do not vary (two or more points, all equal) has scale 0, as
-    in the mse head: the prediction is a point mass at that value (std 0, every
-    quantile the value, log density +inf there and -inf elsewhere).
+    A context whose y do not vary (two or more points, all equal) carries no scale:
+    as with one context point, and as the NLL loss trains it
+    (`losses.query_nll_and_count`), the distribution is the head's in raw units of y
+    around that value (`unit_scale`). (It was a point mass there: std 0 and log
+    density -inf at any other value, so one such query made a suite's mean NLL
+    infinite.) The mse head still predicts that value.
     """
 
     def __init__(self, bars: BarDistribution, out: dict):
         self.bars, self.logits = bars, out["logits"]
-        self.loc, self.scale = out["y_loc"], out["y_scale"]
+        self.loc, self.scale = out["y_loc"], unit_scale(out["y_scale"])
 
     def mean(self):
         return self.bars.mean(self.logits) * self.scale + self.loc
@@ -269,19 +272,12 @@ class Predictive:
         return qs * self.scale[..., None] + self.loc[..., None]
 
     def _standardised(self, y):
-        safe = tf.where(self.scale > 0, self.scale, tf.ones_like(self.scale))
-        return (tf.cast(y, tf.float32) - self.loc) / safe, safe
+        return (tf.cast(y, tf.float32) - self.loc) / self.scale
 
     def log_prob(self, y):
         """log density of y [B, N, dy] on the raw scale."""
-        z, safe = self._standardised(y)
-        lp = self.bars.log_prob(self.logits, z) - tf.math.log(safe)
-        inf = tf.constant(float("inf"))
-        point = tf.where(tf.cast(y, tf.float32) == self.loc, inf, -inf)
-        return tf.where(self.scale > 0, lp, point)
+        return self.bars.log_prob(self.logits, self._standardised(y)) - tf.math.log(self.scale)
 
     def cdf(self, y):
         """P(Y <= y) for y [B, N, dy] (the probability integral transform at y)."""
-        z, _ = self._standardised(y)
-        point = tf.cast(tf.cast(y, tf.float32) >= self.loc, tf.float32) * tf.ones_like(z)
-        return tf.where(self.scale > 0, self.bars.cdf(self.logits, z), point)
+        return self.bars.cdf(self.logits, self._standardised(y))

@@ -143,7 +143,7 @@ def standardised_prior(cfg: ExperimentConfig, n_tasks: int = 2048):
     task's context as the model does (with model.base_fit, the residuals of the base fit;
     in units of model.y_scale): (z [T, N, dy], unit [T, 1, dy] (a zero unit, a constant
     context, counted as 1), the batch)."""
-    from gpicl_tf.layers import ContextStandardizer
+    from gpicl_tf.layers import ContextStandardizer, unit_scale
     from gpicl_tf.model import standardizer_kwargs
 
     b = data_lib.sample_batch(cfg.task, cfg.train.seed, n_tasks, stream=BORDERS_STREAM)
@@ -152,7 +152,7 @@ def standardised_prior(cfg: ExperimentConfig, n_tasks: int = 2048):
     if m.base_fit == "none":  # the fits do not move the location: skip their solves
         kw = {"y_scale": m.y_scale}
     _, loc, scale = ContextStandardizer(eps=m.std_eps, **kw)(b["x"], b["y"], b["is_query"])
-    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    scale = unit_scale(scale)
     return ((b["y"] - loc) / scale).numpy(), scale.numpy(), b
 
 

@@ -185,6 +185,50 @@ def test_nll_loss_is_the_mean_query_nll_and_splits_exactly_over_replicas(bar_mod
     np.testing.assert_allclose(total, full, rtol=1e-5)
 
 
+def test_a_constant_context_gets_the_distribution_its_loss_trained(bar_model, bar_export):
+    """Context y that do not vary carry no scale: the distribution is the head's in raw
+    units around that value, as the NLL loss trains it (it was a point mass: log density
+    -inf at every other value, std 0), the same through the export and the estimator."""
+    from gpicl_tf import InContextRegressor
+    from gpicl_tf.losses import masked_query_loss
+    from gpicl_tf.model import bar_distribution, masked_inputs
+
+    model, _ = bar_model
+    cx, cy, qx, qy = _task(11)
+    cy[0] = 10.0  # task 0: every context y equal
+    dist, out = _keras_predictive(model, cx, cy, qx)
+    assert float(out["y_scale"][0, 0, 0]) == 0.0 and float(out["y_scale"][1, 0, 0]) > 0
+    lp = dist.log_prob(qy).numpy()
+    assert np.all(np.isfinite(lp))
+    bars = bar_distribution(model)
+    np.testing.assert_allclose(dist.std().numpy()[0], bars.stddev(out["logits"][:1]).numpy()[0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(dist.mean().numpy()[0],
+                               bars.mean(out["logits"][:1]).numpy()[0] + 10.0, rtol=1e-6)
+    np.testing.assert_allclose(out["y_pred"].numpy(), dist.mean().numpy(), rtol=1e-6)
+    assert np.all(np.diff(dist.quantiles([0.05, 0.5, 0.95]).numpy()[0], axis=-1) > 0)
+    # The reported density is the loss's: per task, -mean log density = the loss plus
+    # the mean log unit (0 for the constant context, whose unit is 1 raw unit of y).
+    inputs = masked_inputs(cx, cy, qx)
+    y = tf.concat([cy, qy], 1)
+    full = model(inputs, training=False)
+    for t in range(3):
+        one = {k: v[t:t + 1] for k, v in full.items()}
+        loss = float(masked_query_loss(y[t:t + 1], one, inputs["is_query"][t:t + 1], "nll",
+                                       bars=bars))
+        log_unit = math.log(float(out["y_scale"][t, 0, 0])) if t else 0.0
+        assert -lp[t].mean() == pytest.approx(loss + log_unit, rel=1e-4, abs=1e-4)
+    sig = tf.saved_model.load(bar_export).signatures
+    served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    np.testing.assert_allclose(served["std"].numpy(), dist.std().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served["mean"].numpy(), dist.mean().numpy(), rtol=1e-4, atol=1e-4)
+    dens = sig["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+    np.testing.assert_allclose(dens["log_prob"].numpy(), lp, rtol=1e-4, atol=1e-4)
+    assert 0.0 < float(dens["cdf"].numpy()[0].min()) and float(dens["cdf"].numpy()[0].max()) < 1.0
+    _, std = InContextRegressor(bar_export).fit(cx[0], cy[0, :, 0]).predict(qx[0], return_std=True)
+    assert np.all(np.isfinite(std)) and np.all(std > 0)
+
+
 def test_training_sets_the_prior_borders_learns_and_resumes_with_them(tmp_path):
     from gpicl_tf.train import Trainer, prior_borders
 
