@@ -311,6 +311,11 @@ class ModelConfig:
         std; every token also carries the unit, each fit's distance from the base in it
         and, on context points, the base's leave-one-out residual in it; needs
         base_fit="loo_best"). Regression only.
+      recalibrate: the bar head's distribution is recalibrated per context size
+        (BarHead): after the last training step, the map of each context-size bucket is
+        fitted to the probability integral transforms of the training prior's query
+        points (`gpicl_tf.train.fit_recalibration`, a stream of its own), so its 50% and
+        90% central intervals cover that share of the prior's queries. Bar head only.
     """
 
     d_model: int = 64
@@ -329,9 +334,13 @@ class ModelConfig:
     fit_loo: bool = False
     base_fit: str = "none"
     y_scale: str = "std"
+    recalibrate: bool = False
 
     def __post_init__(self):
         o = "model"
+        _require(isinstance(self.recalibrate, bool) and (not self.recalibrate
+                                                         or self.head == "bar"),
+                 o, "recalibrate", self.recalibrate, "a bool, true only with head='bar'")
         _require(self.head in HEADS, o, "head", self.head, f"one of {HEADS}")
         _require(_is_int(self.n_bins) and 3 <= self.n_bins <= 10_000, o, "n_bins",
                  self.n_bins, "an integer in [3, 10,000]")

@@ -5,6 +5,8 @@ Shapes: B tasks, N points, dx/dy input/output widths, D model width.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -541,6 +543,49 @@ def unit_scale(y_scale):
     return ops.where(y_scale > 0, y_scale, ops.ones_like(y_scale))
 
 
+RECAL_BUCKETS = 13  # context sizes 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, ..., 48-63, 64+
+# The levels at which the recalibration map is given: every 0.05, finer in the tails,
+# where a prior's far misses pile up its probability integral transforms.
+RECAL_LEVELS = ((0.0, 0.002, 0.01, 0.025) + tuple(round(0.05 * i, 2) for i in range(1, 20))
+                + (0.975, 0.99, 0.998, 1.0))
+RECAL_KNOTS = len(RECAL_LEVELS) - 1  # the map's pieces
+
+
+def context_bucket(n):
+    """The recalibration bucket [...] (int32) of context sizes n [...]: n itself below 4,
+    then two buckets per doubling (4-5, 6-7, 8-11, 12-15, 16-23, ...), at most 12."""
+    n = ops.maximum(ops.cast(n, "float32"), 0.0)
+    e = ops.floor(ops.log(ops.maximum(n, 1.0)) / math.log(2.0) + 1e-6)  # floor(log2 n)
+    half = ops.cast(n >= 1.5 * ops.power(2.0, e), "float32")
+    b = ops.where(n < 4.0, n, 4.0 + 2.0 * (e - 2.0) + half)
+    return ops.cast(ops.minimum(b, RECAL_BUCKETS - 1), "int32")
+
+
+def _mapped_mass(table, left, mass):
+    """The mass R(left + mass) - R(left) of intervals under the increasing piecewise-linear
+    R given by table [B, RECAL_KNOTS + 1] (its values at RECAL_LEVELS): left, mass [B, ...]
+    float64. Where the interval lies within one of R's pieces, it is the piece's slope
+    times mass, exact however small the mass; elsewhere the difference of R's values."""
+    levels = ops.convert_to_tensor(RECAL_LEVELS, "float64")
+    shape = ops.shape(left)
+    left = ops.reshape(left, (shape[0], -1))
+    mass = ops.reshape(mass, (shape[0], -1))
+    right = ops.minimum(left + mass, 1.0)
+
+    def value(u):
+        i = ops.searchsorted(levels, ops.reshape(u, (-1,)), side="right") - 1
+        i = ops.reshape(ops.cast(ops.clip(i, 0, RECAL_KNOTS - 1), "int32"), ops.shape(u))
+        lo = ops.take_along_axis(table, i, axis=1)
+        hi = ops.take_along_axis(table, i + 1, axis=1)
+        slope = (hi - lo) / (ops.take(levels, i + 1) - ops.take(levels, i))
+        return lo + (u - ops.take(levels, i)) * slope, slope, i
+
+    r_left, slope, i_left = value(left)
+    r_right, _, i_right = value(right)
+    out = ops.where(i_left == i_right, slope * mass, r_right - r_left)
+    return ops.reshape(out, shape)
+
+
 class BarHead(keras.layers.Layer):
     """The bar-distribution head: logits over n_bins bins of each standardised output.
 
@@ -548,22 +593,38 @@ class BarHead(keras.layers.Layer):
     with checkpoints, .keras files and SavedModels; training sets them to quantiles
     of the prior's standardised query y before the first step.
 
-    Call args: h [B, N, D], y_loc [B, 1, dy], y_scale [B, 1, dy].
+    With `recalibrate`, it also holds a recalibration map per context size bucket
+    (`context_bucket`), a non-trainable weight [RECAL_BUCKETS, RECAL_KNOTS + 1]: the
+    values at RECAL_LEVELS of an increasing piecewise-linear R on [0, 1]. Outside
+    training, each bin's mass becomes R(F(right border)) - R(F(left border)), F the
+    distribution's CDF (Kuleshov et al. 2018's recalibration, on the head's own bins):
+    the distribution stays a bar distribution on the same borders, and where R is the
+    empirical CDF of the prior's probability integral transforms its central intervals
+    cover what they claim on the prior. The map starts as the identity (no change);
+    `gpicl_tf.train.fit_recalibration` fits it after training.
+
+    Call args: h [B, N, D], y_loc [B, 1, dy], y_scale [B, 1, dy], is_query [B, N]
+      (needed by the recalibration only).
     Returns: logits [B, N, dy, n_bins] and the distribution's mean on the raw
       scale of y [B, N, dy].
     """
 
-    def __init__(self, y_dim: int, n_bins: int, **kwargs):
+    def __init__(self, y_dim: int, n_bins: int, recalibrate: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.y_dim, self.n_bins = y_dim, n_bins
+        self.y_dim, self.n_bins, self.recalibrate = y_dim, n_bins, bool(recalibrate)
         self.dense = keras.layers.Dense(y_dim * n_bins, kernel_initializer="zeros",
                                         name="logits")
 
-    def build(self, h_shape, y_loc_shape=None, y_scale_shape=None):
+    def build(self, h_shape, y_loc_shape=None, y_scale_shape=None, is_query_shape=None):
         self.dense.build(h_shape)
         self.borders = self.add_weight(
             shape=(self.n_bins + 1,), name="borders", trainable=False,
             initializer=keras.initializers.Constant(normal_borders(self.n_bins)))
+        if self.recalibrate:
+            identity = [list(RECAL_LEVELS)] * RECAL_BUCKETS
+            self.recalibration = self.add_weight(
+                shape=(RECAL_BUCKETS, RECAL_KNOTS + 1), name="recalibration", trainable=False,
+                initializer=keras.initializers.Constant(identity))
 
     def distribution(self):
         """The BarDistribution over this head's borders (standardised units)."""
@@ -572,17 +633,35 @@ class BarHead(keras.layers.Layer):
         return BarDistribution(self.borders.value if hasattr(self.borders, "value")
                                else self.borders)
 
-    def call(self, h, y_loc, y_scale):
+    def recalibrated(self, logits, is_query):
+        """logits [B, N, dy, K] -> the logits of the recalibrated bin masses (float64
+        inside: the lower tail's masses from the CDF, the upper tail's from the survival
+        function, so tiny tail masses keep their precision)."""
+        n = ops.sum(1.0 - ops.cast(is_query, "float32"), axis=1)  # (B,)
+        table = ops.cast(ops.take(ops.convert_to_tensor(self.recalibration),
+                                  context_bucket(n), axis=0), "float64")  # (B, M + 1)
+        flip = 1.0 - ops.flip(table, axis=-1)  # G(s) = 1 - R(1 - s): RECAL_LEVELS symmetric
+        p = ops.softmax(ops.cast(logits, "float64"), axis=-1)
+        below = ops.cumsum(p, axis=-1) - p  # F at each bin's left border
+        above = ops.flip(ops.cumsum(ops.flip(p, axis=-1), axis=-1), axis=-1) - p  # 1 - F right
+        mass = ops.where(below < 0.5, _mapped_mass(table, below, p),
+                         _mapped_mass(flip, above, p))
+        return ops.cast(ops.log(ops.maximum(mass, 1e-300)), "float32")
+
+    def call(self, h, y_loc, y_scale, is_query=None, training=False):
         logits = ops.cast(self.dense(h), "float32")
         shape = ops.shape(h)
         logits = ops.reshape(logits, (shape[0], shape[1], self.y_dim, self.n_bins))
+        if self.recalibrate and is_query is not None and not training:
+            logits = self.recalibrated(logits, is_query)
         mean = self.distribution().mean(logits)  # (B, N, dy), standardised
         return logits, mean * unit_scale(y_scale) + y_loc
 
-    def compute_output_spec(self, h, y_loc, y_scale):
+    def compute_output_spec(self, h, y_loc, y_scale, is_query=None, training=False):
         b, n, _ = h.shape
         return (keras.KerasTensor((b, n, self.y_dim, self.n_bins), dtype="float32"),
                 keras.KerasTensor((b, n, self.y_dim), dtype="float32"))
 
     def get_config(self):
-        return {**super().get_config(), "y_dim": self.y_dim, "n_bins": self.n_bins}
+        return {**super().get_config(), "y_dim": self.y_dim, "n_bins": self.n_bins,
+                "recalibrate": self.recalibrate}

@@ -98,7 +98,7 @@ def lean_forward(model):
             h2 = block_fn(w, h2, bias, b, n)
         h = tf.reshape(ln_final(h2), [b, n, -1])
         if model.head == "bar":
-            logits, y_pred = model.get_layer("bar")(h, y_loc, y_scale)
+            logits, y_pred = model.get_layer("bar")(h, y_loc, y_scale, is_query)
             return {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
         if model.classify:
             return model.get_layer("y_pred")(h)

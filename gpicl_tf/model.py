@@ -59,6 +59,8 @@ class InContextTransformer(keras.Model):
         (ContextStandardizer).
       base_fit: "loo_best" centres every prediction on the fit with the least
         leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
+      recalibrate: the bar head holds a recalibration map per context size (BarHead),
+        fitted after training (`gpicl_tf.train.fit_recalibration`).
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
         context's size (ContextStandardizer); "loo" makes it the base fit's
         leave-one-out error (needs base_fit="loo_best"); "std" leaves it the
@@ -81,7 +83,7 @@ class InContextTransformer(keras.Model):
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
-                 **kwargs):
+                 recalibrate: bool = False, **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -107,7 +109,8 @@ class InContextTransformer(keras.Model):
                                                     residual_scale=res_scale, name=f"block_{i}"),
                 "ln_final": lambda: keras.layers.LayerNormalization(epsilon=1e-5,
                                                                     name="ln_final"),
-                "bar": lambda: BarHead(y_dim, n_bins, dtype="float32", name="bar"),
+                "bar": lambda: BarHead(y_dim, n_bins, recalibrate=recalibrate,
+                                       dtype="float32", name="bar"),
                 "dense": lambda: keras.layers.Dense(y_dim, kernel_initializer="zeros",
                                                     dtype="float32",
                                                     name="y_pred" if classify else "head"),
@@ -119,7 +122,7 @@ class InContextTransformer(keras.Model):
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
         self.key_dim, self.mlp_ratio, self.std_eps = key_dim, mlp_ratio, std_eps
         self.classify, self.absent_features = classify, absent_features
-        self.head, self.n_bins = head, n_bins
+        self.head, self.n_bins, self.recalibrate = head, n_bins, bool(recalibrate)
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
@@ -154,7 +157,8 @@ class InContextTransformer(keras.Model):
                 "kernel_length_scales": list(self.kernel_length_scales),
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
-                "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale}
+                "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
+                "recalibrate": self.recalibrate}
 
     @classmethod
     def from_config(cls, config):
@@ -171,7 +175,7 @@ def _trunk_outputs(layer, n_layers: int, bar: bool, classify: bool, feats, y_loc
         h = layer("block", i)(h, mask)
     h = layer("ln_final")(h)
     if bar:
-        logits, y_pred = layer("bar")(h, y_loc, y_scale)
+        logits, y_pred = layer("bar")(h, y_loc, y_scale, is_query)
         return {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
     out = layer("dense")(h)  # (B, N, dy): logits, or standardised units
     return out if classify else layer("destandardize")(out, y_loc, y_scale)
@@ -191,7 +195,7 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
-        head=m.head, n_bins=m.n_bins, **standardizer_kwargs(m),
+        head=m.head, n_bins=m.n_bins, recalibrate=m.recalibrate, **standardizer_kwargs(m),
         name=cfg.name.replace("-", "_"))
 
 

@@ -247,6 +247,89 @@ def test_training_sets_the_prior_borders_learns_and_resumes_with_them(tmp_path):
     np.testing.assert_array_equal(again.model.get_layer("bar").borders.numpy(), want)
 
 
+# ------------------------------------------------------------- recalibration
+def _coverage(model, cfg, k, n_tasks=384, stream=0xC0FE):
+    """Fractions of held-out prior queries inside the 50% and 90% central intervals
+    (from the probability integral transforms), k context points each."""
+    from gpicl_tf import data as data_lib
+    from gpicl_tf.model import Predictive, bar_distribution, model_inputs
+
+    b = data_lib.sample_batch(cfg.task, 3, n_tasks, n_context=k, stream=stream)
+    out = model(model_inputs(b), training=False)
+    u = Predictive(bar_distribution(model), out).cdf(b["y"]).numpy()[b["is_query"].numpy() > 0.5]
+    return np.mean((u >= 0.25) & (u <= 0.75)), np.mean((u >= 0.05) & (u <= 0.95))
+
+
+def test_context_buckets_and_the_identity_map_change_nothing(bar_model):
+    from gpicl_tf.layers import context_bucket
+
+    n = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 23, 24, 31, 32, 47, 48, 63, 64, 500])
+    np.testing.assert_array_equal(np.asarray(context_bucket(n)),
+                                  [0, 1, 2, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11,
+                                   11, 12, 12])
+    model, _ = bar_model
+    recal, _ = _bar_model(["model.recalibrate=true"])
+    cx, cy, qx, _ = _task(4)
+    a, out_a = _keras_predictive(model, cx, cy, qx)
+    b, out_b = _keras_predictive(recal, cx, cy, qx)
+    pa, pb = (tf.nn.softmax(o["logits"]).numpy() for o in (out_a, out_b))
+    np.testing.assert_allclose(pb, pa, rtol=1e-4, atol=1e-30)  # tiny tail masses too
+    np.testing.assert_allclose(b.quantiles([0.05, 0.5, 0.95]).numpy(),
+                               a.quantiles([0.05, 0.5, 0.95]).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="model.recalibrate=True is invalid.*head='bar'"):
+        apply_overrides(get_preset("tiny"), ["model.recalibrate=true"])
+
+
+def test_a_fitted_recalibration_keeps_a_bar_distribution_and_travels(tmp_path):
+    """A fitted map keeps a bar distribution (monotone quantiles, its mean the point
+    prediction) and travels through .keras files and exports."""
+    from gpicl_tf.export import export_model
+    from gpicl_tf.train import fit_recalibration
+
+    model, cfg = _bar_model(["model.recalibrate=true"])
+    table = fit_recalibration(model, cfg, tasks_per_bucket=128)
+    assert np.all(np.diff(table, axis=1) > 0) and np.all(table[:, [0, -1]] == [0.0, 1.0])
+    cx, cy, qx, _ = _task(5)
+    dist, out = _keras_predictive(model, cx, cy, qx)
+    assert np.all(np.diff(dist.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy(), axis=-1) > 0)
+    np.testing.assert_allclose(out["y_pred"].numpy(), dist.mean().numpy(), rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / "recal.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_array_equal(again.get_layer("bar").recalibration.numpy(), table.astype("float32"))
+    sig = tf.saved_model.load(export_model(model, cfg, str(tmp_path / "exp"), "r")).signatures
+    served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    np.testing.assert_allclose(served["std"].numpy(), dist.std().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served["quantiles"].numpy(),
+                               dist.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_training_fits_the_recalibration_which_covers_held_out_prior_queries(tmp_path):
+    """Training fits the map at its last step (and checkpoints it); fitted on the prior's
+    own stream, it brings the central intervals' coverage of other tasks of the prior
+    nearer their levels than the head's own distribution."""
+    from gpicl_tf.layers import RECAL_LEVELS
+    from gpicl_tf.train import Trainer
+
+    cfg = apply_overrides(get_preset("tiny"), BAR + ["model.recalibrate=true", "train.steps=120",
+                                                     "train.checkpoint_every=60"])
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    trainer.train(verbose=False)
+    bar = trainer.model.get_layer("bar")
+    fitted = bar.recalibration.numpy()
+    after = [_coverage(trainer.model, cfg, k) for k in (2, 8)]
+    bar.recalibration.assign(np.tile(np.asarray(RECAL_LEVELS, "float32"), (len(fitted), 1)))
+    before = [_coverage(trainer.model, cfg, k) for k in (2, 8)]
+    (b50_2, _), (b50_8, b90_8) = before
+    (a50_2, _), (a50_8, a90_8) = after
+    assert abs(a50_2 - 0.5) < 0.03 and abs(a50_8 - 0.5) < 0.06 and abs(a90_8 - 0.9) < 0.03, after
+    assert abs(a50_8 - 0.5) + abs(a90_8 - 0.9) < abs(b50_8 - 0.5) + abs(b90_8 - 0.9) - 0.1, before
+    again = Trainer(cfg, str(tmp_path / "run"))
+    assert again.restore() == 120
+    np.testing.assert_array_equal(again.model.get_layer("bar").recalibration.numpy(), fitted)
+
+
 # ------------------------------------------------------------------ the export
 def test_export_returns_the_keras_models_std_quantiles_and_density(bar_model, bar_export):
     from gpicl_tf.export import DEFAULT_LEVELS
