@@ -536,7 +536,6 @@ def normal_borders(n_bins: int) -> list:
     return [NormalDist().inv_cdf(p) for p in levels]
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
 def unit_scale(y_scale):
     """The unit a bar head's distribution is in: y_scale, or 1 (raw units of y) where it
     is 0 (a context whose y do not vary carries no scale, as one point carries none)."""
@@ -586,6 +585,7 @@ def _mapped_mass(table, left, mass):
     return ops.reshape(out, shape)
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class BarHead(keras.layers.Layer):
     """The bar-distribution head: logits over n_bins bins of each standardised output.
 

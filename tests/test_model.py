@@ -120,6 +120,18 @@ def test_layers_round_trip_config():
     assert (blk.d_model, blk.n_heads, blk.key_dim, blk.mlp_dim) == (32, 2, 16, 64)
 
 
+def test_every_layer_of_the_package_is_registered_for_keras_files():
+    import inspect
+
+    from gpicl_tf import layers
+
+    classes = [c for _, c in inspect.getmembers(layers, inspect.isclass)
+               if issubclass(c, keras.layers.Layer) and c.__module__ == layers.__name__]
+    assert {"BarHead", "ContextStandardizer", "TransformerBlock"} <= {c.__name__ for c in classes}
+    for c in classes:
+        assert keras.saving.get_registered_name(c) == f"{layers.PACKAGE}>{c.__name__}", c
+
+
 def test_model_round_trips_through_get_config_and_keras_file(model, tmp_path):
     x, y, q = _task()
     base = _pred(model, x, y, q)
