@@ -234,6 +234,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None,
                    help="model folder name: letters, digits, '-' and '_' (default: the "
                         "run's config name)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="a bar-head run: fit the head's recalibration per context size "
+                        "(model.recalibrate) on the run's weights and export with it; the "
+                        "run folder is not changed")
     p.add_argument("--xla", action="store_true",
                    help="XLA-compile the signatures (lower CPU latency; TF Serving on CPU "
                         "then needs --xla_cpu_compilation_enabled=true)")
@@ -250,6 +254,9 @@ def _export(argv) -> int:
                          "(where the server sees --export-dir, e.g. /models)")
     quiet_tensorflow()
     if a.pretrained:
+        if a.recalibrate:
+            raise ValueError("--recalibrate: the shipped models come as they are; export a "
+                             "bar-head run with --logdir to recalibrate it")
         if a.xla:
             raise ValueError("--xla: the shipped models are plain exports; export a run "
                              "with --logdir to compile one with XLA")
@@ -262,7 +269,8 @@ def _export(argv) -> int:
     check_dir_arg("--logdir", a.logdir)
     from gpicl_tf.export import export_checkpoint
 
-    export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla, a.serving_root)
+    export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla, a.serving_root,
+                      recalibrate=a.recalibrate)
     return 0
 
 

@@ -38,6 +38,7 @@ fails with a message naming the input.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -471,22 +472,47 @@ def resolve_version(model_dir: str, version: Optional[int] = None,
 
 def export_checkpoint(logdir: str, export_dir: str = "exports",
                       model_name: Optional[str] = None, jit_compile: bool = False,
-                      serving_root: str = tfserving.SERVING_ROOT) -> str:
-    """Exports the latest checkpoint of a run directory without training."""
-    from gpicl_tf.train import Trainer
+                      serving_root: str = tfserving.SERVING_ROOT,
+                      recalibrate: bool = False) -> str:
+    """Exports the latest checkpoint of a run directory without training.
+
+    recalibrate: (a bar-head run) fit the head's recalibration maps
+    (`model.recalibrate`, `gpicl_tf.train.fit_recalibration`) on the run's weights and
+    export the model with them; the run folder is left as it is.
+    """
+    from gpicl_tf.model import build_model
+    from gpicl_tf.train import Trainer, fit_recalibration
 
     path = os.path.join(logdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"--logdir {logdir!r}: expected a run directory with config.json "
                          "and checkpoints/ (written by train_keras.py)")
     cfg = read_config(path)
+    if recalibrate and cfg.model.head != "bar":
+        raise ValueError(f"--recalibrate: the run in {logdir!r} has model.head="
+                         f"{cfg.model.head!r}; recalibration is for a bar head (model.head=bar)")
     trainer = Trainer(cfg, logdir, strategy=tf.distribute.get_strategy())
     if trainer.manager.latest_checkpoint is None:
         raise ValueError(f"--logdir {logdir!r}: no checkpoint under {trainer.ckpt_dir}")
     step = trainer.restore()
-    out = export_model(trainer.model, cfg, export_dir, model_name, jit_compile=jit_compile,
+    model = trainer.model
+    if recalibrate:
+        if not cfg.model.recalibrate:  # the same weights in a model that has the maps
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                     recalibrate=True))
+            model = build_model(cfg)
+            for layer in trainer.model.layers:
+                target = model.get_layer(layer.name)
+                if layer.name == "bar":
+                    target.borders.assign(layer.borders)
+                    target.dense.set_weights(layer.dense.get_weights())
+                else:
+                    target.set_weights(layer.get_weights())
+        fit_recalibration(model, cfg)
+    out = export_model(model, cfg, export_dir, model_name, jit_compile=jit_compile,
                        provenance=provenance(logdir, step, cfg), serving_root=serving_root)
-    print(f"exported step {step} of {logdir} to {out}")
+    print(f"exported step {step} of {logdir} to {out}"
+          + (" (recalibrated)" if recalibrate else ""))
     return out
 
 

@@ -330,6 +330,50 @@ def test_training_fits_the_recalibration_which_covers_held_out_prior_queries(tmp
     np.testing.assert_array_equal(again.model.get_layer("bar").recalibration.numpy(), fitted)
 
 
+def test_gpicl_export_recalibrates_a_finished_run_without_changing_it(tmp_path, capsys):
+    """`gpicl-export --recalibrate` fits the maps on a run trained without them and
+    exports what a model with the run's weights and those maps answers; the run folder
+    stays as it was; an mse run and the shipped models are refused in one line."""
+    from gpicl_tf.cli import export_main
+    from gpicl_tf.model import build_model
+    from gpicl_tf.train import Trainer, fit_recalibration
+
+    run = str(tmp_path / "run")
+    cfg = apply_overrides(get_preset("tiny"), BAR + ["train.steps=20"])
+    Trainer(cfg, run).train(verbose=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert export_main(["--logdir", run, "--recalibrate", "--export-dir",
+                        str(tmp_path / "exp")]) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    trained = Trainer(cfg, run)
+    trained.restore()
+    want_cfg = apply_overrides(cfg, ["model.recalibrate=true"])
+    want = build_model(want_cfg)  # the run's weights, restored by name; the maps fitted
+    tf.train.Checkpoint(model=want).restore(trained.manager.latest_checkpoint).expect_partial()
+    fit_recalibration(want, want_cfg)
+    cx, cy, qx, _ = _task(6)
+    dist, _ = _keras_predictive(want, cx, cy, qx)
+    plain, _ = _keras_predictive(trained.model, cx, cy, qx)
+    sig = tf.saved_model.load(str(next((tmp_path / "exp").glob("*/1")))).signatures
+    served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    levels = [0.05, 0.25, 0.5, 0.75, 0.95]
+    np.testing.assert_allclose(served["quantiles"].numpy(), dist.quantiles(levels).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    assert np.abs(served["quantiles"].numpy() - plain.quantiles(levels).numpy()).max() > 1e-3
+    assert '"recalibrate": true' in sig["model_config"](unused=tf.constant([0.0]))[
+        "config_json"].numpy().decode()
+    mse_run = str(tmp_path / "mse")
+    Trainer(apply_overrides(get_preset("tiny"), ["train.steps=10"]), mse_run).train(verbose=False)
+    capsys.readouterr()
+    assert export_main(["--logdir", mse_run, "--recalibrate", "--export-dir",
+                        str(tmp_path / "exp2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--recalibrate" in err[0] and "model.head='mse'" in err[0], err
+    assert export_main(["--pretrained", "regressor", "--recalibrate", "--export-dir",
+                        str(tmp_path / "exp3")]) == 2
+    assert not (tmp_path / "exp2").exists() and not (tmp_path / "exp3").exists()
+
+
 # ------------------------------------------------------------------ the export
 def test_export_returns_the_keras_models_std_quantiles_and_density(bar_model, bar_export):
     from gpicl_tf.export import DEFAULT_LEVELS
