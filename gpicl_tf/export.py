@@ -501,13 +501,9 @@ def export_checkpoint(logdir: str, export_dir: str = "exports",
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                      recalibrate=True))
             model = build_model(cfg)
-            for layer in trainer.model.layers:
-                target = model.get_layer(layer.name)
-                if layer.name == "bar":
-                    target.borders.assign(layer.borders)
-                    target.dense.set_weights(layer.dense.get_weights())
-                else:
-                    target.set_weights(layer.get_weights())
+            weights = {w.path: w for w in model.weights}  # the run's, plus the maps
+            for w in trainer.model.weights:
+                weights[w.path].assign(w)
         fit_recalibration(model, cfg)
     out = export_model(model, cfg, export_dir, model_name, jit_compile=jit_compile,
                        provenance=provenance(logdir, step, cfg), serving_root=serving_root)

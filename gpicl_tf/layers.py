@@ -576,8 +576,9 @@ def _mapped_mass(table, left, mass):
         i = ops.reshape(ops.cast(ops.clip(i, 0, RECAL_KNOTS - 1), "int32"), ops.shape(u))
         lo = ops.take_along_axis(table, i, axis=1)
         hi = ops.take_along_axis(table, i + 1, axis=1)
-        slope = (hi - lo) / (ops.take(levels, i + 1) - ops.take(levels, i))
-        return lo + (u - ops.take(levels, i)) * slope, slope, i
+        start = ops.take(levels, i)
+        slope = (hi - lo) / (ops.take(levels, i + 1) - start)
+        return lo + (u - start) * slope, slope, i
 
     r_left, slope, i_left = value(left)
     r_right, _, i_right = value(right)
