@@ -149,3 +149,22 @@ def test_distribution_targets_names_an_unreadable_results_file(tmp_path, capsys)
         assert name in msg and "cannot read a gpicl-eval results.json" in msg
         assert "\n" not in msg
         assert capsys.readouterr().out == ""
+
+
+def test_attention_paths_times_both_paths_and_restores_the_fused_one(capsys):
+    """benchmarks/attention_paths.py on the tiny preset: both paths are timed in every
+    round, they learn the same (the last call's losses agree), and the blocks' method is
+    the fused one again afterwards."""
+    from benchmarks import attention_paths
+    from gpicl_tf.layers import TransformerBlock
+
+    fused = TransformerBlock.attention
+    attention_paths.main(["--preset", "tiny", "--calls", "2", "--rounds", "2"])
+    assert TransformerBlock.attention is fused
+    out = capsys.readouterr().out
+    for name in ("fused", "MultiHeadAttention"):
+        assert sum(f": {name} " in line for line in out.splitlines()) == 2, out
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "loss of the" in line]
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-3), out
+    ratio = float(out.split("fused / MultiHeadAttention = ")[1].split("x")[0])
+    assert 0.2 < ratio < 5.0
