@@ -18,11 +18,22 @@ Prints every target cell, met or not:
   - every suite and k: the bar model's mean-prediction MSE over the mse model's (target:
     at most 1.05; also the geometric mean over all cells);
   - random_mlp at k >= 8: model CRPS against GP regression's (target: below).
+
+--baselines-from takes GP regression and the exact posterior from other results files of
+the same tasks (as benchmarks/transfer_targets.py does), so that a model evaluated with
+`--baselines mean` pairs with an earlier run's baselines; without it a first file that
+lacks them is refused, naming the suite and method.
 """
 
 import argparse
 import json
 import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.transfer_targets import pair_baselines  # noqa: E402
 
 
 def _load(path):
@@ -47,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--coverage", metavar="RESULTS",
                    help="gpicl-eval results.json to read the coverage cells from (the same "
                         "model on more tasks); default: the first file")
+    p.add_argument("--baselines-from", nargs="+", default=[], metavar="RESULTS",
+                   help="take GP regression and the exact posterior from these results files "
+                        "of the same tasks (checked by their `mean` baseline)")
     p.add_argument("--max-nll-gap", type=float, default=0.05)
     p.add_argument("--max-mse-ratio", type=float, default=1.05)
     a = p.parse_args(argv)
@@ -57,6 +71,16 @@ def main(argv=None) -> int:
             raise SystemExit(f"{key}: {bar.get(key)} against {mse.get(key)}; the two files "
                              "must score the same tasks")
     suites = bar["suites"]
+    try:
+        if a.baselines_from:
+            pair_baselines(suites, a.baselines_from)
+        for name, method in _needed(suites):
+            if method not in suites[name]["methods"]:
+                raise ValueError(f"suite {name!r} has no {method!r} results in {a.results}: "
+                                 "score it with gpicl-eval --baselines including gp, or pair "
+                                 "an earlier run's with --baselines-from")
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     counts = {}
 
     def tally(name, ok):
@@ -127,6 +151,16 @@ def main(argv=None) -> int:
         print(f"  {name}: {met}/{total}")
     print(f"  mse geometric mean: {geo:.3f}")
     return 0
+
+
+def _needed(suites):
+    """(suite, method) pairs the tables read beside the model."""
+    for name in suites:
+        if name.startswith("gp_rbf"):
+            yield name, "bayes_optimal"
+            yield name, "gp"
+    if "random_mlp" in suites:
+        yield "random_mlp", "gp"
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def load_suites(paths) -> dict:
 
 
 def pair_baselines(suites: dict, paths) -> None:
-    """Replaces each suite's baselines by those of the same suite in `paths` (in place),
+    """Replaces each suite's baselines (and exact posterior, the same on the same tasks) by
+    those of the same suite in `paths` (in place),
     after checking that every k of the model's has the same `mean` baseline there (the
     same tasks): ValueError names the first suite and k that differ or are missing."""
     other = load_suites(paths)
@@ -125,8 +126,7 @@ def pair_baselines(suites: dict, paths) -> None:
             if mine is None or ref is None or abs(mine - ref) > 1e-5 * max(abs(ref), 1e-12):
                 raise ValueError(f"suite {name!r} at k={k}: mean baseline {mine} here, {ref} "
                                  "in the baselines file: not the same tasks")
-        s["methods"] = {**{n: v for n, v in theirs.items()
-                           if n not in ("model", "bayes_optimal")},
+        s["methods"] = {**{n: v for n, v in theirs.items() if n != "model"},
                         "model": s["methods"]["model"]}
 
 

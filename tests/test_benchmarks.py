@@ -121,6 +121,32 @@ def test_distribution_targets_reads_coverage_from_a_larger_run(tmp_path, capsys)
     assert other_cells(before) == other_cells(after)
 
 
+def test_distribution_targets_pairs_gp_baselines_from_an_earlier_run(tmp_path, capsys):
+    """A model-only results file (model and mean baseline, as gpicl-eval --baselines mean
+    writes on the 1-D suites) is refused with one line naming the suite and the missing
+    method; with --baselines-from the full file of the same tasks every table equals the
+    full file's own."""
+    from benchmarks import distribution_targets
+
+    full = _load("default_1d_eval.json")
+    lean = copy.deepcopy(full)
+    for s in lean["suites"].values():
+        s["methods"] = {n: v for n, v in s["methods"].items() if n in ("model", "mean")}
+    (tmp_path / "lean.json").write_text(json.dumps(lean))
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    mse = os.path.join(RESULTS, "default_mse_1d_eval.json")
+    assert distribution_targets.main([str(tmp_path / "full.json"), "--mse", mse]) == 0
+    want = capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        distribution_targets.main([str(tmp_path / "lean.json"), "--mse", mse])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "suite 'gp_rbf_l0.1' has no 'bayes_optimal' results" in err and "--baselines-from" in err
+    assert distribution_targets.main([str(tmp_path / "lean.json"), "--mse", mse,
+                                      "--baselines-from", str(tmp_path / "full.json")]) == 0
+    assert capsys.readouterr().out == want and "nll: 0/6" in want
+
+
 def test_full_core_rounds_keeps_rounds_in_which_every_timing_had_the_cores():
     """A round counts for the full-core medians only when every implementation's timing in it
     used at least FULL_CORES of the machine's cores."""
