@@ -503,23 +503,22 @@ class TransformerBlock(keras.layers.Layer):
         The mathematics of `self.attn` (a `keras.layers.MultiHeadAttention`, whose weights
         and names it keeps: checkpoints and .keras files are unchanged) computed with one
         matmul for the query, key and value projections instead of three einsums: under XLA
-        the train step takes about 10% less time on 2 CPU cores
-        (benchmarks/train_throughput.py; no change without XLA). Scores scaled by
-        1/sqrt(key_dim), masked positions set to a large negative value before a float32
-        softmax, as MultiHeadAttention does (tests/test_model.py holds the two equal).
+        the mlp1d train step ran 1.03x as many steps/s on 2 CPU cores
+        (benchmarks/attention_paths.py; 1.04-1.13x in probes, no change without XLA).
+        Scores scaled by 1/sqrt(key_dim) (folded into the query projection), masked
+        positions set to a large negative value before a float32 softmax, as
+        MultiHeadAttention does (tests/test_model.py holds the two equal).
         """
         a = self.ln_attn(h)  # (B, N, D)
         mha, dtype = self.attn, a.dtype
         heads, key_dim = mha.num_heads, mha.key_dim
         hk = heads * key_dim
         scale = 1.0 / math.sqrt(key_dim)
-        projections = (mha.query_dense, mha.key_dense, mha.value_dense)
-        kernel = ops.concatenate(
-            [ops.reshape(ops.cast(p.kernel, dtype), (self.d_model, hk)) * (scale if i == 0 else 1)
-             for i, p in enumerate(projections)], axis=1)  # (D, 3 hk), the query's scaled
-        bias = ops.concatenate(
-            [ops.reshape(ops.cast(p.bias, dtype), (hk,)) * (scale if i == 0 else 1)
-             for i, p in enumerate(projections)], axis=0)
+        factors = ((mha.query_dense, scale), (mha.key_dense, 1.0), (mha.value_dense, 1.0))
+        kernel = ops.concatenate([ops.reshape(ops.cast(p.kernel, dtype), (self.d_model, hk)) * f
+                                  for p, f in factors], axis=1)  # (D, 3 hk)
+        bias = ops.concatenate([ops.reshape(ops.cast(p.bias, dtype), (hk,)) * f
+                                for p, f in factors], axis=0)
         b, n = ops.shape(a)[0], ops.shape(a)[1]
         qkv = ops.matmul(ops.reshape(a, (-1, self.d_model)), kernel) + bias  # (B N, 3 hk)
         q, k, v = (ops.reshape(t, (b, n, heads, key_dim)) for t in ops.split(qkv, 3, axis=1))

@@ -20,16 +20,22 @@ def _load(name):
         return json.load(f)
 
 
-def test_baselines_from_pairs_a_model_only_file_with_an_earlier_runs_baselines(tmp_path,
-                                                                               capsys):
-    """A results file with the model and the mean baseline only takes its per-task learners
-    from a file of the same tasks; the targets printed equal those of the full file."""
+def _write_full_and_model_only(tmp_path):
+    """tmp_path/full.json: default_1d_eval.json; tmp_path/lean.json: the same file with the
+    model and the mean baseline only (what gpicl-eval --baselines mean writes)."""
     full = _load("default_1d_eval.json")
     lean = copy.deepcopy(full)
     for s in lean["suites"].values():
         s["methods"] = {n: v for n, v in s["methods"].items() if n in ("model", "mean")}
     (tmp_path / "lean.json").write_text(json.dumps(lean))
     (tmp_path / "full.json").write_text(json.dumps(full))
+
+
+def test_baselines_from_pairs_a_model_only_file_with_an_earlier_runs_baselines(tmp_path,
+                                                                               capsys):
+    """A results file with the model and the mean baseline only takes its per-task learners
+    from a file of the same tasks; the targets printed equal those of the full file."""
+    _write_full_and_model_only(tmp_path)
     assert transfer_targets.main([str(tmp_path / "full.json")]) == 0
     want = capsys.readouterr().out
     assert transfer_targets.main([str(tmp_path / "lean.json"), "--baselines-from",
@@ -128,12 +134,7 @@ def test_distribution_targets_pairs_gp_baselines_from_an_earlier_run(tmp_path, c
     full file's own."""
     from benchmarks import distribution_targets
 
-    full = _load("default_1d_eval.json")
-    lean = copy.deepcopy(full)
-    for s in lean["suites"].values():
-        s["methods"] = {n: v for n, v in s["methods"].items() if n in ("model", "mean")}
-    (tmp_path / "lean.json").write_text(json.dumps(lean))
-    (tmp_path / "full.json").write_text(json.dumps(full))
+    _write_full_and_model_only(tmp_path)
     mse = os.path.join(RESULTS, "default_mse_1d_eval.json")
     assert distribution_targets.main([str(tmp_path / "full.json"), "--mse", mse]) == 0
     want = capsys.readouterr().out
