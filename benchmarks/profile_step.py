@@ -7,7 +7,11 @@ Each part runs as its own compiled function on the step's real shapes
 and as a share of the whole step measured in the same run: the attention
 sublayer (LN + masked multi-head attention, all layers), the MLP sublayer
 (LN + GELU MLP, all layers), the model forward alone, forward + backward,
-the optimizer update (Adam on every weight), and the task stream (one batch).
+the optimizer update (Adam on every weight), and the task stream (one batch). With
+kernel fits (the `default` preset) the forward parts are the model after its
+standardisation, timed under XLA, and the standardisation (the context's ridge and
+kernel fits) is its own part outside XLA, as the train step runs them. The whole step
+runs on one kept stream iterator, as training does.
 The parts overlap (forward + backward contains the sublayers), so the shares
 do not add up to 100%. For a trace, wrap any part in
 tf.profiler.experimental.trace and open it in TensorBoard's profile plugin.
@@ -30,7 +34,7 @@ from gpicl_tf import data as data_lib  # noqa: E402
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 from gpicl_tf.layers import ContextAttentionMask  # noqa: E402
 from gpicl_tf.model import model_inputs, point_prediction  # noqa: E402
-from gpicl_tf.train import Trainer, run_steps  # noqa: E402
+from gpicl_tf.train import Trainer, run_steps, stream_iterator  # noqa: E402
 
 
 def best_ms(fn, repeats: int = 20) -> float:
@@ -65,12 +69,12 @@ def sublayer_fn(blocks, which: str, h, mask, jit: bool):
     return run
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default")
     p.add_argument("--no-xla", action="store_true", help="time the parts without XLA")
     p.add_argument("--set", action="append", default=[])
-    a = p.parse_args()
+    a = p.parse_args(argv)
     jit = not a.no_xla
     cfg = apply_overrides(get_preset(a.preset), a.set + [f"train.jit_compile={str(jit).lower()}"])
     trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy())
@@ -80,21 +84,43 @@ def main():
     batch = model_inputs(next(it))
     k = cfg.train.steps_per_call
 
-    run_steps(trainer, 2, k)  # compile and warm up
+    # One stream iterator for every call, as training keeps one per run (a new iterator
+    # per call timed the stream's start too, and put the step in a slow mode at times:
+    # benchmarks/train_throughput.py's warm_trainer)
+    train_it = stream_iterator(trainer)
+    run_steps(trainer, 2, k, train_it)  # compile and warm up
     step_ms = float("inf")
     for _ in range(3):  # best of 3 rounds, like every part below
         tic = time.perf_counter()
-        run_steps(trainer, 5, k)
+        run_steps(trainer, 5, k, train_it)
         step_ms = min(step_ms, 1e3 * (time.perf_counter() - tic) / (5 * k))
+
+    # As the train step does (gpicl_tf.train): with kernel fits, the standardisation runs
+    # outside XLA and the model after it (model.trunk()) inside
+    split = jit and bool(getattr(model, "kernel_length_scales", ()))
+    std_layer = model.get_layer("standardize")
+
+    @tf.function
+    def standardize():
+        return std_layer(batch["x"], batch["y"], batch["is_query"])
+
+    if split:
+        trunk, (feats, y_loc, y_scale) = model.trunk(), standardize()
+
+        def call():
+            return trunk([feats, y_loc, y_scale, batch["is_query"]], training=True)
+    else:
+        def call():
+            return model(batch, training=True)
 
     @tf.function(jit_compile=jit)
     def forward():
-        return model(batch, training=True)
+        return call()
 
     @tf.function(jit_compile=jit)
     def forward_backward():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(point_prediction(model(batch, training=True))))
+            loss = tf.reduce_mean(tf.square(point_prediction(call())))
         return tape.gradient(loss, model.trainable_variables)
 
     grads = [tf.zeros_like(v) for v in model.trainable_variables]
@@ -112,8 +138,11 @@ def main():
         ("attention sublayers (fwd+bwd, all layers)",
          best_ms(sublayer_fn(blocks, "attention", h, mask, jit))),
         ("MLP sublayers (fwd+bwd, all layers)", best_ms(sublayer_fn(blocks, "mlp", h, mask, jit))),
-        ("model forward", best_ms(forward)),
-        ("model forward + backward", best_ms(forward_backward)),
+        ("model forward" + (" after the fits" if split else ""), best_ms(forward)),
+        ("model forward + backward" + (" after the fits" if split else ""),
+         best_ms(forward_backward)),
+    ] + ([("context fits (standardisation, outside XLA)", best_ms(standardize))]
+         if split else []) + [
         ("optimizer update (Adam)", best_ms(update)),
         ("task stream, one batch", best_ms(lambda: next(it))),
     ]

@@ -195,3 +195,22 @@ def test_attention_paths_times_both_paths_and_restores_the_fused_one(capsys):
     assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-3), out
     ratio = float(out.split("fused / MultiHeadAttention = ")[1].split("x")[0])
     assert 0.2 < ratio < 5.0
+
+
+def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(capsys):
+    """benchmarks/profile_step.py on the tiny preset with a kernel fit: the standardisation
+    is its own part and the forward parts are the model after it (under XLA, the fits'
+    Cholesky solves would dominate them); without fits neither line appears."""
+    from benchmarks import profile_step
+
+    parts = {}
+    for fits in ([], ["model.kernel_length_scales=[0.5]"]):
+        profile_step.main(["--preset", "tiny", "--set", *fits] if fits else ["--preset", "tiny"])
+        lines = capsys.readouterr().out.splitlines()
+        parts[bool(fits)] = {ln[:45].strip(): float(ln[45:].split()[0])
+                             for ln in lines if ln.endswith("%")}
+    assert "context fits (standardisation, outside XLA)" not in parts[False]
+    assert "model forward" in parts[False] and "model forward after the fits" in parts[True]
+    with_fits = parts[True]
+    assert with_fits["context fits (standardisation, outside XLA)"] > 0
+    assert with_fits["model forward + backward after the fits"] < 3 * with_fits["whole train step"]
