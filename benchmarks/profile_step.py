@@ -34,7 +34,8 @@ from gpicl_tf import data as data_lib  # noqa: E402
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 from gpicl_tf.layers import ContextAttentionMask  # noqa: E402
 from gpicl_tf.model import model_inputs, point_prediction  # noqa: E402
-from gpicl_tf.train import Trainer, run_steps, stream_iterator  # noqa: E402
+from gpicl_tf.train import (Trainer, fits_outside_xla, run_steps,  # noqa: E402
+                            stream_iterator)
 
 
 def best_ms(fn, repeats: int = 20) -> float:
@@ -95,16 +96,16 @@ def main(argv=None):
         run_steps(trainer, 5, k, train_it)
         step_ms = min(step_ms, 1e3 * (time.perf_counter() - tic) / (5 * k))
 
-    # As the train step does (gpicl_tf.train): with kernel fits, the standardisation runs
-    # outside XLA and the model after it (model.trunk()) inside
-    split = jit and bool(getattr(model, "kernel_length_scales", ()))
-    std_layer = model.get_layer("standardize")
-
-    @tf.function
-    def standardize():
-        return std_layer(batch["x"], batch["y"], batch["is_query"])
-
+    # As the train step does: with kernel fits, the standardisation outside XLA and the
+    # model after it (model.trunk()) inside
+    split = fits_outside_xla(model, jit)
     if split:
+        std_layer = model.get_layer("standardize")
+
+        @tf.function
+        def standardize():
+            return std_layer(batch["x"], batch["y"], batch["is_query"])
+
         trunk, (feats, y_loc, y_scale) = model.trunk(), standardize()
 
         def call():

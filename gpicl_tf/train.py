@@ -170,6 +170,14 @@ def prior_borders(cfg: ExperimentConfig, n_tasks: int = 2048):
     return borders_from_samples(z[b["is_query"].numpy() > 0.5], cfg.model.n_bins)
 
 
+def fits_outside_xla(model, jit_compile: bool) -> bool:
+    """Whether the train step runs the model's standardisation outside XLA and the rest
+    (model.trunk(): forward, backward, update) inside it: with XLA and kernel fits, since
+    XLA's Cholesky on the CPU is ~29x slower than TensorFlow's at the fits' size (the
+    standardisation has no weights)."""
+    return bool(jit_compile) and bool(getattr(model, "kernel_length_scales", ()))
+
+
 RECAL_STREAM = 0xCA1B  # the tasks that fit the bar head's recalibration (no training step)
 
 
@@ -360,10 +368,7 @@ class Trainer:
         variables = model.trainable_variables
         single = strategy.num_replicas_in_sync == 1
         bars = bar_distribution(model)
-        # XLA's Cholesky on the CPU is ~29x slower than TensorFlow's at the kernel fits'
-        # size: with kernel fits, the standardisation (no weights) runs outside the XLA
-        # cluster and the rest of the model (forward, backward, update) inside it.
-        split = cfg.train.jit_compile and bool(getattr(model, "kernel_length_scales", ()))
+        split = fits_outside_xla(model, cfg.train.jit_compile)
         trunk = model.trunk() if split else None
 
         def with_features(batch):

@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 import keras
@@ -83,11 +85,11 @@ def test_mask_lets_points_see_context_and_themselves_only():
 
 def _multi_head_attention(block):
     """The attention sublayer as it was computed before the fused projection: the block's
-    own keras.layers.MultiHeadAttention called on its weights."""
-    def attention(h, mask):
-        a = block.ln_attn(h)
-        return block.attn(a, a, attention_mask=mask)
-    return attention
+    own keras.layers.MultiHeadAttention called on its weights (the reference path of
+    benchmarks/attention_paths.py)."""
+    from benchmarks.attention_paths import multi_head_attention_call
+
+    return functools.partial(multi_head_attention_call, block)
 
 
 @pytest.mark.parametrize("key_dim", [16, 8])  # heads x key_dim = D, and not
