@@ -7,7 +7,8 @@ gpicl_tf); `python benchmarks/train_throughput.py --peer torch --torch-python PY
 runs it beside the TensorFlow figure. The model is the same computation: per-task
 standardisation of x and y over the context points, one token per point
 (x, y zeroed on queries, query flag), pre-LN blocks whose attention lets every
-point see the context points and itself, GELU MLP 4x, a zero-initialised head,
+point see the context points and itself, GELU MLP 4x (exact, or with --gelu tanh the
+tanh approximation, as model.gelu), a zero-initialised head,
 the masked-query MSE, Adam with global-norm clipping at 1.0. The batch is drawn
 once (random 1-16-16-16-1 tanh/swish/relu MLP tasks) and reused, so only the
 step is timed. Prints one JSON line.
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, key_dim, mlp, res_scale):
+    def __init__(self, d, heads, key_dim, mlp, res_scale, gelu="exact"):
         super().__init__()
         self.heads, self.key_dim = heads, key_dim
+        self.gelu = "none" if gelu == "exact" else gelu  # F.gelu's name for the exact one
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
         self.qkv = nn.Linear(d, 3 * heads * key_dim)
         self.out = nn.Linear(heads * key_dim, d)
@@ -42,16 +44,17 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2), attn_mask=mask)
         h = h + self.out(a.transpose(1, 2).reshape(b, n, self.heads * self.key_dim))
-        return h + self.mlp_out(F.gelu(self.mlp_in(self.ln2(h))))
+        return h + self.mlp_out(F.gelu(self.mlp_in(self.ln2(h)), approximate=self.gelu))
 
 
 class InContextTransformer(nn.Module):
-    def __init__(self, dx=1, dy=1, d=64, layers=4, heads=4, key_dim=None, mlp_ratio=4):
+    def __init__(self, dx=1, dy=1, d=64, layers=4, heads=4, key_dim=None, mlp_ratio=4,
+                 gelu="exact"):
         super().__init__()
         self.embed = nn.Linear(dx + dy + 1, d)
         scale = 1.0 / math.sqrt(2 * layers)
         key_dim = key_dim or d // heads
-        self.blocks = nn.ModuleList(Block(d, heads, key_dim, mlp_ratio * d, scale)
+        self.blocks = nn.ModuleList(Block(d, heads, key_dim, mlp_ratio * d, scale, gelu)
                                     for _ in range(layers))
         self.ln = nn.LayerNorm(d, eps=1e-5)
         self.head = nn.Linear(d, dy)
@@ -140,6 +143,8 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--key-dim", type=int, default=0, help="per-head size (0: d_model // heads)")
     p.add_argument("--mlp-ratio", type=int, default=4)
+    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
+                   help="the MLP's GELU: exact or its tanh approximation (model.gelu)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
@@ -147,11 +152,12 @@ def main():
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     batch = random_mlp_batch(a.batch, a.points, torch.Generator().manual_seed(0))
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "gelu": a.gelu,
            "matmul_peak_gflops": matmul_peak()}
     for name, compiled in (("eager", False), ("compile", True)):
         model = InContextTransformer(d=a.d_model, layers=a.layers, heads=a.heads,
-                                     key_dim=a.key_dim or None, mlp_ratio=a.mlp_ratio)
+                                     key_dim=a.key_dim or None, mlp_ratio=a.mlp_ratio,
+                                     gelu=a.gelu)
         rate, loss, cores = time_steps(model, batch, a.steps, compiled)
         out[f"{name}_steps_per_sec"], out[f"{name}_last_loss"] = rate, loss
         out[f"{name}_cores"] = cores  # CPU seconds per second while timed

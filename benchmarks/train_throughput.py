@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py [--preset default] [--calls 10] [--set K=V ...]
     python benchmarks/train_throughput.py --preset tiny --scaling   # 2 workers vs 1, localhost
+    python benchmarks/train_throughput.py --preset mlp1d --compare mlp1d \
+        --compare-set model.gelu=exact   # one config against a variant, rounds interleaved
     python benchmarks/train_throughput.py --peer torch --torch-python /path/to/python
         # the same model in PyTorch (eager and torch.compile), timed in the same run,
         # interleaved with gpicl_tf over --rounds rounds (default 5); medians and best
@@ -96,7 +98,7 @@ def scaling(a, cfg):
           f"(scaling efficiency {two / one:.0%})")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default")
     p.add_argument("--calls", type=int, default=10)
@@ -112,8 +114,15 @@ def main():
     p.add_argument("--compare", metavar="PRESET",
                    help="also time PRESET (with the same --set) in --rounds rounds interleaved "
                         "with --preset, each on a warm trainer of its own; medians and ratio")
+    p.add_argument("--compare-set", action="append", default=[], metavar="K=V",
+                   help="with --compare: overrides of the compared config alone (after --set), "
+                        "e.g. --preset mlp1d --compare mlp1d --compare-set model.gelu=exact")
+    p.add_argument("--step-only", action="store_true",
+                   help="with --compare: time each config on one cached batch of its stream "
+                        "(the step alone, as the PyTorch peer is timed) instead of its live "
+                        "stream")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.child:  # a worker of --scaling: the strategy comes before any other TF op
         from gpicl_tf.train import make_multiworker_strategy
 
@@ -121,6 +130,9 @@ def main():
         rate, _ = measure(apply_overrides(get_preset(a.preset), a.set), a.calls, strategy)
         print(f"steps/s {rate}")
         return
+    if (a.compare_set or a.step_only) and not a.compare:
+        p.error(f"{'--compare-set' if a.compare_set else '--step-only'}: needs --compare "
+                "PRESET (the config it changes)")
     cfg = apply_overrides(get_preset(a.preset), a.set)
     if a.peer == "torch" and cfg.model.head != "mse":
         p.error(f"--peer torch: the PyTorch peer has the mse head, this config "
@@ -177,20 +189,37 @@ def summarise(rates: dict) -> tuple:
 
 
 def compare_presets(a, cfg):
-    """--preset against --compare: rounds interleaved on warm trainers (the tasks of each
-    preset from its own stream, so a costlier task prior shows), medians and their ratio."""
-    cfgs = {a.preset: cfg, a.compare: apply_overrides(get_preset(a.compare), a.set)}
-    trainers = {name: warm_trainer(c) for name, c in cfgs.items()}
+    """--preset against --compare (with --compare-set): rounds interleaved on warm trainers,
+    the order alternating from round to round (the tasks of each config from its own
+    stream, so a costlier task prior shows; with --step-only one cached batch of it),
+    medians and their ratio, and each config's
+    loss after the same number of steps from its seeded start (a faster step that learns
+    less shows there)."""
+    other = a.compare + "".join(f" {kv}" for kv in a.compare_set)
+    if other == a.preset:
+        sys.exit("train_throughput.py: error: --compare: the compared config is --preset's "
+                 "own; name another preset or add --compare-set K=V")
+    cfgs = {a.preset: cfg,
+            other: apply_overrides(get_preset(a.compare), a.set + a.compare_set)}
+    trainers = {name: warm_trainer(c, dataset_fn=one_batch_dataset_fn(c) if a.step_only
+                                   else None) for name, c in cfgs.items()}
+    print("each config timed on " + ("one cached batch of its stream (step only)" if a.step_only
+                                     else "its live task stream"))
     rates = {name: [] for name in cfgs}
+    losses = {}
     for r in range(a.rounds):
-        for name, t in trainers.items():
-            rates[name].append(timed(t, a.calls)[0])
+        for name in list(trainers)[::1 if r % 2 == 0 else -1]:
+            rate, losses[name], _ = timed(trainers[name], a.calls)
+            rates[name].append(rate)
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items())
               + " steps/s")
     for label, stat in zip(("median", "best"), summarise(rates)):
         print(f"{label} over {a.rounds} rounds: " + ", ".join(f"{n} {v:.2f} steps/s"
                                                              for n, v in stat.items())
-              + f"; {a.preset} / {a.compare} = {stat[a.preset] / stat[a.compare]:.3f}x")
+              + f"; {a.preset} / {other} = {stat[a.preset] / stat[other]:.3f}x")
+    steps = (a.rounds * a.calls + 2) * cfg.train.steps_per_call
+    print(f"loss of the last call after {steps} steps: "
+          + ", ".join(f"{n} {v:.5f}" for n, v in losses.items()))
 
 
 def one_batch_dataset_fn(cfg):
@@ -269,7 +298,8 @@ def torch_peer(python: str, cfg, steps: int) -> dict:
     cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py"),
            "--batch", str(cfg.train.batch_size), "--points", str(cfg.task.n_points),
            "--d-model", str(m.d_model), "--layers", str(m.n_layers), "--heads", str(m.n_heads),
-           "--key-dim", str(m.head_dim), "--mlp-ratio", str(m.mlp_ratio), "--steps", str(steps)]
+           "--key-dim", str(m.head_dim), "--mlp-ratio", str(m.mlp_ratio), "--gelu", m.gelu,
+           "--steps", str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"train_throughput.py: error: --peer torch failed ({python}): "

@@ -26,6 +26,7 @@ BASE_FITS = ("none", "loo_best")  # ContextStandardizer: where predictions are c
 Y_SCALES = ("std", "student_t", "loo")  # ContextStandardizer: the unit of the predicted residual
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
 HEADS = ("mse", "bar")  # gpicl_tf.model.InContextTransformer
+GELUS = ("exact", "tanh")  # gpicl_tf.layers.TransformerBlock: the MLP's activation
 # Classes of the base datasets of classification tasks (gpicl_tf.datasets).
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "kmnist": 10, "cifar10": 10,
                    "svhn_cropped": 10}
@@ -261,6 +262,10 @@ class ModelConfig:
       n_heads: attention heads; must divide d_model unless key_dim is given.
       key_dim: per-head query/key/value size; None means d_model // n_heads.
       mlp_ratio: hidden width of each block's MLP as a multiple of d_model.
+      gelu: the MLP's activation: "exact" (x Phi(x), with the error function) or
+        "tanh" (its tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+        within 5e-4 of it everywhere; fewer operations per element, so the XLA train step
+        runs faster on the CPU: benchmarks/train_throughput.py --compare-set).
       std_eps: relative spread floor of the per-task standardisation: context
         values whose spread is below std_eps x their magnitude count as constant.
       absent_features: what the model is told of the zero-padded features of an
@@ -323,6 +328,7 @@ class ModelConfig:
     n_heads: int = 4
     key_dim: Optional[int] = None
     mlp_ratio: int = 4
+    gelu: str = "exact"
     std_eps: float = 1e-7
     absent_features: str = "zero"
     head: str = "mse"
@@ -342,6 +348,7 @@ class ModelConfig:
                                                          or self.head == "bar"),
                  o, "recalibrate", self.recalibrate, "a bool, true only with head='bar'")
         _require(self.head in HEADS, o, "head", self.head, f"one of {HEADS}")
+        _require(self.gelu in GELUS, o, "gelu", self.gelu, f"one of {GELUS}")
         _require(_is_int(self.n_bins) and 3 <= self.n_bins <= 10_000, o, "n_bins",
                  self.n_bins, "an integer in [3, 10,000]")
         _require(self.absent_features in ABSENT_FEATURES, o, "absent_features",

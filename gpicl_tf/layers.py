@@ -10,7 +10,7 @@ import math
 import keras
 from keras import ops
 
-from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS, Y_SCALES
+from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS, GELUS, Y_SCALES
 
 PACKAGE = "gpicl_tf"
 LOO_CLIP = 10.0  # leave-one-out fits beyond +-10 standardised units are clipped (fit_loo)
@@ -458,6 +458,13 @@ class ContextAttentionMask(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+def gelu_tanh(x):
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016), the MLP activation of
+    model.gelu="tanh"."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class TransformerBlock(keras.layers.Layer):
     """Pre-LayerNorm block: h + MHA(LN(h), mask); then h + MLP(LN(h)).
 
@@ -467,11 +474,16 @@ class TransformerBlock(keras.layers.Layer):
     The residual output projections start scaled by `residual_scale`
     (1/sqrt(2 * n_layers), as in GPT-2) so that the stack starts close to the
     identity and deep stacks train from the first step.
+
+    gelu: the MLP's activation, "exact" GELU or its "tanh" approximation (ModelConfig).
     """
 
     def __init__(self, d_model: int, n_heads: int, key_dim: int, mlp_dim: int,
-                 residual_scale: float = 1.0, **kwargs):
+                 residual_scale: float = 1.0, gelu: str = "exact", **kwargs):
         super().__init__(**kwargs)
+        if gelu not in GELUS:
+            raise ValueError(f"gelu={gelu!r} is invalid: expected one of {GELUS}")
+        self.gelu = gelu
         self.d_model = d_model
         self.n_heads = n_heads
         self.key_dim = key_dim
@@ -483,7 +495,8 @@ class TransformerBlock(keras.layers.Layer):
         self.attn = keras.layers.MultiHeadAttention(
             num_heads=n_heads, key_dim=key_dim, output_shape=d_model, name="attn")
         self.ln_mlp = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_mlp")
-        self.mlp_in = keras.layers.Dense(mlp_dim, activation="gelu", name="mlp_in")
+        self.mlp_in = keras.layers.Dense(mlp_dim, name="mlp_in",
+                                         activation="gelu" if gelu == "exact" else gelu_tanh)
         self.mlp_out = keras.layers.Dense(d_model, kernel_initializer=out_init, name="mlp_out")
 
     def build(self, h_shape, mask_shape=None):
@@ -544,7 +557,7 @@ class TransformerBlock(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "d_model": self.d_model, "n_heads": self.n_heads,
                 "key_dim": self.key_dim, "mlp_dim": self.mlp_dim,
-                "residual_scale": self.residual_scale}
+                "residual_scale": self.residual_scale, "gelu": self.gelu}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

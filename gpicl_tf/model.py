@@ -43,6 +43,7 @@ class InContextTransformer(keras.Model):
       n_heads: attention heads.
       key_dim: per-head query/key size (default d_model // n_heads).
       mlp_ratio: each block's MLP width as a multiple of d_model.
+      gelu: the MLP's activation: "exact" GELU or its "tanh" approximation.
       std_eps: relative spread floor of the per-task standardisation.
       absent_features: what the model is told of absent (zero-padded) input
         features: "zero", "flags", "rescale" or "both" (see ContextStandardizer).
@@ -79,7 +80,7 @@ class InContextTransformer(keras.Model):
 
     def __init__(self, x_dim: int, y_dim: int, d_model: int = 64, n_layers: int = 4,
                  n_heads: int = 4, key_dim: Optional[int] = None, mlp_ratio: int = 4,
-                 std_eps: float = 1e-7, classify: bool = False,
+                 gelu: str = "exact", std_eps: float = 1e-7, classify: bool = False,
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
@@ -106,7 +107,8 @@ class InContextTransformer(keras.Model):
                 "embed": lambda: keras.layers.Dense(d_model, name="embed"),
                 "block": lambda i: TransformerBlock(d_model, n_heads, head_dim,
                                                     mlp_ratio * d_model,
-                                                    residual_scale=res_scale, name=f"block_{i}"),
+                                                    residual_scale=res_scale, gelu=gelu,
+                                                    name=f"block_{i}"),
                 "ln_final": lambda: keras.layers.LayerNormalization(epsilon=1e-5,
                                                                     name="ln_final"),
                 "bar": lambda: BarHead(y_dim, n_bins, recalibrate=recalibrate,
@@ -121,6 +123,7 @@ class InContextTransformer(keras.Model):
         self.x_dim, self.y_dim = x_dim, y_dim
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
         self.key_dim, self.mlp_ratio, self.std_eps = key_dim, mlp_ratio, std_eps
+        self.gelu = gelu
         self.classify, self.absent_features = classify, absent_features
         self.head, self.n_bins, self.recalibrate = head, n_bins, bool(recalibrate)
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
@@ -150,7 +153,7 @@ class InContextTransformer(keras.Model):
         return {"name": self.name, "trainable": self.trainable,
                 "x_dim": self.x_dim, "y_dim": self.y_dim, "d_model": self.d_model,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "key_dim": self.key_dim,
-                "mlp_ratio": self.mlp_ratio, "std_eps": self.std_eps,
+                "mlp_ratio": self.mlp_ratio, "gelu": self.gelu, "std_eps": self.std_eps,
                 "classify": self.classify, "absent_features": self.absent_features,
                 "head": self.head, "n_bins": self.n_bins,
                 "ridge_penalties": list(self.ridge_penalties),
@@ -193,7 +196,8 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
     m, t = cfg.model, cfg.task
     return InContextTransformer(
         x_dim=t.x_dim, y_dim=t.y_dim, d_model=m.d_model, n_layers=m.n_layers,
-        n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, std_eps=m.std_eps,
+        n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, gelu=m.gelu,
+        std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
         head=m.head, n_bins=m.n_bins, recalibrate=m.recalibrate, **standardizer_kwargs(m),
         name=cfg.name.replace("-", "_"))

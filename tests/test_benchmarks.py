@@ -214,3 +214,43 @@ def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(c
     with_fits = parts[True]
     assert with_fits["context fits (standardisation, outside XLA)"] > 0
     assert with_fits["model forward + backward after the fits"] < 3 * with_fits["whole train step"]
+
+
+def test_train_throughput_compares_a_config_with_its_variant(capsys, monkeypatch):
+    """--compare PRESET --compare-set K=V [--step-only] times the preset against its variant
+    in alternating rounds and prints both losses after the same steps (the tanh GELU learns a
+    nearby function, so the losses differ but little); the same config twice is refused;
+    the PyTorch peer is asked for the config's GELU."""
+    from benchmarks import train_throughput
+    from gpicl_tf.config import apply_overrides, get_preset
+
+    train_throughput.main(["--preset", "tiny", "--calls", "2", "--rounds", "2", "--compare",
+                           "tiny", "--compare-set", "model.gelu=tanh", "--step-only"])
+    out = capsys.readouterr().out
+    assert "each config timed on one cached batch of its stream (step only)" in out
+    rounds = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and all("tiny model.gelu=tanh " in r for r in rounds), out
+    assert "tiny / tiny model.gelu=tanh = " in out
+    # tiny: 5 steps per call, 2 warm-up calls and 2 rounds of 2 calls
+    loss_line = out.split("loss of the last call after 30 steps: ")[1].splitlines()[0]
+    exact, approx = (float(part.rsplit(" ", 1)[1]) for part in loss_line.split(", "))
+    assert exact != approx and approx == pytest.approx(exact, rel=0.05), loss_line
+    with pytest.raises(SystemExit, match="compared config is --preset's own"):
+        train_throughput.compare_presets(
+            type("A", (), {"compare": "tiny", "compare_set": [], "preset": "tiny"})(), None)
+    for flags in (["--compare-set", "model.gelu=tanh"], ["--step-only"]):
+        with pytest.raises(SystemExit):
+            train_throughput.main(["--preset", "tiny", *flags])
+        assert f"{flags[0]}: needs --compare PRESET" in capsys.readouterr().err
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return type("R", (), {"returncode": 0, "stdout": '{"eager_steps_per_sec": 1}\n'})()
+
+    monkeypatch.setattr("subprocess.run", fake_run)
+    for gelu in ("exact", "tanh"):
+        cfg = apply_overrides(get_preset("mlp1d"), [f"model.gelu={gelu}"])
+        train_throughput.torch_peer("python", cfg, 10)
+        assert seen["cmd"][seen["cmd"].index("--gelu") + 1] == gelu

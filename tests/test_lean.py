@@ -37,6 +37,7 @@ def _batch(cfg, b=3, n=20, seed=0):
     ("tiny", []),
     ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.absent_features=flags"]),
     ("tiny", ["model.head=bar", "model.n_bins=16"]),
+    ("tiny", ["model.gelu=tanh"]),
     ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",
               "model.kernel_length_scales=[0.3,1]"]),
     ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",

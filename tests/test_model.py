@@ -244,3 +244,35 @@ def test_cross_entropy_query_loss_splits_exactly_over_replicas():
                                         "cross_entropy", n)) for i in (0, 2))
     np.testing.assert_allclose(total, full, rtol=1e-6)
 
+
+
+def test_tanh_gelu_is_the_approximation_and_survives_keras_files(model, tmp_path):
+    """model.gelu="tanh": the MLP applies 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))),
+    the model otherwise equals the exact-GELU one on the same weights, and a .keras file
+    (safe mode) brings the approximation back."""
+    from gpicl_tf.config import apply_overrides
+    from gpicl_tf.model import InContextTransformer
+
+    cfg = apply_overrides(get_preset("tiny"), ["model.gelu=tanh"])
+    approx = build_model(cfg)
+    approx.set_weights(model.get_weights())
+    blk = approx.get_layer("block_0")
+    h = tf.random.normal((2, 7, 32), seed=3)
+    z = (blk.ln_mlp(h) @ blk.mlp_in.kernel + blk.mlp_in.bias).numpy().astype(np.float64)
+    act = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+    want = act @ blk.mlp_out.kernel.numpy() + blk.mlp_out.bias.numpy()
+    np.testing.assert_allclose(blk.mlp(h).numpy(), want, atol=1e-5)
+    exact = model.get_layer("block_0").mlp(h).numpy()
+    assert 1e-4 < np.abs(exact - want).max() < 1e-2  # a different, nearby function
+    x, y, q = _task()
+    base = _pred(approx, x, y, q)
+    assert not np.array_equal(base, _pred(model, x, y, q))
+    assert approx.get_config()["gelu"] == "tanh"
+    assert InContextTransformer.from_config(model.get_config()).get_layer("block_0").gelu == "exact"
+    path = str(tmp_path / "tanh.keras")
+    approx.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.get_layer("block_1").gelu == "tanh"
+    np.testing.assert_allclose(_pred(loaded, x, y, q), base, atol=1e-6)
+    with pytest.raises(ValueError, match="model.gelu='fast' is invalid: expected one of"):
+        apply_overrides(get_preset("tiny"), ["model.gelu=fast"])
