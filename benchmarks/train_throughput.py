@@ -192,9 +192,8 @@ def compare_presets(a, cfg):
     """--preset against --compare (with --compare-set): rounds interleaved on warm trainers,
     the order alternating from round to round (the tasks of each config from its own
     stream, so a costlier task prior shows; with --step-only one cached batch of it),
-    medians and their ratio, and each config's
-    loss after the same number of steps from its seeded start (a faster step that learns
-    less shows there)."""
+    medians and their ratio, and each config's loss after the same number of steps from
+    its seeded start (a faster step that learns less shows there)."""
     other = a.compare + "".join(f" {kv}" for kv in a.compare_set)
     if other == a.preset:
         sys.exit("train_throughput.py: error: --compare: the compared config is --preset's "

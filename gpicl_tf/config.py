@@ -265,7 +265,8 @@ class ModelConfig:
       gelu: the MLP's activation: "exact" (x Phi(x), with the error function) or
         "tanh" (its tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
         within 5e-4 of it everywhere; fewer operations per element, so the XLA train step
-        runs faster on the CPU: benchmarks/train_throughput.py --compare-set).
+        runs faster on the CPU: 1.02x on the mlp1d step, benchmarks/train_throughput.py
+        --compare-set).
       std_eps: relative spread floor of the per-task standardisation: context
         values whose spread is below std_eps x their magnitude count as constant.
       absent_features: what the model is told of the zero-padded features of an
