@@ -21,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import matmul_peak_gflops  # noqa: E402
-from benchmarks.train_throughput import one_batch_dataset_fn, timed, warm_trainer  # noqa: E402
+from benchmarks.train_throughput import (alternating_rounds, one_batch_dataset_fn,  # noqa: E402
+                                         warm_trainer)
 from gpicl_tf import layers  # noqa: E402
 from gpicl_tf.config import apply_overrides, get_preset  # noqa: E402
 
@@ -60,12 +61,9 @@ def main(argv=None):
           f" heads={cfg.model.n_heads}; fp32 matmul peak {peak:.1f} GFLOP/s")
     rates = {name: [] for name in trainers}
     losses = {}
-    for r in range(a.rounds):
-        names = list(trainers) if r % 2 == 0 else list(trainers)[::-1]
-        for name in names:
-            rate, losses[name], cores = timed(trainers[name], a.calls)
-            rates[name].append(rate)
-            print(f"round {r + 1}: {name} {rate:.2f} steps/s ({cores:.2f} cores)", flush=True)
+    for r, name, rate, losses[name], cores in alternating_rounds(trainers, a.rounds, a.calls):
+        rates[name].append(rate)
+        print(f"round {r + 1}: {name} {rate:.2f} steps/s ({cores:.2f} cores)", flush=True)
     steps = (a.rounds * a.calls + 2) * cfg.train.steps_per_call
     med = {name: statistics.median(v) for name, v in rates.items()}
     for name in trainers:

@@ -68,6 +68,15 @@ def timed(trainer, calls: int):
     return calls * k / wall, losses[-1], (process_cpu_seconds() - cpu) / wall
 
 
+def alternating_rounds(trainers: dict, rounds: int, calls: int):
+    """Times each warm trainer of {name: trainer} for `calls` calls per round, the order
+    alternating from round to round (so none always runs second); yields (round, name,
+    steps/s, the loss of its last call, cores) for every timing."""
+    for r in range(rounds):
+        for name in list(trainers)[::1 if r % 2 == 0 else -1]:
+            yield (r, name, *timed(trainers[name], calls))
+
+
 def scaling(a, cfg):
     """tasks/s of two MultiWorkerMirrored workers on this machine over one process."""
     import json
@@ -206,12 +215,11 @@ def compare_presets(a, cfg):
                                      else "its live task stream"))
     rates = {name: [] for name in cfgs}
     losses = {}
-    for r in range(a.rounds):
-        for name in list(trainers)[::1 if r % 2 == 0 else -1]:
-            rate, losses[name], _ = timed(trainers[name], a.calls)
-            rates[name].append(rate)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items())
-              + " steps/s")
+    for r, name, rate, losses[name], _ in alternating_rounds(trainers, a.rounds, a.calls):
+        rates[name].append(rate)
+        if all(len(v) == r + 1 for v in rates.values()):  # the round's last timing
+            print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items())
+                  + " steps/s")
     for label, stat in zip(("median", "best"), summarise(rates)):
         print(f"{label} over {a.rounds} rounds: " + ", ".join(f"{n} {v:.2f} steps/s"
                                                              for n, v in stat.items())
