@@ -386,3 +386,22 @@ def test_run_steps_goes_on_with_a_kept_iterator_as_training_does(tiny, tmp_path,
     assert got == run_steps(Trainer(tiny, str(tmp_path / "e"),
                                     dataset_fn=one_batch_dataset_fn(tiny)), 6)
     assert got != whole
+
+
+def test_run_steps_starts_a_bar_head_from_the_priors_borders_as_train_does(tiny, tmp_path):
+    """The benchmarks' losses beside their speeds come from run_steps: a fresh trainer's
+    first calls equal a fresh train()'s (the bar head's borders from the training prior,
+    not the layer's initial ones: under those the `default`'s calls read 9-800 nats, with
+    them 1.6-1.9 between rare calls of a tail query that is far out)."""
+    from gpicl_tf.config import apply_overrides
+    from gpicl_tf.train import Trainer, prior_borders, run_steps
+
+    cfg = apply_overrides(tiny, ["model.head=bar", "model.n_bins=16", "train.steps=10",
+                                 "train.steps_per_call=5", "train.log_every=5",
+                                 "train.eval_every=10", "train.checkpoint_every=10"])
+    result = Trainer(cfg, str(tmp_path / "a")).train(verbose=False)
+    bench = Trainer(cfg, str(tmp_path / "b"))
+    losses = run_steps(bench, 2, 5)
+    np.testing.assert_array_equal(bench.model.get_layer("bar").borders.numpy(),
+                                  np.asarray(prior_borders(cfg)))
+    assert losses[-1] == pytest.approx(result.final_loss, abs=1e-6)
