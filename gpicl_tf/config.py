@@ -294,6 +294,12 @@ class ModelConfig:
       kernel_noises: one noise variance per length scale instead (a length scale may
         appear twice with two noises: a near-interpolating fit for noise-free tasks and
         a smoothing one for noisy tasks); () for kernel_noise at every scale.
+      kernel_std: every token also carries, per kernel fit, the log of that GP's
+        predictive standard deviation of y at its x (unit signal variance, y
+        standardised): the posterior's on queries, the leave-one-out one on context
+        points (as the fits are), so the model can size its predictive spread from how
+        far the point is from the context at each length scale. Needs
+        kernel_length_scales.
       fit_loo: a context point's token carries each fit's leave-one-out prediction at
         its x (the fit to the other context points) instead of the fit itself, so the
         model sees how far each fit misses points it did not see; queries carry the
@@ -339,6 +345,7 @@ class ModelConfig:
     kernel_noise: float = 0.01
     kernel_noises: Tuple[float, ...] = ()
     fit_loo: bool = False
+    kernel_std: bool = False
     base_fit: str = "none"
     y_scale: str = "std"
     recalibrate: bool = False
@@ -375,6 +382,9 @@ class ModelConfig:
                  and (not self.fit_loo or bool(self.ridge_penalties or self.kernel_length_scales)),
                  o, "fit_loo", self.fit_loo,
                  "a bool, true only with ridge_penalties or kernel_length_scales")
+        _require(isinstance(self.kernel_std, bool)
+                 and (not self.kernel_std or bool(self.kernel_length_scales)), o, "kernel_std",
+                 self.kernel_std, "a bool, true only with kernel_length_scales")
         if self.base_fit is None:  # `--set model.base_fit=none` parses to None
             object.__setattr__(self, "base_fit", "none")
         _require(self.base_fit in BASE_FITS
@@ -722,7 +732,7 @@ def _regressor_base() -> ExperimentConfig:
         # this model
         model=dataclasses.replace(cfg.model, ridge_penalties=(), kernel_length_scales=(),
                                   kernel_noises=(), base_fit="none", y_scale="std",
-                                  gelu="exact"),
+                                  gelu="exact", kernel_std=False),
         task=dataclasses.replace(
             cfg.task, x_dim=16, n_points=128,
             x_dim_weights=tuple(round(d ** -0.5, 4) for d in range(1, 17)),

@@ -25,6 +25,7 @@ BASE_CLIP_MAX = 6.0
 # y_scale="loo": the unit is the base fit's leave-one-out RMS error, but not below this
 # fraction of the context's std (an exact fit's error is float32 rounding)
 LOO_SCALE_FLOOR = 1e-3
+KERNEL_VAR_FLOOR = 1e-6  # kernel_std: a predictive variance below it is rounding (noise >= 1e-4)
 
 
 def _eye(n, dtype):
@@ -189,7 +190,7 @@ class ContextStandardizer(keras.layers.Layer):
                  absent_features: str = "zero", ridge_penalties=(),
                  kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
-                 **kwargs):
+                 kernel_std: bool = False, **kwargs):
         super().__init__(**kwargs)
         if absent_features not in ABSENT_FEATURES:
             raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
@@ -200,6 +201,9 @@ class ContextStandardizer(keras.layers.Layer):
         if kernel_length_scales and not standardize_y:
             raise ValueError("kernel_length_scales are for regression (standardize_y=True): "
                              "expected () for classification")
+        if kernel_std and not kernel_length_scales:
+            raise ValueError("kernel_std=True is the kernel fits' predictive std: expected "
+                             "kernel_length_scales")
         if fit_loo and not (ridge_penalties or kernel_length_scales):
             raise ValueError("fit_loo=True needs fits: expected ridge_penalties or "
                              "kernel_length_scales")
@@ -230,6 +234,7 @@ class ContextStandardizer(keras.layers.Layer):
         else:
             self.kernel_noise = float(kernel_noise)
         self.fit_loo = bool(fit_loo)
+        self.kernel_std = bool(kernel_std)
 
     def _stats(self, v, w, n):
         """Location and scale of the context values, relative to the data.
@@ -276,8 +281,10 @@ class ContextStandardizer(keras.layers.Layer):
         fits = []  # (fit, leave-one-out fit or None) pairs, each [B, N, F, dy]
         if self.ridge_penalties:
             fits.append(self._ridge(xs, ys, w))
+        kernel_std = None
         if self.kernel_length_scales:
-            fits.append(self._kernel(xs, ys, w, present))
+            *fit_pair, kernel_std = self._kernel(xs, ys, w, present)
+            fits.append(tuple(fit_pair))
         extra = []
         if fits:
             fit = ops.concatenate([f for f, _ in fits], axis=2)  # (B, N, F, dy)
@@ -298,6 +305,8 @@ class ContextStandardizer(keras.layers.Layer):
                               in_unit(loo_resid, base_err) * w,
                               _merge_last_two(in_unit(fit - base[:, :, None],
                                                       base_err[:, :, None]))]
+        if kernel_std is not None:
+            extra.append(kernel_std)
         if self.absent_features != "zero":
             if self.absent_features in ("rescale", "both"):
                 d = ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1.0)
@@ -375,8 +384,12 @@ class ContextStandardizer(keras.layers.Layer):
 
     def _kernel(self, xs, ys, w, present):
         """The context's GP posterior means (RBF kernel, one per length scale) at every
-        point, all length scales in one batch of solves: [B, N, L, dy], and (with fit_loo
-        or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii.
+        point, all length scales in one batch of solves: [B, N, L, dy], (with fit_loo
+        or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii, and
+        (with kernel_std, else None) [B, N, L] the log of each GP's predictive standard
+        deviation of y at the point: on a query the posterior's, 1 + noise - k'A^-1 k
+        (unit signal variance: y is standardised), on a context point the leave-one-out
+        one, 1 / (A^-1)_ii (Rasmussen & Williams eq. 5.12), as the fits are.
         Query rows and columns of the kernel matrix are replaced by the identity (and
         their y is 0), so queries get weight 0 and the solve keeps a fixed shape."""
         sq = ops.sum(ops.square(xs), axis=-1)  # (B, N); absent features are exactly 0
@@ -394,9 +407,9 @@ class ContextStandardizer(keras.layers.Layer):
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
-        if not self._need_loo:
+        if not (self._need_loo or self.kernel_std):
             alpha = _spd_solve(a, rhs)  # (B, L, N, dy)
-            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None  # (B, N, L, dy)
+            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None
         # A = C C': C^-1 [y, I] in one triangular solve; then alpha = C'^-1 C^-1 y, and
         # diag(A^-1)_i = sum_j (C^-1)_ji^2, which gives the leave-one-out residuals
         chol = ops.cholesky(a)
@@ -406,7 +419,14 @@ class ContextStandardizer(keras.layers.Layer):
         fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
         a_inv_diag = ops.sum(ops.square(z[..., dy:]), axis=-2)  # (B, L, N)
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
-        return fit, ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3))
+        loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3)) if self._need_loo else None
+        if not self.kernel_std:
+            return fit, loo, None
+        v = ops.matmul(z[..., dy:], ops.transpose(k_ctx, (0, 1, 3, 2)))  # C^-1 k(X, x_j)
+        var = 1.0 + noise[..., 0] - ops.sum(ops.square(v), axis=-2)  # (B, L, N) posterior
+        var = ops.where(m[:, None] > 0, 1.0 / a_inv_diag, var)  # context: leave-one-out
+        log_std = 0.5 * ops.log(ops.maximum(var, KERNEL_VAR_FLOOR))
+        return fit, loo, ops.transpose(log_std, (0, 2, 1))
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
@@ -424,8 +444,10 @@ class ContextStandardizer(keras.layers.Layer):
         base = 2 * dy if self.base_fit != "none" else 0
         if self.y_scale == "loo":  # the unit, the LOO residual, and each fit in the unit
             base += 2 * dy + ridge
+        if self.kernel_std:
+            base += len(self.kernel_length_scales)
         feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge + base), dtype=x.dtype)
-        loc = keras.KerasTensor((b, n if base else 1, dy), dtype=x.dtype)
+        loc = keras.KerasTensor((b, n if self.base_fit != "none" else 1, dy), dtype=x.dtype)
         return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
 
     def get_config(self):
@@ -435,7 +457,8 @@ class ContextStandardizer(keras.layers.Layer):
                 "kernel_length_scales": list(self.kernel_length_scales),
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
-                "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale}
+                "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
+                "kernel_std": self.kernel_std}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -58,6 +58,8 @@ class InContextTransformer(keras.Model):
         token carries (regression; see ContextStandardizer); () for none.
       fit_loo: context tokens carry the fits' leave-one-out predictions
         (ContextStandardizer).
+      kernel_std: tokens also carry the log predictive std of each kernel fit
+        (ContextStandardizer).
       base_fit: "loo_best" centres every prediction on the fit with the least
         leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
       recalibrate: the bar head holds a recalibration map per context size (BarHead),
@@ -84,7 +86,7 @@ class InContextTransformer(keras.Model):
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
-                 recalibrate: bool = False, **kwargs):
+                 recalibrate: bool = False, kernel_std: bool = False, **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -94,7 +96,7 @@ class InContextTransformer(keras.Model):
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
             kernel_noise=kernel_noise, fit_loo=fit_loo, base_fit=base_fit, y_scale=y_scale,
-            dtype="float32", name="standardize")
+            kernel_std=kernel_std, dtype="float32", name="standardize")
         feats, y_loc, y_scale = standardize(x, y, is_query)
         if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
@@ -130,6 +132,7 @@ class InContextTransformer(keras.Model):
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
         self.base_fit, self.y_scale = standardize.base_fit, standardize.y_scale
+        self.kernel_std = standardize.kernel_std
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
@@ -161,7 +164,7 @@ class InContextTransformer(keras.Model):
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
                 "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
-                "recalibrate": self.recalibrate}
+                "recalibrate": self.recalibrate, "kernel_std": self.kernel_std}
 
     @classmethod
     def from_config(cls, config):
@@ -188,7 +191,7 @@ def standardizer_kwargs(m) -> dict:
     """The ContextStandardizer's fit and scale arguments of a model config (ModelConfig)."""
     return dict(ridge_penalties=m.ridge_penalties, kernel_length_scales=m.kernel_length_scales,
                 kernel_noise=m.kernel_noises or m.kernel_noise, fit_loo=m.fit_loo,
-                base_fit=m.base_fit, y_scale=m.y_scale)
+                base_fit=m.base_fit, y_scale=m.y_scale, kernel_std=m.kernel_std)
 
 
 def build_model(cfg: ExperimentConfig) -> InContextTransformer:

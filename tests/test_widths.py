@@ -182,7 +182,8 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
     ("flags", "[0.001,1]", "[0.2,1]", "fit_loo=true"),
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best"),
     ("flags", "[0.001,1]", "[0.2,1]", "y_scale=student_t"),
-    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo")])
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo"),
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo kernel_std=true")])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
                                                                               kernel, loo):
     import keras
@@ -320,6 +321,52 @@ def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_p
     with pytest.raises(ValueError, match=r"model.fit_loo=True.*expected a bool, true only "
                                          r"with ridge_penalties or kernel_length_scales"):
         apply_overrides(get_preset("tiny"), ["model.fit_loo=true"])
+
+
+def test_kernel_std_features_are_scikit_learns_gp_predictive_std_loo_on_the_context():
+    """kernel_std: the last L features are the log predictive std of y of scikit-learn's
+    GaussianProcessRegressor with each fixed kernel (RBF, the fit's length scale and noise;
+    unit signal variance) on the standardised context: at a query the posterior's, at a
+    context point the GP's fitted to the other context points. The queries' y do not
+    enter them, nor an absent or constant feature; a query far from the context gets
+    the prior's std, sqrt(1 + noise)."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    cx, cy, qx = _task(3, nc=12, nq=4)
+    qx[:, -1] = 40.0  # far outside the context (standardised: ~70 stds away)
+    x = _pad(np.concatenate([cx, qx], 1))
+    y = np.concatenate([cy, np.full((2, 4, 1), 50.0, np.float32)], 1)  # queries' y unseen
+    q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
+    scales, noises = (0.2, 1.0), (0.05, 1e-3)
+    layer = ContextStandardizer(absent_features="flags", kernel_length_scales=scales,
+                                kernel_noise=noises, kernel_std=True)
+    feats = layer(x, y, q)[0].numpy()
+    assert feats.shape[-1] == 8 + 1 + 1 + 8 + 2 + 2  # the kernel fits, then their stds
+    xs, ys = feats[..., :8], feats[..., 8]
+    for b in range(2):
+        for j, (ls, noise) in enumerate(zip(scales, noises)):
+            gp = lambda: GaussianProcessRegressor(RBF(ls * np.sqrt(3.0)), alpha=noise,
+                                                  optimizer=None)
+            _, std = gp().fit(xs[b, :12, :3], ys[b, :12]).predict(xs[b, 12:, :3],
+                                                                  return_std=True)
+            want = 0.5 * np.log(std ** 2 + noise)  # the GP's std of y: latent plus noise
+            np.testing.assert_allclose(feats[b, 12:, 20 + j], want, atol=1e-4)
+            assert feats[b, 15, 20 + j] == pytest.approx(0.5 * np.log(1.0 + noise), abs=1e-6)
+            for i in range(12):
+                rest = [r for r in range(12) if r != i]
+                _, s = gp().fit(xs[b, rest, :3], ys[b, rest]).predict(xs[b, i:i + 1, :3],
+                                                                      return_std=True)
+                assert feats[b, i, 20 + j] == pytest.approx(0.5 * np.log(s[0] ** 2 + noise),
+                                                            abs=1e-4)
+    _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
+    with pytest.raises(ValueError, match="kernel_std=True .* expected kernel_length_scales"):
+        ContextStandardizer(kernel_std=True)
+    with pytest.raises(ValueError, match=r"model.kernel_std=True.*expected a bool, true only "
+                                         r"with kernel_length_scales"):
+        apply_overrides(get_preset("tiny"), ["model.kernel_std=true"])
 
 
 def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_error():
