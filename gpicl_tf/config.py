@@ -294,6 +294,11 @@ class ModelConfig:
       kernel_noises: one noise variance per length scale instead (a length scale may
         appear twice with two noises: a near-interpolating fit for noise-free tasks and
         a smoothing one for noisy tasks); () for kernel_noise at every scale.
+      cubic_penalties: penalties lambda > 0 of further ridge regressions fitted to each
+        task's context on every standardised feature, its square and its cube (an
+        additive cubic polynomial; the powers centred on the context); every token
+        carries their predictions at its x, as for ridge_penalties, and base_fit may pick
+        them. Regression only; () for none.
       kernel_std: every token also carries, per kernel fit, the log of that GP's
         predictive standard deviation of y at its x (unit signal variance, y
         standardised): the posterior's on queries, the leave-one-out one on context
@@ -341,6 +346,7 @@ class ModelConfig:
     head: str = "mse"
     n_bins: int = 64
     ridge_penalties: Tuple[float, ...] = ()
+    cubic_penalties: Tuple[float, ...] = ()
     kernel_length_scales: Tuple[float, ...] = ()
     kernel_noise: float = 0.01
     kernel_noises: Tuple[float, ...] = ()
@@ -364,6 +370,10 @@ class ModelConfig:
         _require(isinstance(self.ridge_penalties, tuple) and len(self.ridge_penalties) <= 16
                  and all(_is_num(v) and 0 < v < 1e6 for v in self.ridge_penalties), o,
                  "ridge_penalties", self.ridge_penalties,
+                 "a tuple of at most 16 numbers in (0, 1e6)")
+        _require(isinstance(self.cubic_penalties, tuple) and len(self.cubic_penalties) <= 16
+                 and all(_is_num(v) and 0 < v < 1e6 for v in self.cubic_penalties), o,
+                 "cubic_penalties", self.cubic_penalties,
                  "a tuple of at most 16 numbers in (0, 1e6)")
         _require(isinstance(self.kernel_length_scales, tuple)
                  and len(self.kernel_length_scales) <= 16
@@ -506,6 +516,9 @@ class ExperimentConfig:
         _require(not self.model.ridge_penalties or kind == "regression", "model",
                  "ridge_penalties", self.model.ridge_penalties,
                  "() for classification tasks (ridge fits are a regression feature)")
+        _require(not self.model.cubic_penalties or kind == "regression", "model",
+                 "cubic_penalties", self.model.cubic_penalties,
+                 "() for classification tasks (cubic fits are a regression feature)")
         _require(not self.model.kernel_length_scales or kind == "regression", "model",
                  "kernel_length_scales", self.model.kernel_length_scales,
                  "() for classification tasks (kernel fits are a regression feature)")

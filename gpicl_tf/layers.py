@@ -25,6 +25,7 @@ BASE_CLIP_MAX = 6.0
 # y_scale="loo": the unit is the base fit's leave-one-out RMS error, but not below this
 # fraction of the context's std (an exact fit's error is float32 rounding)
 LOO_SCALE_FLOOR = 1e-3
+CUBIC_POINTS_PER_TERM = 2  # cubic fits need 2 context points per term (see _cubic_design)
 KERNEL_VAR_FLOOR = 1e-6  # kernel_std: a predictive variance below it is rounding (noise >= 1e-4)
 
 
@@ -190,8 +191,11 @@ class ContextStandardizer(keras.layers.Layer):
                  absent_features: str = "zero", ridge_penalties=(),
                  kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
-                 kernel_std: bool = False, **kwargs):
+                 kernel_std: bool = False, cubic_penalties=(), **kwargs):
         super().__init__(**kwargs)
+        if cubic_penalties and not standardize_y:
+            raise ValueError("cubic_penalties are for regression (standardize_y=True): "
+                             "expected () for classification")
         if absent_features not in ABSENT_FEATURES:
             raise ValueError(f"absent_features={absent_features!r} is invalid: expected one "
                              f"of {ABSENT_FEATURES}")
@@ -225,6 +229,7 @@ class ContextStandardizer(keras.layers.Layer):
         self.standardize_y = standardize_y
         self.absent_features = absent_features
         self.ridge_penalties = tuple(float(p) for p in ridge_penalties)
+        self.cubic_penalties = tuple(float(p) for p in cubic_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         if isinstance(kernel_noise, (list, tuple)):
             if len(kernel_noise) != len(self.kernel_length_scales):
@@ -280,7 +285,10 @@ class ContextStandardizer(keras.layers.Layer):
         present = ops.cast(x_spread > 0, x.dtype)  # (B, 1, dx) from the context only
         fits = []  # (fit, leave-one-out fit or None) pairs, each [B, N, F, dy]
         if self.ridge_penalties:
-            fits.append(self._ridge(xs, ys, w))
+            fits.append(self._ridge(xs, ys, w, self.ridge_penalties))
+        if self.cubic_penalties:
+            fits.append(self._ridge(self._cubic_design(xs, w, n, present), ys, w,
+                                    self.cubic_penalties))
         kernel_std = None
         if self.kernel_length_scales:
             *fit_pair, kernel_std = self._kernel(xs, ys, w, present)
@@ -355,7 +363,21 @@ class ContextStandardizer(keras.layers.Layer):
     def _need_loo(self):
         return self.fit_loo or self.base_fit != "none"
 
-    def _ridge(self, xs, ys, w):
+    @staticmethod
+    def _cubic_design(xs, w, n, present):
+        """[B, N, 3 dx]: each standardised feature, its square and its cube, the powers
+        centred on the context's mean (absent features stay exactly 0). A context of fewer
+        than CUBIC_POINTS_PER_TERM points per term (3 per present feature) plus one gets
+        the powers zeroed: its cubic fits are then (to rounding) linear ridge fits at the
+        same penalties, so a cubic is never fitted to fewer points than that."""
+        d = ops.sum(present, axis=-1, keepdims=True)  # (B, 1, 1) present features
+        enough = ops.cast(n >= CUBIC_POINTS_PER_TERM * 3.0 * d + 1.0, xs.dtype)
+        powers = [ops.square(xs), xs * ops.square(xs)]
+        centred = [(p - ops.sum(p * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)) * enough
+                   for p in powers]
+        return ops.concatenate([xs] + centred, axis=-1)
+
+    def _ridge(self, xs, ys, w, penalties):
         """The context's ridge fits evaluated at every point, all penalties in one batch
         of solves (a handful of ops however many penalties: the serving graph runs op by
         op): [B, N, P, dy], and (with fit_loo or base_fit, else None) the leave-one-out
@@ -368,8 +390,8 @@ class ContextStandardizer(keras.layers.Layer):
         if self._need_loo:
             rhs = ops.concatenate([rhs, ops.transpose(xc, (0, 2, 1))], axis=-1)  # [X'y, X']
         eye = _eye(ops.shape(xs)[-1], xs.dtype)  # the width may be dynamic (an export pads it)
-        lams = ops.convert_to_tensor(self.ridge_penalties, dtype=xs.dtype)
-        rhs = ops.repeat(rhs[:, None], len(self.ridge_penalties), axis=1)  # (B, P, dx, .)
+        lams = ops.convert_to_tensor(penalties, dtype=xs.dtype)
+        rhs = ops.repeat(rhs[:, None], len(penalties), axis=1)  # (B, P, dx, .)
         sol = _spd_solve(gram[:, None] + lams[:, None, None] * eye, rhs)
         fit = ops.einsum("bni,bpik->bnpk", xs, sol[..., :dy])  # (B, N, P, dy)
         if not self._need_loo:
@@ -440,7 +462,8 @@ class ContextStandardizer(keras.layers.Layer):
         b, n, dx = x.shape
         dy = y.shape[-1]
         flags = dx if self.absent_features in ("flags", "both") else 0
-        ridge = dy * (len(self.ridge_penalties) + len(self.kernel_length_scales))
+        ridge = dy * (len(self.ridge_penalties) + len(self.cubic_penalties)
+                      + len(self.kernel_length_scales))
         base = 2 * dy if self.base_fit != "none" else 0
         if self.y_scale == "loo":  # the unit, the LOO residual, and each fit in the unit
             base += 2 * dy + ridge
@@ -454,6 +477,7 @@ class ContextStandardizer(keras.layers.Layer):
         return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y,
                 "absent_features": self.absent_features,
                 "ridge_penalties": list(self.ridge_penalties),
+                "cubic_penalties": list(self.cubic_penalties),
                 "kernel_length_scales": list(self.kernel_length_scales),
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),

@@ -58,6 +58,8 @@ class InContextTransformer(keras.Model):
         token carries (regression; see ContextStandardizer); () for none.
       fit_loo: context tokens carry the fits' leave-one-out predictions
         (ContextStandardizer).
+      cubic_penalties: penalties of the context's ridge fits on each feature, its square
+        and its cube (ContextStandardizer); () for none.
       kernel_std: tokens also carry the log predictive std of each kernel fit
         (ContextStandardizer).
       base_fit: "loo_best" centres every prediction on the fit with the least
@@ -86,7 +88,8 @@ class InContextTransformer(keras.Model):
                  absent_features: str = "zero", head: str = "mse", n_bins: int = 64,
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
-                 recalibrate: bool = False, kernel_std: bool = False, **kwargs):
+                 recalibrate: bool = False, kernel_std: bool = False, cubic_penalties=(),
+                 **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -96,7 +99,8 @@ class InContextTransformer(keras.Model):
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
             kernel_noise=kernel_noise, fit_loo=fit_loo, base_fit=base_fit, y_scale=y_scale,
-            kernel_std=kernel_std, dtype="float32", name="standardize")
+            kernel_std=kernel_std, cubic_penalties=cubic_penalties, dtype="float32",
+            name="standardize")
         feats, y_loc, y_scale = standardize(x, y, is_query)
         if head not in ("mse", "bar"):
             raise ValueError(f"head={head!r} is invalid: expected 'mse' or 'bar'")
@@ -133,6 +137,7 @@ class InContextTransformer(keras.Model):
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
         self.base_fit, self.y_scale = standardize.base_fit, standardize.y_scale
         self.kernel_std = standardize.kernel_std
+        self.cubic_penalties = standardize.cubic_penalties
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
@@ -164,7 +169,8 @@ class InContextTransformer(keras.Model):
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
                 "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
-                "recalibrate": self.recalibrate, "kernel_std": self.kernel_std}
+                "recalibrate": self.recalibrate, "kernel_std": self.kernel_std,
+                "cubic_penalties": list(self.cubic_penalties)}
 
     @classmethod
     def from_config(cls, config):
@@ -191,7 +197,8 @@ def standardizer_kwargs(m) -> dict:
     """The ContextStandardizer's fit and scale arguments of a model config (ModelConfig)."""
     return dict(ridge_penalties=m.ridge_penalties, kernel_length_scales=m.kernel_length_scales,
                 kernel_noise=m.kernel_noises or m.kernel_noise, fit_loo=m.fit_loo,
-                base_fit=m.base_fit, y_scale=m.y_scale, kernel_std=m.kernel_std)
+                base_fit=m.base_fit, y_scale=m.y_scale, kernel_std=m.kernel_std,
+                cubic_penalties=m.cubic_penalties)
 
 
 def build_model(cfg: ExperimentConfig) -> InContextTransformer:

@@ -52,6 +52,10 @@ def _batch(cfg, b=3, n=20, seed=0):
               "model.kernel_length_scales=[0.3,1]", "model.base_fit=loo_best",
               "model.y_scale=loo", "model.kernel_std=true", "model.head=bar",
               "model.n_bins=16"]),
+    ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",
+              "model.cubic_penalties=[0.001,1]", "model.kernel_length_scales=[0.3,1]",
+              "model.base_fit=loo_best", "model.y_scale=loo", "model.head=bar",
+              "model.n_bins=16"]),
     ("classify", ["task.n_points=32", "model.d_model=32", "model.n_layers=2",
                   "model.n_heads=2", "model.mlp_ratio=2"]),
 ])

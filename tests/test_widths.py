@@ -183,7 +183,8 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best"),
     ("flags", "[0.001,1]", "[0.2,1]", "y_scale=student_t"),
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo"),
-    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo kernel_std=true")])
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo kernel_std=true"),
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo cubic_penalties=[0.001,1]")])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
                                                                               kernel, loo):
     import keras
@@ -321,6 +322,55 @@ def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_p
     with pytest.raises(ValueError, match=r"model.fit_loo=True.*expected a bool, true only "
                                          r"with ridge_penalties or kernel_length_scales"):
         apply_overrides(get_preset("tiny"), ["model.fit_loo=true"])
+
+
+def test_cubic_fits_are_scikit_learns_ridge_on_each_feature_its_square_and_cube():
+    """cubic_penalties: per penalty, scikit-learn's Ridge (no intercept: x and y are
+    centred on the context) on every standardised feature, its square and its cube (the
+    powers centred on the context); an additive cubic is then fitted exactly and picked by
+    the base fit, where the linear ridge fits miss it; context only, absent features out.
+    Below 2 context points per term (+1) the fits are the linear ridge fits."""
+    from sklearn.linear_model import Ridge
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    nc = 24  # 3 present features: 9 terms, so 19 points or more fit the cubic
+    cx, cy, qx = _task(3, nc=nc, nq=4)
+    cubic = lambda v: (v[..., :1] ** 3 - 0.5 * v[..., 1:2] ** 2 + 0.3 * v[..., 2:3]
+                       + 2.0).astype(np.float32)
+    x = _pad(np.concatenate([cx, qx], 1))
+    y = np.concatenate([cubic(cx), np.full((2, 4, 1), 50.0, np.float32)], 1)  # queries unseen
+    q = np.concatenate([np.zeros((2, nc)), np.ones((2, 4))], 1).astype(np.float32)
+    lams = (1e-3, 1.0)
+    layer = ContextStandardizer(absent_features="flags", cubic_penalties=lams)
+    feats = layer(x, y, q)[0].numpy()
+    assert feats.shape[-1] == 8 + 1 + 1 + 8 + 2
+    xs, ys = feats[..., :3], feats[..., 8]
+    for b in range(2):
+        powers = [xs[b] ** 2, xs[b] ** 3]
+        design = np.concatenate([xs[b]] + [p - p[:nc].mean(0) for p in powers], -1)
+        for j, lam in enumerate(lams):
+            fit = Ridge(alpha=lam, fit_intercept=False).fit(design[:nc], ys[b, :nc])
+            np.testing.assert_allclose(feats[b, :, 18 + j], fit.predict(design), atol=2e-4)
+    _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
+    both = dict(ridge_penalties=(1e-3,), base_fit="loo_best")
+    want = cubic(qx)
+    for kw, tol in ((dict(cubic_penalties=(1e-6,)), 1e-3), ({}, None)):
+        loc = ContextStandardizer(**both, **kw)(x, y, q)[1].numpy()[:, nc:]
+        if tol:
+            np.testing.assert_allclose(loc, want, atol=tol)
+        else:  # least squares alone misses the cubic
+            assert np.abs(loc - want).max() > 0.05
+    # 12 context points of 3 features: too few for 9 terms; the linear ridge fits instead
+    few = q.copy()
+    few[:, 12:nc] = 1.0
+    got = layer(x, y, few)[0].numpy()[..., 18:20]
+    linear = ContextStandardizer(absent_features="flags", ridge_penalties=lams)(x, y, few)
+    np.testing.assert_allclose(got, linear[0].numpy()[..., 18:20], atol=1e-4)
+    with pytest.raises(ValueError, match=r"model.cubic_penalties=\(1.0,\).*classification"):
+        apply_overrides(get_preset("classify"), ["model.cubic_penalties=[1.0]"])
+    with pytest.raises(ValueError, match=r"model.cubic_penalties=\(0.0,\).*\(0, 1e6\)"):
+        apply_overrides(get_preset("tiny"), ["model.cubic_penalties=[0]"])
 
 
 def test_kernel_std_features_are_scikit_learns_gp_predictive_std_loo_on_the_context():
