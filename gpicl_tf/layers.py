@@ -179,11 +179,23 @@ class ContextStandardizer(keras.layers.Layer):
     add, and on a noisy task the unit is about the noise's std. Context only, so queries
     stay independent; a ratio of residuals, so the model stays equivariant.
 
+    With `cubic_penalties`, further ridge fits (one per penalty) on every standardised
+    feature, its square and its cube (the powers centred on the context) come after the
+    ridge fits, given a context of at least 6d + 1 points for d present features (two per
+    term; below that the powers are zeroed and they are linear ridge fits): an additive
+    cubic is then fitted exactly, and the base fit may pick it.
+
+    With `kernel_std`, every token also carries, per kernel fit, the log of that GP's
+    predictive standard deviation of y at its x (unit signal variance): the posterior's
+    on a query, the leave-one-out one on a context point, as the fits themselves are.
+
     Call args: x [B, N, dx], y [B, N, dy], is_query [B, N].
     Returns: features [B, N, dx + dy + 1 (+ dx with flags) (+ dy per penalty)]
       = (x std., y std. zeroed on queries, query flag (, presence flags)
-      (, ridge predictions) (, kernel predictions) (, base fit, context residual)
-      (, with y_scale="loo": log unit, context LOO residual, each fit less the base)),
+      (, ridge predictions) (, cubic predictions) (, kernel predictions)
+      (, base fit, context residual)
+      (, with y_scale="loo": log unit, context LOO residual, each fit less the base)
+      (, with kernel_std: each kernel fit's log predictive std)),
       y_loc [B, 1, dy] ([B, N, dy] with base_fit), y_scale [B, 1, dy].
     """
 

@@ -643,7 +643,7 @@ def run_steps(trainer: Trainer, n_calls: int, steps_per_call: int = 1, iterator=
     from `stream_iterator(trainer)` to go on drawing from, as training does (one
     iterator per run); by default a new one starts at the trainer's step. A trainer at
     step 0 that has not run yet starts as `train()` starts a fresh run: a bar head from
-    the prior's borders (without them the benchmarks' losses read 20-800 nats).
+    the prior's borders (without them the benchmarks' losses read 9-800 nats).
     """
     if trainer._train_call is None:
         if int(trainer.step.numpy()) == 0 and not trainer.cfg.train.init_from:
