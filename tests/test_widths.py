@@ -231,6 +231,17 @@ def _assert_fits_see_the_context_only(layer, x, y, q, x3d, start):
                                layer(narrow, y, q)[0].numpy()[..., start:], atol=1e-6)
 
 
+def _assert_refused(layer_kwargs, layer_match, override, config_match):
+    """The standardiser refuses layer_kwargs, and the tiny preset the override, each with
+    a ValueError matching its pattern."""
+    from gpicl_tf.layers import ContextStandardizer
+
+    with pytest.raises(ValueError, match=layer_match):
+        ContextStandardizer(**layer_kwargs)
+    with pytest.raises(ValueError, match=config_match):
+        apply_overrides(get_preset("tiny"), [override])
+
+
 def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
     from sklearn.linear_model import Ridge
 
@@ -317,11 +328,9 @@ def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_p
                     for f in fits]
             np.testing.assert_allclose(feats[b, i, 18:22], want, atol=2e-5)
     _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
-    with pytest.raises(ValueError, match="fit_loo=True needs fits"):
-        ContextStandardizer(fit_loo=True)
-    with pytest.raises(ValueError, match=r"model.fit_loo=True.*expected a bool, true only "
-                                         r"with ridge_penalties or kernel_length_scales"):
-        apply_overrides(get_preset("tiny"), ["model.fit_loo=true"])
+    _assert_refused(dict(fit_loo=True), "fit_loo=True needs fits", "model.fit_loo=true",
+                    r"model.fit_loo=True.*expected a bool, true only "
+                    r"with ridge_penalties or kernel_length_scales")
 
 
 def test_cubic_fits_are_scikit_learns_ridge_on_each_feature_its_square_and_cube():
@@ -412,11 +421,9 @@ def test_kernel_std_features_are_scikit_learns_gp_predictive_std_loo_on_the_cont
                 assert feats[b, i, 20 + j] == pytest.approx(0.5 * np.log(s[0] ** 2 + noise),
                                                             abs=1e-4)
     _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
-    with pytest.raises(ValueError, match="kernel_std=True .* expected kernel_length_scales"):
-        ContextStandardizer(kernel_std=True)
-    with pytest.raises(ValueError, match=r"model.kernel_std=True.*expected a bool, true only "
-                                         r"with kernel_length_scales"):
-        apply_overrides(get_preset("tiny"), ["model.kernel_std=true"])
+    _assert_refused(dict(kernel_std=True), "kernel_std=True .* expected kernel_length_scales",
+                    "model.kernel_std=true",
+                    r"model.kernel_std=True.*expected a bool, true only with kernel_length_scales")
 
 
 def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_error():
