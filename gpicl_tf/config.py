@@ -727,7 +727,7 @@ def _default() -> ExperimentConfig:
     # but a step costs ~10% more (one more batched matmul outside XLA), so the preset trains
     # 2400 steps, about the time of 2600 without it (5m10s against 5m03s back to back:
     # docs/results/default_main_job_wall_time_kernelstd.txt): unseen-task loss 1.2604
-    # against 1.2696, every gp_rbf cell 0.02-0.22 nats closer, 1-D 18/22 and Garg 42/48
+    # against 1.2696, every gp_rbf cell 0.02-0.23 nats closer, 1-D 18/22 and Garg 42/48
     # as before (docs/results/default_kernelstd_*_eval.json). Cubic fits
     # (model.cubic_penalties) won the polynomial suite but lost on the prior (unseen-task
     # loss 1.2834; docs/results/default_cubic_*), so they are not in the preset.
