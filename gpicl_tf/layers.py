@@ -303,8 +303,8 @@ class ContextStandardizer(keras.layers.Layer):
                                     self.cubic_penalties))
         kernel_std = None
         if self.kernel_length_scales:
-            *fit_pair, kernel_std = self._kernel(xs, ys, w, present)
-            fits.append(tuple(fit_pair))
+            kernel_fit, kernel_loo, kernel_std = self._kernel(xs, ys, w, present)
+            fits.append((kernel_fit, kernel_loo))
         extra = []
         if fits:
             fit = ops.concatenate([f for f, _ in fits], axis=2)  # (B, N, F, dy)
