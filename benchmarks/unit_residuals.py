@@ -4,10 +4,14 @@ For tasks of a preset's training prior, standardises every query's y as the mode
 (ContextStandardizer: the base fit's residual over the unit) and prints, per bucket of
 context sizes, the median unit (in context stds) and the 5/25/50/75/95% quantiles of the
 standardised residuals, for each unit: "std" (the context's std), "loo" (the base fit's
-leave-one-out error, the `default`'s) and, for comparison, "loo" without its small-context
+leave-one-out error), "loo_gp" (that error per point, times a kernel base fit's relative
+predictive std there; with kernel fits) and, for comparison, "loo" without its small-context
 term e^(3 - k) (how it was first tried: the least of the fits' leave-one-out errors is often
 near 0 by chance at a handful of points). A unit is good for the bar head when these
-quantiles are alike in every bucket.
+quantiles are alike in every bucket; the last column, the median over the queries of
+log(unit) + z^2 / 2 + log(2 pi) / 2 with the unit in context stds, is the Gaussian negative
+log-likelihood of the base fit with the unit as its std (lower: the unit alone is the better
+predictive spread).
 
     python benchmarks/unit_residuals.py [--preset default] [--tasks 2048]
 """
@@ -38,34 +42,37 @@ def main(argv=None) -> int:
     if cfg.model.base_fit != "loo_best":
         p.error(f"--preset {a.preset}: model.base_fit is {cfg.model.base_fit!r}; the units "
                 "compared here need 'loo_best'")
-    units = {}  # name: (z [T, N], unit [T] in the context's stds)
-    for rule in ("std", "loo"):
+    units = {}  # name: (z [T, N], unit [T, N] in the context's stds)
+    rules = ("std", "loo") + (("loo_gp",) if cfg.model.kernel_length_scales else ())
+    for rule in rules:
         z, unit, b = standardised_prior(apply_overrides(cfg, [f"model.y_scale={rule}"]),
                                         a.tasks)
-        units[rule] = (z[..., 0], unit[:, 0, 0])
+        units[rule] = (z[..., 0], np.broadcast_to(unit[..., 0], z.shape[:2]))
     q = b["is_query"].numpy() > 0.5
-    n = (~q).sum(axis=1)
+    n = (~q).sum(axis=1)[:, None]
     # the loo unit without its small-context term: the same unit, the term taken back out
     ratio = units["loo"][1] / units["std"][1]
     bare = np.sqrt(np.maximum(ratio ** 2 - loo_small_context_term(n.astype(np.float64)),
                               1e-6))
     bare = np.where(n < 3, ratio, bare)
-    units["loo, no e^(3-k)"] = (units["loo"][0] * (ratio / bare)[:, None],
-                                bare * units["std"][1])
+    units["loo, no e^(3-k)"] = (units["loo"][0] * (ratio / bare), bare * units["std"][1])
+    n = n[:, 0]
     print(f"{a.tasks} tasks of the `{a.preset}` prior (seed {cfg.train.seed}, the bar borders' "
           "stream); standardised query residuals (y - base) / unit")
     print("| unit | context points | tasks | median unit (context stds) | "
-          + " | ".join(f"{v:.0%}" for v in LEVELS) + " |")
-    print("|---|---|---:|---:|" + "---:|" * len(LEVELS))
+          + " | ".join(f"{v:.0%}" for v in LEVELS) + " | median Gaussian NLL |")
+    print("|---|---|---:|---:|" + "---:|" * len(LEVELS) + "---:|")
     for name, (z, unit) in units.items():
         rel = unit / units["std"][1]
         for lo, hi in BUCKETS:
             t = (n >= lo) & (n < hi)
             if not t.any():
                 continue
-            qs = np.quantile(z[t][q[t]], LEVELS)
-            print(f"| {name} | {lo}-{hi - 1} | {int(t.sum())} | {np.median(rel[t]):.3g} | "
-                  + " | ".join(f"{v:.3g}" for v in qs) + " |")
+            zq, uq = z[t][q[t]], rel[t][q[t]]
+            nll = np.log(uq) + 0.5 * np.square(np.clip(zq, -1e6, 1e6)) + 0.5 * np.log(2 * np.pi)
+            print(f"| {name} | {lo}-{hi - 1} | {int(t.sum())} | {np.median(uq):.3g} | "
+                  + " | ".join(f"{v:.3g}" for v in np.quantile(zq, LEVELS))
+                  + f" | {np.median(nll):.3f} |")
     return 0
 
 

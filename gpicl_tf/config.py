@@ -23,7 +23,7 @@ ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
 BASE_FITS = ("none", "loo_best")  # ContextStandardizer: where predictions are centred
-Y_SCALES = ("std", "student_t", "loo")  # ContextStandardizer: the unit of the predicted residual
+Y_SCALES = ("std", "student_t", "loo", "loo_gp")  # ContextStandardizer: the unit of the predicted residual
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
 HEADS = ("mse", "bar")  # gpicl_tf.model.InContextTransformer
 GELUS = ("exact", "tanh")  # gpicl_tf.layers.TransformerBlock: the MLP's activation
@@ -327,7 +327,14 @@ class ModelConfig:
         nothing for the head to add, and on a noisy task the unit is about the noise's
         std; every token also carries the unit, each fit's distance from the base in it
         and, on context points, the base's leave-one-out residual in it; needs
-        base_fit="loo_best"). Regression only.
+        base_fit="loo_best") or "loo_gp" ("loo" per point: times the base fit's relative
+        predictive std at the point, sqrt(s2(x) / mean s2), s2 a kernel base fit's GP
+        predictive variance (the posterior's on queries, the leave-one-out one on context
+        points, whose mean over the context is the divisor) and 1 for a ridge fit or the
+        mean, clipped to [1/20, 20]: near the context a GP fit is surer than its
+        leave-one-out error says, far from it less sure, and the head predicts the
+        residual in that point's unit; tokens carry its log; needs kernel_length_scales).
+        Regression only.
       recalibrate: the bar head's distribution is recalibrated per context size
         (BarHead): after the last training step, the map of each context-size bucket is
         fitted to the probability integral transforms of the training prior's query
@@ -403,10 +410,12 @@ class ModelConfig:
                  o, "base_fit", self.base_fit,
                  f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "
                  "kernel_length_scales")
-        _require(self.y_scale in Y_SCALES and (self.y_scale != "loo"
-                                               or self.base_fit == "loo_best"),
+        _require(self.y_scale in Y_SCALES and (not self.y_scale.startswith("loo")
+                                               or self.base_fit == "loo_best")
+                 and (self.y_scale != "loo_gp" or bool(self.kernel_length_scales)),
                  o, "y_scale", self.y_scale,
-                 f"one of {Y_SCALES}, 'loo' only with base_fit='loo_best'")
+                 f"one of {Y_SCALES}, 'loo' only with base_fit='loo_best', 'loo_gp' also "
+                 "only with kernel_length_scales")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")

@@ -26,6 +26,7 @@ BASE_CLIP_MAX = 6.0
 # fraction of the context's std (an exact fit's error is float32 rounding)
 LOO_SCALE_FLOOR = 1e-3
 CUBIC_POINTS_PER_TERM = 2  # cubic fits need 2 context points per term (see _cubic_design)
+GP_UNIT_CLIP = 20.0  # y_scale="loo_gp": the relative predictive std is clipped to [1/20, 20]
 KERNEL_VAR_FLOOR = 1e-6  # kernel_std: a predictive variance below it is rounding (noise >= 1e-4)
 
 
@@ -179,6 +180,14 @@ class ContextStandardizer(keras.layers.Layer):
     add, and on a noisy task the unit is about the noise's std. Context only, so queries
     stay independent; a ratio of residuals, so the model stays equivariant.
 
+    With `y_scale="loo_gp"` (needs kernel_length_scales too), that unit is per point: it is
+    multiplied by the picked base fit's predictive std at the point relative to its
+    root-mean-square over the context (`_relative_std`; 1 where the base is a ridge fit or
+    the mean). A GP fit is surer of a query near the context than its leave-one-out error
+    (one point removed) says, and less sure far from it; the head then predicts every
+    residual in its own point's unit, and the tokens' log unit, leave-one-out residual and
+    fits in the unit are per point too.
+
     With `cubic_penalties`, further ridge fits (one per penalty) on every standardised
     feature, its square and its cube (the powers centred on the context) come after the
     ridge fits, given a context of at least 6d + 1 points for d present features (two per
@@ -196,7 +205,8 @@ class ContextStandardizer(keras.layers.Layer):
       (, base fit, context residual)
       (, with y_scale="loo": log unit, context LOO residual, each fit less the base)
       (, with kernel_std: each kernel fit's log predictive std)),
-      y_loc [B, 1, dy] ([B, N, dy] with base_fit), y_scale [B, 1, dy].
+      y_loc [B, 1, dy] ([B, N, dy] with base_fit), y_scale [B, 1, dy] ([B, N, dy] with
+      y_scale="loo_gp").
     """
 
     def __init__(self, eps: float = 1e-7, standardize_y: bool = True,
@@ -230,9 +240,12 @@ class ContextStandardizer(keras.layers.Layer):
                              "kernel_length_scales")
         if y_scale not in Y_SCALES:
             raise ValueError(f"y_scale={y_scale!r} is invalid: expected one of {Y_SCALES}")
-        if y_scale == "loo" and base_fit != "loo_best":
-            raise ValueError("y_scale='loo' is the base fit's leave-one-out error: expected "
-                             f"base_fit='loo_best', got {base_fit!r}")
+        if y_scale.startswith("loo") and base_fit != "loo_best":
+            raise ValueError(f"y_scale={y_scale!r} is the base fit's leave-one-out error: "
+                             f"expected base_fit='loo_best', got {base_fit!r}")
+        if y_scale == "loo_gp" and not kernel_length_scales:
+            raise ValueError("y_scale='loo_gp' scales by a kernel base fit's predictive std: "
+                             "expected kernel_length_scales")
         if y_scale != "std" and not standardize_y:
             raise ValueError(f"y_scale={y_scale!r} is for regression (standardize_y=True): "
                              "expected 'std' for classification")
@@ -301,9 +314,9 @@ class ContextStandardizer(keras.layers.Layer):
         if self.cubic_penalties:
             fits.append(self._ridge(self._cubic_design(xs, w, n, present), ys, w,
                                     self.cubic_penalties))
-        kernel_std = None
+        kernel_var = None
         if self.kernel_length_scales:
-            kernel_fit, kernel_loo, kernel_std = self._kernel(xs, ys, w, present)
+            kernel_fit, kernel_loo, kernel_var = self._kernel(xs, ys, w, present)
             fits.append((kernel_fit, kernel_loo))
         extra = []
         if fits:
@@ -313,10 +326,12 @@ class ContextStandardizer(keras.layers.Layer):
             extra.append(_merge_last_two(self._context_loo(fit, loo, w) if self.fit_loo
                                          else fit))
             if self.base_fit == "loo_best":
-                base, base_err, loo_resid = self._loo_best(fit, loo, ys, w, n)
+                base, base_err, loo_resid, pick = self._loo_best(fit, loo, ys, w, n)
                 extra += [base, (ys - base) * w]
                 y_loc = y_loc + y_scale * base
-                if self.y_scale == "loo":
+                if self.y_scale == "loo_gp":  # per point: times the relative predictive std
+                    base_err = base_err * self._relative_std(kernel_var, pick, w, n)
+                if self.y_scale.startswith("loo"):
                     y_scale = y_scale * base_err
                     # every token is told the unit and sees, in it, how far each fit is
                     # from the base; context tokens also the base's leave-one-out residual
@@ -325,8 +340,8 @@ class ContextStandardizer(keras.layers.Layer):
                               in_unit(loo_resid, base_err) * w,
                               _merge_last_two(in_unit(fit - base[:, :, None],
                                                       base_err[:, :, None]))]
-        if kernel_std is not None:
-            extra.append(kernel_std)
+        if self.kernel_std:  # each kernel fit's log predictive std
+            extra.append(0.5 * ops.log(kernel_var))
         if self.absent_features != "zero":
             if self.absent_features in ("rescale", "both"):
                 d = ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1.0)
@@ -346,7 +361,8 @@ class ContextStandardizer(keras.layers.Layer):
         less (always below 3 context points: too few to cross-validate a fit);
         [B, 1, dy] the picked fit's leave-one-out RMS error, at least LOO_SCALE_FLOOR
         (1 below 3 context points), with a small-context term (see below); and [B, N, dy]
-        the picked fit's leave-one-out residuals on the context (0 on queries)."""
+        the picked fit's leave-one-out residuals on the context (0 on queries); and the pick
+        [B, F, dy] (one-hot over the fits, all 0 for the mean)."""
         err = ops.sum(ops.square(loo - ys[:, :, None]) * w[..., None], axis=1)  # (B, F, dy)
         mean_err = (ops.sum(ops.square(ys) * w, axis=1)
                     * ops.square(n[:, 0] / ops.maximum(n[:, 0] - 1.0, 1.0)))  # (B, dy)
@@ -369,11 +385,27 @@ class ContextStandardizer(keras.layers.Layer):
                           ops.sum((ys[:, :, None] - loo) * pick[:, None], axis=2),
                           ys * (n / ops.maximum(n - 1.0, 1.0))) * w
         return (ops.minimum(ops.maximum(base, -clip[:, None]), clip[:, None]), rms[:, None],
-                resid)
+                resid, pick)
 
     @property
     def _need_loo(self):
         return self.fit_loo or self.base_fit != "none"
+
+    def _relative_std(self, kernel_var, pick, w, n):
+        """y_scale="loo_gp": [B, N, dy] the picked base fit's predictive std at every point
+        relative to its root-mean-square over the context, sqrt(s2(x) / mean_ctx s2),
+        clipped to [1 / GP_UNIT_CLIP, GP_UNIT_CLIP]. s2 is a kernel fit's GP predictive
+        variance (`_kernel`: the posterior's at queries, the leave-one-out one at context
+        points) and 1 for the ridge fits and the mean (which leave the unit per task)."""
+        n_other = ops.shape(pick)[1] - len(self.kernel_length_scales)  # ridge and cubic fits
+        var = ops.concatenate([ops.repeat(ops.ones_like(kernel_var[:, :, :1]), n_other, axis=2),
+                               kernel_var], axis=2) if n_other else kernel_var  # (B, N, F)
+        picked = ops.sum(var[..., None] * pick[:, None], axis=2)  # (B, N, dy)
+        picked = picked + (1.0 - ops.sum(pick, axis=1, keepdims=True))  # the mean: 1
+        ctx = ops.sum(picked * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)  # (B, 1, dy)
+        ctx = ops.where(n > 0.0, ctx, ops.ones_like(ctx))  # no context: the mean's 1
+        rel = ops.sqrt(picked / ops.maximum(ctx, KERNEL_VAR_FLOOR))
+        return ops.clip(rel, 1.0 / GP_UNIT_CLIP, GP_UNIT_CLIP)
 
     @staticmethod
     def _cubic_design(xs, w, n, present):
@@ -420,8 +452,8 @@ class ContextStandardizer(keras.layers.Layer):
         """The context's GP posterior means (RBF kernel, one per length scale) at every
         point, all length scales in one batch of solves: [B, N, L, dy], (with fit_loo
         or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii, and
-        (with kernel_std, else None) [B, N, L] the log of each GP's predictive standard
-        deviation of y at the point: on a query the posterior's, 1 + noise - k'A^-1 k
+        (with kernel_std or y_scale="loo_gp", else None) [B, N, L] each GP's predictive
+        variance of y at the point, at least KERNEL_VAR_FLOOR: on a query the posterior's, 1 + noise - k'A^-1 k
         (unit signal variance: y is standardised), on a context point the leave-one-out
         one, 1 / (A^-1)_ii (Rasmussen & Williams eq. 5.12), as the fits are.
         Query rows and columns of the kernel matrix are replaced by the identity (and
@@ -441,7 +473,8 @@ class ContextStandardizer(keras.layers.Layer):
         rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
-        if not (self._need_loo or self.kernel_std):
+        need_var = self.kernel_std or self.y_scale == "loo_gp"
+        if not (self._need_loo or need_var):
             alpha = _spd_solve(a, rhs)  # (B, L, N, dy)
             return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None
         # A = C C': C^-1 [y, I] in one triangular solve; then alpha = C'^-1 C^-1 y, and
@@ -454,13 +487,12 @@ class ContextStandardizer(keras.layers.Layer):
         a_inv_diag = ops.sum(ops.square(z[..., dy:]), axis=-2)  # (B, L, N)
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
         loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3)) if self._need_loo else None
-        if not self.kernel_std:
+        if not need_var:
             return fit, loo, None
         v = ops.matmul(z[..., dy:], ops.transpose(k_ctx, (0, 1, 3, 2)))  # C^-1 k(X, x_j)
         var = 1.0 + noise[..., 0] - ops.sum(ops.square(v), axis=-2)  # (B, L, N) posterior
         var = ops.where(m[:, None] > 0, 1.0 / a_inv_diag, var)  # context: leave-one-out
-        log_std = 0.5 * ops.log(ops.maximum(var, KERNEL_VAR_FLOOR))
-        return fit, loo, ops.transpose(log_std, (0, 2, 1))
+        return fit, loo, ops.transpose(ops.maximum(var, KERNEL_VAR_FLOOR), (0, 2, 1))
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)
@@ -477,13 +509,14 @@ class ContextStandardizer(keras.layers.Layer):
         ridge = dy * (len(self.ridge_penalties) + len(self.cubic_penalties)
                       + len(self.kernel_length_scales))
         base = 2 * dy if self.base_fit != "none" else 0
-        if self.y_scale == "loo":  # the unit, the LOO residual, and each fit in the unit
+        if self.y_scale.startswith("loo"):  # the unit, the LOO residual, each fit in it
             base += 2 * dy + ridge
         if self.kernel_std:
             base += len(self.kernel_length_scales)
         feat = keras.KerasTensor((b, n, dx + dy + 1 + flags + ridge + base), dtype=x.dtype)
         loc = keras.KerasTensor((b, n if self.base_fit != "none" else 1, dy), dtype=x.dtype)
-        return feat, loc, keras.KerasTensor((b, 1, dy), dtype=x.dtype)
+        per_point = self.y_scale == "loo_gp"
+        return feat, loc, keras.KerasTensor((b, n if per_point else 1, dy), dtype=x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "eps": self.eps, "standardize_y": self.standardize_y,

@@ -68,7 +68,9 @@ class InContextTransformer(keras.Model):
         fitted after training (`gpicl_tf.train.fit_recalibration`).
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
         context's size (ContextStandardizer); "loo" makes it the base fit's
-        leave-one-out error (needs base_fit="loo_best"); "std" leaves it the
+        leave-one-out error (needs base_fit="loo_best"); "loo_gp" that error per
+        point, times the base GP fit's relative predictive std there (also needs
+        kernel_length_scales; y_scale is then [B, N, dy]); "std" leaves it the
         context's std.
 
     Example:
@@ -151,7 +153,8 @@ class InContextTransformer(keras.Model):
 
         feats = keras.Input((None, layer("embed").kernel.shape[0]), name="features")
         y_loc = keras.Input((None, self.y_dim), name="y_loc")  # [B, N, dy] with base_fit
-        y_scale = keras.Input((1, self.y_dim), name="y_scale")
+        y_scale = keras.Input((None if self.y_scale == "loo_gp" else 1, self.y_dim),
+                              name="y_scale")  # [B, N, dy] per point with "loo_gp"
         is_query = keras.Input((None,), name="is_query")
         return keras.Model([feats, y_loc, y_scale, is_query],
                            _trunk_outputs(layer, self.n_layers, self.head == "bar",
@@ -246,10 +249,11 @@ def point_prediction(out):
 
 def query_rows(out: dict, nc) -> dict:
     """The bar head's output dict at the rows from nc on (the queries): logits, y_pred
-    and, where it is per point (model.base_fit), y_loc."""
-    loc = out["y_loc"]  # [B, 1, dy], or [B, N, dy] with model.base_fit
+    and, where they are per point, y_loc (model.base_fit) and y_scale
+    (model.y_scale="loo_gp")."""
+    rows = lambda v: v if v.shape[1] == 1 else v[:, nc:]  # [B, 1, dy] or [B, N, dy]
     return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:],
-                y_loc=loc if loc.shape[1] == 1 else loc[:, nc:])
+                y_loc=rows(out["y_loc"]), y_scale=rows(out["y_scale"]))
 
 
 def bar_distribution(model) -> Optional[BarDistribution]:

@@ -401,19 +401,21 @@ def test_export_returns_the_keras_models_std_quantiles_and_density(bar_model, ba
     np.testing.assert_allclose(meta["quantile_levels"].numpy(), DEFAULT_LEVELS)
 
 
-@pytest.mark.parametrize("xla", [False, True])
-def test_with_a_base_fit_the_export_returns_the_keras_models_distribution(xla, tmp_path):
-    """model.base_fit: the location is per point (and model.y_scale=student_t widens the
-    scale by the context's size); the export's mean, std, quantiles and density at the
-    queries are the Keras model's, with XLA and without."""
+@pytest.mark.parametrize("xla, unit", [(False, "student_t"), (True, "student_t"),
+                                       (False, "loo_gp")])
+def test_with_a_base_fit_the_export_returns_the_keras_models_distribution(xla, unit, tmp_path):
+    """model.base_fit: the location is per point (model.y_scale=student_t widens the scale
+    by the context's size; loo_gp makes it per point too); the export's mean, std,
+    quantiles and density at the queries are the Keras model's, with XLA and without."""
     from gpicl_tf.export import DEFAULT_LEVELS, export_model
 
     model, cfg = _bar_model(["model.ridge_penalties=[0.001,1]",
                              "model.kernel_length_scales=[0.2,1]", "model.base_fit=loo_best",
-                             "model.y_scale=student_t"])
+                             f"model.y_scale={unit}"])
     cx, cy, qx, qy = _task(4, nc=12)
     dist, out = _keras_predictive(model, cx, cy, qx)
     assert out["y_loc"].shape == (3, 6, 1)
+    assert out["y_scale"].shape == ((3, 6, 1) if unit == "loo_gp" else (3, 1, 1))
     plain, _ = _keras_predictive(_bar_model()[0], cx, cy, qx)
     assert np.abs(dist.mean().numpy() - plain.mean().numpy()).max() > 1e-2  # it moved
     sigs = tf.saved_model.load(export_model(model, cfg, str(tmp_path), "b", jit_compile=xla)

@@ -184,6 +184,7 @@ def test_the_standardizer_tells_the_model_what_absent_features_says(absent):
     ("flags", "[0.001,1]", "[0.2,1]", "y_scale=student_t"),
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo"),
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo kernel_std=true"),
+    ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo_gp kernel_std=true"),
     ("flags", "[0.001,1]", "[0.2,1]", "base_fit=loo_best y_scale=loo cubic_penalties=[0.001,1]")])
 def test_query_independence_permutation_and_per_feature_equivariance_hold_for(absent, ridge,
                                                                               kernel, loo):
@@ -591,7 +592,7 @@ def test_with_student_t_scale_90_percent_of_gaussian_queries_lie_within_z95_at_e
     with pytest.raises(ValueError, match="y_scale='t' is invalid"):
         ContextStandardizer(y_scale="t")
     with pytest.raises(ValueError, match=r"model.y_scale='t' is invalid.*expected one of "
-                                         r"\('std', 'student_t', 'loo'\)"):
+                                         r"\('std', 'student_t', 'loo', 'loo_gp'\)"):
         apply_overrides(get_preset("tiny"), ["model.y_scale=t"])
     with pytest.raises(ValueError, match=r"model.y_scale='student_t'.*classification"):
         apply_overrides(get_preset("classify"), ["model.y_scale=student_t"])
@@ -656,6 +657,64 @@ def test_with_the_loo_scale_the_unit_is_the_base_fits_leave_one_out_error(d):
     with pytest.raises(ValueError, match=r"model.y_scale='loo' is invalid.*'loo' only with "
                                          r"base_fit='loo_best'"):
         apply_overrides(get_preset("tiny"), ["model.ridge_penalties=[1]", "model.y_scale=loo"])
+
+
+def test_with_the_loo_gp_scale_the_unit_follows_the_kernel_base_fits_predictive_std():
+    """y_scale=loo_gp: where a kernel fit is the base, each point's unit is the "loo" unit
+    times sqrt(s2(x) / mean s2 over the context), s2 the GP's predictive variance
+    (scikit-learn's GaussianProcessRegressor with the fit's kernel and noise: posterior at
+    queries, leave-one-out at context points): small at a query next to a context point,
+    large far away (the prior's std there). Where least squares is the base (a noise-free
+    linear task) or the mean (no context) the unit stays the task's "loo" unit. The tokens'
+    log unit is per point."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    rng = np.random.default_rng(3)
+    nc = 16
+    cx = np.sort(rng.uniform(-1, 1, (2, nc, 1)), axis=1).astype(np.float32)
+    qx = np.stack([cx[:, 3] + 1e-3, (cx[:, 7] + cx[:, 8]) / 2, np.full((2, 1), 1.3),
+                   np.full((2, 1), 60.0)], 1).astype(np.float32)  # near, between, out, far
+    x = np.concatenate([cx, qx], 1)
+    q = np.concatenate([np.zeros((2, nc)), np.ones((2, 4))], 1).astype(np.float32)
+    kw = dict(ridge_penalties=(1e-3,), kernel_length_scales=(0.4,), kernel_noise=1e-3,
+              base_fit="loo_best")
+    gp_layer, loo_layer = (ContextStandardizer(y_scale=u, **kw) for u in ("loo_gp", "loo"))
+    y = np.concatenate([np.sin(3 * cx), np.full((2, 4, 1), 50.0, np.float32)], 1)
+    feats, loc, unit = (v.numpy() for v in gp_layer(x, y, q))
+    loc_loo, unit_loo = (v.numpy() for v in loo_layer(x, y, q)[1:])
+    assert unit.shape == (2, nc + 4, 1) and unit_loo.shape == (2, 1, 1)
+    np.testing.assert_array_equal(loc, loc_loo)  # the same base
+    xs, ys = feats[..., 0], feats[..., 1]  # standardised x and y
+    for b in range(2):
+        gp = lambda: GaussianProcessRegressor(RBF(0.4), alpha=1e-3, optimizer=None)
+        _, sq = gp().fit(xs[b, :nc, None], ys[b, :nc]).predict(xs[b, nc:, None],
+                                                                return_std=True)
+        s2 = np.empty(nc + 4)
+        s2[nc:] = sq ** 2 + 1e-3
+        for i in range(nc):
+            rest = [r for r in range(nc) if r != i]
+            _, s = gp().fit(xs[b, rest, None], ys[b, rest]).predict(xs[b, i:i + 1, None],
+                                                                    return_std=True)
+            s2[i] = s[0] ** 2 + 1e-3
+        want = np.clip(np.sqrt(s2 / s2[:nc].mean()), 1 / 20, 20)
+        np.testing.assert_allclose(unit[b, :, 0] / unit_loo[b, 0, 0], want,
+                                   rtol=2e-3)
+        assert want[nc] < 0.3 < 3.0 < want[nc + 2] < want[nc + 3]
+        assert want[nc + 3] == pytest.approx(np.sqrt(1.001 / s2[:nc].mean()))  # the prior's
+    # the log unit (in context stds), then the LOO residual and the 2 fits in the unit
+    log_unit = loo_layer(x, y, q)[0].numpy()[..., -4] + np.log(unit / unit_loo)[..., 0]
+    np.testing.assert_allclose(feats[..., -4], log_unit, rtol=1e-5, atol=1e-5)
+    lin = np.concatenate([2.0 * cx - 1.0, np.full((2, 4, 1), 50.0, np.float32)], 1)
+    for mask in (q, np.ones_like(q)):  # least squares the base; no context (the mean)
+        u_gp, u_loo = gp_layer(x, lin, mask)[2].numpy(), loo_layer(x, lin, mask)[2].numpy()
+        np.testing.assert_allclose(u_gp, np.broadcast_to(u_loo, u_gp.shape), rtol=1e-6)
+    _assert_refused(dict(y_scale="loo_gp", ridge_penalties=(1.0,), base_fit="loo_best"),
+                    "y_scale='loo_gp' .* expected kernel_length_scales",
+                    "model.y_scale=loo_gp",
+                    r"model.y_scale='loo_gp'.*'loo_gp' also only with kernel_length_scales")
 
 
 def test_the_base_fit_extrapolates_a_linear_task_beyond_3_stds_from_8_context_points():
