@@ -60,8 +60,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     fit_kw = {**standardizer_kwargs(m), "absent_features": m.absent_features}
-    # the fits alone (their unit is irrelevant here: "loo" needs a base fit)
-    layer = ContextStandardizer(**{**fit_kw, "base_fit": "none", "y_scale": "std"})
+    # the fits alone, the last features (their unit is irrelevant here: "loo" needs a base
+    # fit; the kernel fits' stds would come after them)
+    layer = ContextStandardizer(**{**fit_kw, "base_fit": "none", "y_scale": "std",
+                                   "kernel_std": False})
     based = ContextStandardizer(**{**fit_kw, "base_fit": "loo_best"})
     results = {}
     for path in a.results:

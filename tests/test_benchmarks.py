@@ -99,6 +99,9 @@ def test_fit_quality_scores_the_default_presets_fits_on_the_evaluated_tasks(caps
     assert model == pytest.approx(_load("default_1d_eval.json")["suites"]["sine"]["methods"]
                                   ["model"]["16"]["nmse"], rel=5e-3)
     assert len(fits) == 12  # 4 ridge penalties, 8 kernel fits
+    # least squares misses a sine; every kernel fit does far better (a column of another
+    # feature, such as the kernel fits' log stds, would not)
+    assert fits[0] > 0.5 and max(fits[4:]) < 0.5, fits
     assert picked < 0.1 * fits[0] and picked <= 1.5 * min(fits), (picked, fits)
 
 
