@@ -290,7 +290,9 @@ class ModelConfig:
         Their Cholesky solves are slow under XLA on the CPU (benchmarks/cholesky_xla.py:
         ~29x TensorFlow's own for 64 tasks x 3 scales of 64 points), so with train.jit_compile the train step
         runs the standardisation outside XLA and the rest of the model inside it.
-      kernel_noise: the noise variance (standardised y units) of those fits.
+      kernel_noise: the noise variance (standardised y units) of those fits; a fit with
+        a noise below 1e-4 (a near-exact interpolation of a smooth noise-free function,
+        whose kernel matrix float32 cannot factor) is solved in float64.
       kernel_noises: one noise variance per length scale instead (a length scale may
         appear twice with two noises: a near-interpolating fit for noise-free tasks and
         a smoothing one for noisy tasks); () for kernel_noise at every scale.
@@ -387,13 +389,13 @@ class ModelConfig:
                  and all(_is_num(v) and 0 < v <= 100 for v in self.kernel_length_scales), o,
                  "kernel_length_scales", self.kernel_length_scales,
                  "a tuple of at most 16 numbers in (0, 100]")
-        _require(_is_num(self.kernel_noise) and 1e-4 <= self.kernel_noise <= 100, o,
-                 "kernel_noise", self.kernel_noise, "a number in [1e-4, 100]")
+        _require(_is_num(self.kernel_noise) and 1e-10 <= self.kernel_noise <= 100, o,
+                 "kernel_noise", self.kernel_noise, "a number in [1e-10, 100]")
         _require(isinstance(self.kernel_noises, tuple)
                  and len(self.kernel_noises) in (0, len(self.kernel_length_scales))
-                 and all(_is_num(v) and 1e-4 <= v <= 100 for v in self.kernel_noises), o,
+                 and all(_is_num(v) and 1e-10 <= v <= 100 for v in self.kernel_noises), o,
                  "kernel_noises", self.kernel_noises,
-                 f"() or {len(self.kernel_length_scales)} numbers in [1e-4, 100], one per "
+                 f"() or {len(self.kernel_length_scales)} numbers in [1e-10, 100], one per "
                  "kernel length scale")
         _require(isinstance(self.fit_loo, bool)
                  and (not self.fit_loo or bool(self.ridge_penalties or self.kernel_length_scales)),

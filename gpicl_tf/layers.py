@@ -26,8 +26,12 @@ BASE_CLIP_MAX = 6.0
 # fraction of the context's std (an exact fit's error is float32 rounding)
 LOO_SCALE_FLOOR = 1e-3
 CUBIC_POINTS_PER_TERM = 2  # cubic fits need 2 context points per term (see _cubic_design)
+KERNEL_FLOAT32_NOISE = 1e-4  # kernel fits with a smaller noise are solved in float64
 GP_UNIT_CLIP = 20.0  # y_scale="loo_gp": the relative predictive std is clipped to [1/20, 20]
-KERNEL_VAR_FLOOR = 1e-6  # kernel_std: a predictive variance below it is rounding (noise >= 1e-4)
+# kernel_std, y_scale="loo_gp": a predictive variance below it is rounding (float32 fits'
+# noise >= 1e-4; the float64 ones' floor is KERNEL_VAR_FLOOR_F64)
+KERNEL_VAR_FLOOR = 1e-6
+KERNEL_VAR_FLOOR_F64 = 1e-12
 
 
 def _eye(n, dtype):
@@ -404,7 +408,7 @@ class ContextStandardizer(keras.layers.Layer):
         picked = picked + (1.0 - ops.sum(pick, axis=1, keepdims=True))  # the mean: 1
         ctx = ops.sum(picked * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)  # (B, 1, dy)
         ctx = ops.where(n > 0.0, ctx, ops.ones_like(ctx))  # no context: the mean's 1
-        rel = ops.sqrt(picked / ops.maximum(ctx, KERNEL_VAR_FLOOR))
+        rel = ops.sqrt(picked / ops.maximum(ctx, KERNEL_VAR_FLOOR_F64))
         return ops.clip(rel, 1.0 / GP_UNIT_CLIP, GP_UNIT_CLIP)
 
     @staticmethod
@@ -453,24 +457,45 @@ class ContextStandardizer(keras.layers.Layer):
         point, all length scales in one batch of solves: [B, N, L, dy], (with fit_loo
         or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii, and
         (with kernel_std or y_scale="loo_gp", else None) [B, N, L] each GP's predictive
-        variance of y at the point, at least KERNEL_VAR_FLOOR: on a query the posterior's, 1 + noise - k'A^-1 k
-        (unit signal variance: y is standardised), on a context point the leave-one-out
-        one, 1 / (A^-1)_ii (Rasmussen & Williams eq. 5.12), as the fits are.
-        Query rows and columns of the kernel matrix are replaced by the identity (and
-        their y is 0), so queries get weight 0 and the solve keeps a fixed shape."""
+        variance of y at the point, at least KERNEL_VAR_FLOOR(_F64): on a query the
+        posterior's, 1 + noise - k'A^-1 k (unit signal variance: y is standardised), on a context point
+        the leave-one-out one, 1 / (A^-1)_ii (Rasmussen & Williams eq. 5.12), as the fits
+        are. Query rows and columns of the kernel matrix are replaced by the identity (and
+        their y is 0), so queries get weight 0 and the solve keeps a fixed shape. Fits with
+        a noise below KERNEL_FLOAT32_NOISE are solved in float64 (a second batch of
+        solves): a near-exact fit's kernel matrix is too ill-conditioned for float32."""
+        scales = self.kernel_length_scales
+        noises = (self.kernel_noise if isinstance(self.kernel_noise, tuple)
+                  else (self.kernel_noise,) * len(scales))
+        groups = [[i for i, v in enumerate(noises) if v >= KERNEL_FLOAT32_NOISE],
+                  [i for i, v in enumerate(noises) if v < KERNEL_FLOAT32_NOISE]]
+        outs = []
+        for idx, dtype in zip(groups, (xs.dtype, "float64")):
+            if idx:
+                args = (ops.cast(v, dtype) for v in (xs, ys, w, present))
+                outs.append(self._kernel_group(*args, [scales[i] for i in idx],
+                                               [noises[i] for i in idx]))
+        if len(outs) == 1:
+            return tuple(None if v is None else ops.cast(v, xs.dtype) for v in outs[0])
+        order = [(groups[0] + groups[1]).index(i) for i in range(len(scales))]  # config's
+        return tuple(None if a is None else ops.take(ops.concatenate(
+            [ops.cast(a, xs.dtype), ops.cast(b, xs.dtype)], axis=2), order, axis=2)
+            for a, b in zip(*outs))
+
+    def _kernel_group(self, xs, ys, w, present, scales, noises):
+        """`_kernel` for the length scales and noises of one dtype."""
         sq = ops.sum(ops.square(xs), axis=-1)  # (B, N); absent features are exactly 0
         d2 = ops.maximum(sq[:, :, None] + sq[:, None, :]
                          - 2.0 * ops.einsum("bni,bmi->bnm", xs, xs), 0.0)  # (B, N, N)
         d = ops.maximum(ops.sum(present, axis=-1), 1.0)  # (B, 1) present features
-        ls2 = ops.convert_to_tensor(self.kernel_length_scales, dtype=xs.dtype) ** 2  # (L,)
+        ls2 = ops.convert_to_tensor(scales, dtype=xs.dtype) ** 2  # (L,)
         k = ops.exp(-0.5 * d2[:, None] / (d[:, :, None, None] * ls2[None, :, None, None]))
         m = w[..., 0]  # (B, N) context weights
         k_ctx = k * m[:, None, None, :]  # (B, L, N, N): columns of context points only
-        noise = ops.reshape(ops.convert_to_tensor(self.kernel_noise, dtype=xs.dtype),
-                            (1, -1, 1, 1))  # (1, L or 1, 1, 1)
+        noise = ops.reshape(ops.convert_to_tensor(noises, dtype=xs.dtype), (1, -1, 1, 1))
         eye = _eye(ops.shape(xs)[1], xs.dtype)  # (N, N)
         diag = (noise * m[:, None, :, None] + (1.0 - m)[:, None, :, None]) * eye
-        rhs = ops.repeat(ys[:, None], len(self.kernel_length_scales), axis=1)  # (B, L, N, dy)
+        rhs = ops.repeat(ys[:, None], len(scales), axis=1)  # (B, L, N, dy)
         a = k_ctx * m[:, None, :, None] + diag  # (B, L, N, N)
         dy = ops.shape(ys)[-1]
         need_var = self.kernel_std or self.y_scale == "loo_gp"
@@ -492,7 +517,9 @@ class ContextStandardizer(keras.layers.Layer):
         v = ops.matmul(z[..., dy:], ops.transpose(k_ctx, (0, 1, 3, 2)))  # C^-1 k(X, x_j)
         var = 1.0 + noise[..., 0] - ops.sum(ops.square(v), axis=-2)  # (B, L, N) posterior
         var = ops.where(m[:, None] > 0, 1.0 / a_inv_diag, var)  # context: leave-one-out
-        return fit, loo, ops.transpose(ops.maximum(var, KERNEL_VAR_FLOOR), (0, 2, 1))
+        f64 = keras.backend.standardize_dtype(xs.dtype) == "float64"
+        floor = KERNEL_VAR_FLOOR_F64 if f64 else KERNEL_VAR_FLOOR
+        return fit, loo, ops.transpose(ops.maximum(var, floor), (0, 2, 1))
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)

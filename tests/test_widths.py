@@ -266,9 +266,10 @@ def test_ridge_features_are_scikit_learns_ridge_on_the_standardised_context():
     _assert_fits_see_the_context_only(layer, x, y, q, np.concatenate([cx, qx], 1), 18)
 
 
-@pytest.mark.parametrize("noise", [0.05, (0.05, 1e-3)])
+@pytest.mark.parametrize("noise", [0.05, (0.05, 1e-3), (1e-8, 1e-3)])
 def test_kernel_features_are_scikit_learns_kernel_ridge_on_the_standardised_context(noise):
-    """Also with one noise per length scale (model.kernel_noises)."""
+    """Also with one noise per length scale (model.kernel_noises), and with a near-exact
+    fit (noise below 1e-4, solved in float64) before a float32 one, in the config's order."""
     from sklearn.kernel_ridge import KernelRidge
 
     from gpicl_tf.layers import ContextStandardizer
@@ -381,6 +382,44 @@ def test_cubic_fits_are_scikit_learns_ridge_on_each_feature_its_square_and_cube(
         apply_overrides(get_preset("classify"), ["model.cubic_penalties=[1.0]"])
     with pytest.raises(ValueError, match=r"model.cubic_penalties=\(0.0,\).*\(0, 1e6\)"):
         apply_overrides(get_preset("tiny"), ["model.cubic_penalties=[0]"])
+
+
+def test_a_near_exact_kernel_fit_is_solved_in_float64():
+    """A kernel fit with noise 1e-8 at a long length scale (a near-exact interpolation of a
+    smooth noise-free function, model.kernel_noises below 1e-4): its fit, leave-one-out fit
+    and predictive std are those of a float64 solve within float32 rounding, and it
+    predicts a sine from 16 points 20x better than the same fit with noise 1e-4."""
+    from gpicl_tf.layers import ContextStandardizer
+
+    rng = np.random.default_rng(5)
+    nc, nq = 16, 48
+    x = rng.uniform(-1, 1, (2, nc + nq, 1)).astype(np.float32)
+    y = np.sin(3.0 * x).astype(np.float32)
+    q = (np.arange(nc + nq) >= nc).astype(np.float32)[None].repeat(2, 0)
+    layer = ContextStandardizer(kernel_length_scales=(0.8, 0.8), kernel_noise=(1e-8, 1e-4),
+                                fit_loo=True, kernel_std=True)
+    feats = layer(x, y * (1 - q[..., None]), q)[0].numpy()
+    xs, ys = feats[..., 0].astype(np.float64), feats[..., 1].astype(np.float64)
+    for b in range(2):
+        kern = lambda u, v: np.exp(-0.5 * (u[:, None] - v[None, :]) ** 2 / 0.8 ** 2)
+        a_inv = np.linalg.inv(kern(xs[b, :nc], xs[b, :nc]) + 1e-8 * np.eye(nc))
+        alpha = a_inv @ ys[b, :nc]
+        k_q = kern(xs[b], xs[b, :nc])
+        want = k_q @ alpha
+        v = np.linalg.solve(np.linalg.cholesky(kern(xs[b, :nc], xs[b, :nc]) + 1e-8 * np.eye(nc)),
+                            k_q.T)  # C^-1 k: the variance without inverting A
+        var = 1 + 1e-8 - np.sum(v ** 2, axis=0)
+        loo = ys[b, :nc] - alpha / np.diag(a_inv)
+        # features: x, y (standardised), query flag, the 2 fits (context: leave-one-out),
+        # their 2 log predictive stds
+        np.testing.assert_allclose(feats[b, nc:, 3], want[nc:], atol=1e-4)
+        np.testing.assert_allclose(feats[b, :nc, 3], loo, atol=1e-4)
+        np.testing.assert_allclose(feats[b, nc:, 5], 0.5 * np.log(np.maximum(var[nc:], 1e-12)),
+                                   atol=0.05)
+    ctx = y[:, :nc, 0]
+    z = (y[:, nc:, 0] - ctx.mean(1, keepdims=True)) / ctx.std(1, keepdims=True)
+    err = [np.mean((feats[:, nc:, 3 + j] - z) ** 2) for j in range(2)]
+    assert err[0] < err[1] / 20, err
 
 
 def test_kernel_std_features_are_scikit_learns_gp_predictive_std_loo_on_the_context():
@@ -499,8 +538,8 @@ def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_erro
 @pytest.mark.parametrize("field, value, expected", [
     ("kernel_length_scales", "[0]", r"a tuple of at most 16 numbers in \(0, 100\]"),
     ("kernel_length_scales", "[0.5,-1]", r"a tuple of at most 16 numbers in \(0, 100\]"),
-    ("kernel_noise", "0", r"a number in \[1e-4, 100\]"),
-    ("kernel_noises", "[0.01]", r"\(\) or 0 numbers in \[1e-4, 100\], one per kernel length"),
+    ("kernel_noise", "0", r"a number in \[1e-10, 100\]"),
+    ("kernel_noises", "[0.01]", r"\(\) or 0 numbers in \[1e-10, 100\], one per kernel length"),
 ])
 def test_bad_kernel_fields_are_refused_naming_the_field(field, value, expected):
     with pytest.raises(ValueError, match=rf"model.{field}=.*expected {expected}"):
