@@ -27,7 +27,8 @@ BASE_CLIP_MAX = 6.0
 LOO_SCALE_FLOOR = 1e-3
 CUBIC_POINTS_PER_TERM = 2  # cubic fits need 2 context points per term (see _cubic_design)
 KERNEL_FLOAT32_NOISE = 1e-4  # kernel fits with a smaller noise are solved in float64
-GP_UNIT_CLIP = 20.0  # y_scale="loo_gp": the relative predictive std is clipped to [1/20, 20]
+# y_scale="loo_gp": the relative predictive std is clipped to [GP_UNIT_MIN, GP_UNIT_MAX]
+GP_UNIT_MIN, GP_UNIT_MAX = 0.05, 20.0
 # kernel_std, y_scale="loo_gp": a predictive variance below it is rounding (float32 fits'
 # noise >= 1e-4; the float64 ones' floor is KERNEL_VAR_FLOOR_F64)
 KERNEL_VAR_FLOOR = 1e-6
@@ -207,7 +208,8 @@ class ContextStandardizer(keras.layers.Layer):
       = (x std., y std. zeroed on queries, query flag (, presence flags)
       (, ridge predictions) (, cubic predictions) (, kernel predictions)
       (, base fit, context residual)
-      (, with y_scale="loo": log unit, context LOO residual, each fit less the base)
+      (, with y_scale="loo" or "loo_gp": log unit, context LOO residual, each fit less
+      the base)
       (, with kernel_std: each kernel fit's log predictive std)),
       y_loc [B, 1, dy] ([B, N, dy] with base_fit), y_scale [B, 1, dy] ([B, N, dy] with
       y_scale="loo_gp").
@@ -398,7 +400,7 @@ class ContextStandardizer(keras.layers.Layer):
     def _relative_std(self, kernel_var, pick, w, n):
         """y_scale="loo_gp": [B, N, dy] the picked base fit's predictive std at every point
         relative to its root-mean-square over the context, sqrt(s2(x) / mean_ctx s2),
-        clipped to [1 / GP_UNIT_CLIP, GP_UNIT_CLIP]. s2 is a kernel fit's GP predictive
+        clipped to [GP_UNIT_MIN, GP_UNIT_MAX]. s2 is a kernel fit's GP predictive
         variance (`_kernel`: the posterior's at queries, the leave-one-out one at context
         points) and 1 for the ridge fits and the mean (which leave the unit per task)."""
         n_other = ops.shape(pick)[1] - len(self.kernel_length_scales)  # ridge and cubic fits
@@ -409,7 +411,7 @@ class ContextStandardizer(keras.layers.Layer):
         ctx = ops.sum(picked * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)  # (B, 1, dy)
         ctx = ops.where(n > 0.0, ctx, ops.ones_like(ctx))  # no context: the mean's 1
         rel = ops.sqrt(picked / ops.maximum(ctx, KERNEL_VAR_FLOOR_F64))
-        return ops.clip(rel, 1.0 / GP_UNIT_CLIP, GP_UNIT_CLIP)
+        return ops.clip(rel, GP_UNIT_MIN, GP_UNIT_MAX)
 
     @staticmethod
     def _cubic_design(xs, w, n, present):
@@ -458,12 +460,13 @@ class ContextStandardizer(keras.layers.Layer):
         or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii, and
         (with kernel_std or y_scale="loo_gp", else None) [B, N, L] each GP's predictive
         variance of y at the point, at least KERNEL_VAR_FLOOR(_F64): on a query the
-        posterior's, 1 + noise - k'A^-1 k (unit signal variance: y is standardised), on a context point
-        the leave-one-out one, 1 / (A^-1)_ii (Rasmussen & Williams eq. 5.12), as the fits
-        are. Query rows and columns of the kernel matrix are replaced by the identity (and
-        their y is 0), so queries get weight 0 and the solve keeps a fixed shape. Fits with
-        a noise below KERNEL_FLOAT32_NOISE are solved in float64 (a second batch of
-        solves): a near-exact fit's kernel matrix is too ill-conditioned for float32."""
+        posterior's, 1 + noise - k'A^-1 k (unit signal variance: y is standardised), on a
+        context point the leave-one-out one, 1 / (A^-1)_ii (Rasmussen & Williams eq.
+        5.12), as the fits are. Query rows and columns of the kernel matrix are replaced
+        by the identity (and their y is 0), so queries get weight 0 and the solve keeps a
+        fixed shape. Fits with a noise below KERNEL_FLOAT32_NOISE are solved in float64 (a
+        second batch of solves): a near-exact fit's kernel matrix is too ill-conditioned
+        for float32."""
         scales = self.kernel_length_scales
         noises = (self.kernel_noise if isinstance(self.kernel_noise, tuple)
                   else (self.kernel_noise,) * len(scales))

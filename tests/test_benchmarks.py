@@ -85,7 +85,7 @@ def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
 
 
 def test_fit_quality_scores_the_default_presets_fits_on_the_evaluated_tasks(capsys):
-    """benchmarks/fit_quality.py on the `default` (whose unit, model.y_scale=loo, needs a
+    """benchmarks/fit_quality.py on the `default` (whose unit, model.y_scale=loo_gp, needs a
     base fit: the fits alone are read without one): one row per cell, the model's figure
     that of the results file, the picked fit far better than least squares on sine and
     within 1.5x of the best single fit."""
