@@ -22,7 +22,8 @@ from typing import Any, Optional, Tuple
 ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
-BASE_FITS = ("none", "loo_best")  # ContextStandardizer: where predictions are centred
+# ContextStandardizer: where predictions are centred
+BASE_FITS = ("none", "loo_best", "loo_evidence")
 # ContextStandardizer: the unit of the predicted residual
 Y_SCALES = ("std", "student_t", "loo", "loo_gp")
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
@@ -315,7 +316,11 @@ class ModelConfig:
       base_fit: "none" (each task's prediction is centred on its context's mean y) or
         "loo_best" (centred at every point on the fit, of the ridge and kernel fits,
         with the least leave-one-out error on the context; the head predicts that
-        fit's residual). Needs ridge_penalties or kernel_length_scales.
+        fit's residual) or "loo_evidence" (as "loo_best", but of the kernel fits only
+        the one with the highest marginal likelihood, its signal variance at the
+        maximum, competes: a GP's evidence picks a length scale from few points more
+        reliably than leave-one-out error does). Needs ridge_penalties or
+        kernel_length_scales ("loo_evidence": kernel_length_scales).
       y_scale: the unit of what the model predicts of y: "std" (the context's standard
         deviation) or "student_t" (that std times the Student-t predictive factor of n
         context points, t_{n-1}(0.95) / z(0.95) x sqrt((n + 1) / (n - 1)), 6.6 at n = 2,
@@ -409,12 +414,13 @@ class ModelConfig:
             object.__setattr__(self, "base_fit", "none")
         _require(self.base_fit in BASE_FITS
                  and (self.base_fit == "none"
-                      or bool(self.ridge_penalties or self.kernel_length_scales)),
+                      or bool(self.ridge_penalties or self.kernel_length_scales))
+                 and (self.base_fit != "loo_evidence" or bool(self.kernel_length_scales)),
                  o, "base_fit", self.base_fit,
                  f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "
-                 "kernel_length_scales")
+                 "kernel_length_scales ('loo_evidence' with kernel_length_scales)")
         _require(self.y_scale in Y_SCALES and (not self.y_scale.startswith("loo")
-                                               or self.base_fit == "loo_best")
+                                               or self.base_fit != "none")
                  and (self.y_scale != "loo_gp" or bool(self.kernel_length_scales)),
                  o, "y_scale", self.y_scale,
                  f"one of {Y_SCALES}, 'loo' only with base_fit='loo_best', 'loo_gp' also "

@@ -161,6 +161,12 @@ class ContextStandardizer(keras.layers.Layer):
     a residual of nearly 0 to predict. Selection and fits come from the context only,
     are permutation invariant and scale equivariant.
 
+    With `base_fit="loo_evidence"` (needs kernel_length_scales), the same, except that of
+    the kernel fits only the one with the highest log marginal likelihood on the context
+    competes (its signal variance at the maximum, y'A^-1 y / n: -n/2 log(y'A^-1 y / n)
+    - 1/2 log|A|, from the same Cholesky factor): from a handful of points a GP's evidence
+    picks a length scale more reliably than the leave-one-out error of each fit does.
+
     With `y_scale="student_t"`, the returned y_scale (the unit of what the head predicts,
     not of the tokens' features) is the context's standard deviation times
     `student_t_factor(n)` for n context points (6.6 at n = 2, 1.3 at n = 8): the spread of
@@ -246,9 +252,12 @@ class ContextStandardizer(keras.layers.Layer):
                              "kernel_length_scales")
         if y_scale not in Y_SCALES:
             raise ValueError(f"y_scale={y_scale!r} is invalid: expected one of {Y_SCALES}")
-        if y_scale.startswith("loo") and base_fit != "loo_best":
+        if y_scale.startswith("loo") and base_fit == "none":
             raise ValueError(f"y_scale={y_scale!r} is the base fit's leave-one-out error: "
                              f"expected base_fit='loo_best', got {base_fit!r}")
+        if base_fit == "loo_evidence" and not kernel_length_scales:
+            raise ValueError("base_fit='loo_evidence' picks a kernel fit by its evidence: "
+                             "expected kernel_length_scales")
         if y_scale == "loo_gp" and not kernel_length_scales:
             raise ValueError("y_scale='loo_gp' scales by a kernel base fit's predictive std: "
                              "expected kernel_length_scales")
@@ -320,9 +329,9 @@ class ContextStandardizer(keras.layers.Layer):
         if self.cubic_penalties:
             fits.append(self._ridge(self._cubic_design(xs, w, n, present), ys, w,
                                     self.cubic_penalties))
-        kernel_var = None
+        kernel_var = evidence = None
         if self.kernel_length_scales:
-            kernel_fit, kernel_loo, kernel_var = self._kernel(xs, ys, w, present)
+            kernel_fit, kernel_loo, kernel_var, evidence = self._kernel(xs, ys, w, present)
             fits.append((kernel_fit, kernel_loo))
         extra = []
         if fits:
@@ -331,8 +340,15 @@ class ContextStandardizer(keras.layers.Layer):
                    if self._need_loo else None)
             extra.append(_merge_last_two(self._context_loo(fit, loo, w) if self.fit_loo
                                          else fit))
-            if self.base_fit == "loo_best":
-                base, base_err, loo_resid, pick = self._loo_best(fit, loo, ys, w, n)
+            if self.base_fit != "none":
+                eligible = None
+                if evidence is not None:  # loo_evidence: one kernel fit, the likeliest
+                    best = ops.one_hot(ops.argmax(evidence, axis=1), len(
+                        self.kernel_length_scales), axis=1, dtype=fit.dtype)  # (B, L, dy)
+                    n_other = ops.shape(fit)[2] - len(self.kernel_length_scales)
+                    eligible = ops.concatenate(
+                        [ops.ones_like(best[:, :1])] * n_other + [best], axis=1)
+                base, base_err, loo_resid, pick = self._loo_best(fit, loo, ys, w, n, eligible)
                 extra += [base, (ys - base) * w]
                 y_loc = y_loc + y_scale * base
                 if self.y_scale == "loo_gp":  # per point: times the relative predictive std
@@ -359,7 +375,7 @@ class ContextStandardizer(keras.layers.Layer):
         return ops.concatenate(parts + extra, axis=-1), y_loc, y_scale
 
     @staticmethod
-    def _loo_best(fit, loo, ys, w, n):
+    def _loo_best(fit, loo, ys, w, n, eligible=None):
         """[B, N, dy]: per task and output, the fit [B, N, F, dy] whose leave-one-out
         predictions loo miss the context's ys least, clipped to +-BASE_CLIP (up to
         +-BASE_CLIP_MAX from 8 context points on), or 0 (the
@@ -368,8 +384,11 @@ class ContextStandardizer(keras.layers.Layer):
         [B, 1, dy] the picked fit's leave-one-out RMS error, at least LOO_SCALE_FLOOR
         (1 below 3 context points), with a small-context term (see below); and [B, N, dy]
         the picked fit's leave-one-out residuals on the context (0 on queries); and the pick
-        [B, F, dy] (one-hot over the fits, all 0 for the mean)."""
+        [B, F, dy] (one-hot over the fits, all 0 for the mean). With `eligible` [B, F, dy]
+        (0 or 1), only the fits marked 1 (and the mean) compete."""
         err = ops.sum(ops.square(loo - ys[:, :, None]) * w[..., None], axis=1)  # (B, F, dy)
+        if eligible is not None:
+            err = ops.where(eligible > 0, err, ops.full_like(err, 1e30))
         mean_err = (ops.sum(ops.square(ys) * w, axis=1)
                     * ops.square(n[:, 0] / ops.maximum(n[:, 0] - 1.0, 1.0)))  # (B, dy)
         mean_err = ops.where(n[:, 0] < 3.0, -ops.ones_like(mean_err), mean_err)
@@ -482,8 +501,8 @@ class ContextStandardizer(keras.layers.Layer):
             return tuple(None if v is None else ops.cast(v, xs.dtype) for v in outs[0])
         order = [(groups[0] + groups[1]).index(i) for i in range(len(scales))]  # config's
         return tuple(None if a is None else ops.take(ops.concatenate(
-            [ops.cast(a, xs.dtype), ops.cast(b, xs.dtype)], axis=2), order, axis=2)
-            for a, b in zip(*outs))
+            [ops.cast(a, xs.dtype), ops.cast(b, xs.dtype)], axis=axis), order, axis=axis)
+            for a, b, axis in zip(*outs, (2, 2, 2, 1)))
 
     def _kernel_group(self, xs, ys, w, present, scales, noises):
         """`_kernel` for the length scales and noises of one dtype."""
@@ -504,7 +523,7 @@ class ContextStandardizer(keras.layers.Layer):
         need_var = self.kernel_std or self.y_scale == "loo_gp"
         if not (self._need_loo or need_var):
             alpha = _spd_solve(a, rhs)  # (B, L, N, dy)
-            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None
+            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None, None
         # A = C C': C^-1 [y, I] in one triangular solve; then alpha = C'^-1 C^-1 y, and
         # diag(A^-1)_i = sum_j (C^-1)_ji^2, which gives the leave-one-out residuals
         chol = ops.cholesky(a)
@@ -515,14 +534,24 @@ class ContextStandardizer(keras.layers.Layer):
         a_inv_diag = ops.sum(ops.square(z[..., dy:]), axis=-2)  # (B, L, N)
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
         loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3)) if self._need_loo else None
+        evidence = None
+        if self.base_fit == "loo_evidence":
+            # log marginal likelihood with the signal variance s2 at its maximum, y'A^-1 y / n:
+            # -n/2 log(y'A^-1 y / n) - 1/2 log|A| (+ a constant); the query rows of the
+            # Cholesky factor are the identity's and their z 0, so they add nothing
+            n = ops.maximum(ops.sum(m, axis=1), 1.0)[:, None, None]  # (B, 1, 1)
+            quad = ops.sum(ops.square(z[..., :dy]), axis=2)  # (B, L, dy)
+            half_logdet = ops.sum(ops.log(ops.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+            evidence = (-0.5 * n * ops.log(ops.maximum(quad / n, 1e-30))
+                        - half_logdet[..., None])  # (B, L, dy)
         if not need_var:
-            return fit, loo, None
+            return fit, loo, None, evidence
         v = ops.matmul(z[..., dy:], ops.transpose(k_ctx, (0, 1, 3, 2)))  # C^-1 k(X, x_j)
         var = 1.0 + noise[..., 0] - ops.sum(ops.square(v), axis=-2)  # (B, L, N) posterior
         var = ops.where(m[:, None] > 0, 1.0 / a_inv_diag, var)  # context: leave-one-out
         f64 = keras.backend.standardize_dtype(xs.dtype) == "float64"
         floor = KERNEL_VAR_FLOOR_F64 if f64 else KERNEL_VAR_FLOOR
-        return fit, loo, ops.transpose(ops.maximum(var, floor), (0, 2, 1))
+        return fit, loo, ops.transpose(ops.maximum(var, floor), (0, 2, 1)), evidence
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)

@@ -64,6 +64,7 @@ class InContextTransformer(keras.Model):
         (ContextStandardizer).
       base_fit: "loo_best" centres every prediction on the fit with the least
         leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
+        "loo_evidence": of the kernel fits only the likeliest competes.
       recalibrate: the bar head holds a recalibration map per context size (BarHead),
         fitted after training (`gpicl_tf.train.fit_recalibration`).
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
