@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=2048)
     a = p.parse_args(argv)
     cfg = get_preset(a.preset)
-    if cfg.model.base_fit != "loo_best":
+    if cfg.model.base_fit == "none":
         p.error(f"--preset {a.preset}: model.base_fit is {cfg.model.base_fit!r}; the units "
-                "compared here need 'loo_best'")
+                "compared here need a base fit")
     units = {}  # name: (z [T, N], unit [T, N] in the context's stds)
     rules = ("std", "loo") + (("loo_gp",) if cfg.model.kernel_length_scales else ())
     for rule in rules:

@@ -532,7 +532,7 @@ def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_erro
     assert apply_overrides(get_preset("default"), ["model.base_fit=none", "model.y_scale=std"]
                            ).model.base_fit == "none"
     with pytest.raises(ValueError, match=r"model.y_scale='loo_gp'.*'loo' only with "
-                                         r"base_fit='loo_best'"):  # the default's unit needs it
+                                         r"base_fit='loo_best' or 'loo_evidence'"):  # needs it
         apply_overrides(get_preset("default"), ["model.base_fit=none"])
 
 
@@ -695,7 +695,7 @@ def test_with_the_loo_scale_the_unit_is_the_base_fits_leave_one_out_error(d):
     with pytest.raises(ValueError, match="y_scale='loo'.*expected base_fit='loo_best'"):
         ContextStandardizer(y_scale="loo", ridge_penalties=(1.0,))
     with pytest.raises(ValueError, match=r"model.y_scale='loo' is invalid.*'loo' only with "
-                                         r"base_fit='loo_best'"):
+                                         r"base_fit='loo_best' or 'loo_evidence'"):
         apply_overrides(get_preset("tiny"), ["model.ridge_penalties=[1]", "model.y_scale=loo"])
 
 
