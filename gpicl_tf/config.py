@@ -766,7 +766,8 @@ def _default() -> ExperimentConfig:
     # 0.01 19 of 22 (18), random MLPs at k = 16 0.0158 against 0.0241 (1.02x the
     # specialist's 0.0155), the step suite at k = 16 0.70x, 1-D normalised MSE at k = 8-32
     # 0.90x in geometric mean, every gp_rbf NLL gap but one smaller; Garg cells 40 of 48
-    # (41). One training seed (docs/results/default_evidence_*; README, "The likeliest
+    # (41); in a second seed 19 of 22, random MLPs 0.01565, Garg 42 of 48
+    # (docs/results/default_evidence_*, default_seed1_evidence_*; README, "The likeliest
     # kernel fit").
     return ExperimentConfig(
         name="gpicl",

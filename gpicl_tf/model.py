@@ -69,7 +69,7 @@ class InContextTransformer(keras.Model):
         fitted after training (`gpicl_tf.train.fit_recalibration`).
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
         context's size (ContextStandardizer); "loo" makes it the base fit's
-        leave-one-out error (needs base_fit="loo_best"); "loo_gp" that error per
+        leave-one-out error (needs a base fit); "loo_gp" that error per
         point, times the base GP fit's relative predictive std there (also needs
         kernel_length_scales; y_scale is then [B, N, dy]); "std" leaves it the
         context's std.
