@@ -23,7 +23,7 @@ ACTIVATIONS = ("tanh", "swish", "relu", "gelu", "sigmoid", "sin", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
 # ContextStandardizer: where predictions are centred
-BASE_FITS = ("none", "loo_best", "loo_evidence")
+BASE_FITS = ("none", "loo_best", "loo_evidence", "loo_bma")
 # ContextStandardizer: the unit of the predicted residual
 Y_SCALES = ("std", "student_t", "loo", "loo_gp")
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
@@ -319,8 +319,11 @@ class ModelConfig:
         fit's residual) or "loo_evidence" (as "loo_best", but of the kernel fits only
         the one with the highest marginal likelihood, its signal variance at the
         maximum, competes: a GP's evidence picks a length scale from few points more
-        reliably than leave-one-out error does). Needs ridge_penalties or
-        kernel_length_scales ("loo_evidence": kernel_length_scales).
+        reliably than leave-one-out error does) or "loo_bma" (as "loo_evidence", but the
+        competing kernel fit is the average of all of them weighted by their evidence,
+        a Bayesian model average over the length scales and noises). Needs
+        ridge_penalties or kernel_length_scales ("loo_evidence", "loo_bma":
+        kernel_length_scales).
       y_scale: the unit of what the model predicts of y: "std" (the context's standard
         deviation) or "student_t" (that std times the Student-t predictive factor of n
         context points, t_{n-1}(0.95) / z(0.95) x sqrt((n + 1) / (n - 1)), 6.6 at n = 2,
@@ -415,16 +418,18 @@ class ModelConfig:
         _require(self.base_fit in BASE_FITS
                  and (self.base_fit == "none"
                       or bool(self.ridge_penalties or self.kernel_length_scales))
-                 and (self.base_fit != "loo_evidence" or bool(self.kernel_length_scales)),
+                 and (self.base_fit not in ("loo_evidence", "loo_bma")
+                      or bool(self.kernel_length_scales)),
                  o, "base_fit", self.base_fit,
                  f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "
-                 "kernel_length_scales ('loo_evidence' with kernel_length_scales)")
+                 "kernel_length_scales ('loo_evidence' and 'loo_bma' with "
+                 "kernel_length_scales)")
         _require(self.y_scale in Y_SCALES and (not self.y_scale.startswith("loo")
                                                or self.base_fit != "none")
                  and (self.y_scale != "loo_gp" or bool(self.kernel_length_scales)),
                  o, "y_scale", self.y_scale,
-                 f"one of {Y_SCALES}, 'loo' only with base_fit='loo_best' or "
-                 "'loo_evidence', 'loo_gp' also only with kernel_length_scales")
+                 f"one of {Y_SCALES}, 'loo' only with base_fit='loo_best', "
+                 "'loo_evidence' or 'loo_bma', 'loo_gp' also only with kernel_length_scales")
         for nm in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, nm)
             _require(_is_int(v) and v >= 1, o, nm, v, "an integer >= 1")

@@ -167,6 +167,15 @@ class ContextStandardizer(keras.layers.Layer):
     - 1/2 log|A|, from the same Cholesky factor): from a handful of points a GP's evidence
     picks a length scale more reliably than the leave-one-out error of each fit does.
 
+    With `base_fit="loo_bma"`, the kernel fit that competes is instead the average of all
+    of them weighted by their evidence (softmax over the fits of the log marginal
+    likelihoods above: a Bayesian model average over the grid of length scales and
+    noises, uniform prior), its leave-one-out fit the same average of theirs; with
+    y_scale="loo_gp" its predictive variance is the mixture's, sum_l w_l (s2_l v_l(x) +
+    (f_l(x) - f(x))^2) with s2_l each fit's signal variance at its maximum. Where one
+    length scale is far likelier it is "loo_evidence"; where a handful of points leave
+    several plausible, the average hedges between them, as the posterior does.
+
     With `y_scale="student_t"`, the returned y_scale (the unit of what the head predicts,
     not of the tokens' features) is the context's standard deviation times
     `student_t_factor(n)` for n context points (6.6 at n = 2, 1.3 at n = 8): the spread of
@@ -255,8 +264,8 @@ class ContextStandardizer(keras.layers.Layer):
         if y_scale.startswith("loo") and base_fit == "none":
             raise ValueError(f"y_scale={y_scale!r} is the base fit's leave-one-out error: "
                              f"expected base_fit='loo_best', got {base_fit!r}")
-        if base_fit == "loo_evidence" and not kernel_length_scales:
-            raise ValueError("base_fit='loo_evidence' picks a kernel fit by its evidence: "
+        if base_fit in ("loo_evidence", "loo_bma") and not kernel_length_scales:
+            raise ValueError(f"base_fit={base_fit!r} weighs the kernel fits by their evidence: "
                              "expected kernel_length_scales")
         if y_scale == "loo_gp" and not kernel_length_scales:
             raise ValueError("y_scale='loo_gp' scales by a kernel base fit's predictive std: "
@@ -329,9 +338,9 @@ class ContextStandardizer(keras.layers.Layer):
         if self.cubic_penalties:
             fits.append(self._ridge(self._cubic_design(xs, w, n, present), ys, w,
                                     self.cubic_penalties))
-        kernel_var = evidence = None
+        kernel_var = evidence = amp = None
         if self.kernel_length_scales:
-            kernel_fit, kernel_loo, kernel_var, evidence = self._kernel(xs, ys, w, present)
+            kernel_fit, kernel_loo, kernel_var, evidence, amp = self._kernel(xs, ys, w, present)
             fits.append((kernel_fit, kernel_loo))
         extra = []
         if fits:
@@ -341,18 +350,32 @@ class ContextStandardizer(keras.layers.Layer):
             extra.append(_merge_last_two(self._context_loo(fit, loo, w) if self.fit_loo
                                          else fit))
             if self.base_fit != "none":
-                eligible = None
-                if evidence is not None:  # loo_evidence: one kernel fit, the likeliest
-                    best = ops.one_hot(ops.argmax(evidence, axis=1), len(
-                        self.kernel_length_scales), axis=1, dtype=fit.dtype)  # (B, L, dy)
-                    n_other = ops.shape(fit)[2] - len(self.kernel_length_scales)
-                    eligible = ops.concatenate(
-                        [ops.ones_like(best[:, :1])] * n_other + [best], axis=1)
-                base, base_err, loo_resid, pick = self._loo_best(fit, loo, ys, w, n, eligible)
+                eligible, cand_fit, cand_loo, cand_var = None, fit, loo, None
+                if kernel_var is not None:  # (B, N, F, dy): 1 for the ridge fits
+                    cand_var = self._candidate_var(kernel_var, fit)
+                if evidence is not None:  # of the kernel fits only the likeliest competes
+                    n_kernel = len(self.kernel_length_scales)
+                    n_other = ops.shape(fit)[2] - n_kernel
+                    ones = ops.ones_like(evidence[:, :1])  # (B, 1, dy)
+                    if self.base_fit == "loo_evidence":
+                        best = ops.one_hot(ops.argmax(evidence, axis=1), n_kernel, axis=1,
+                                           dtype=fit.dtype)  # (B, L, dy)
+                        eligible = ops.concatenate([ones] * n_other + [best], axis=1)
+                    else:  # loo_bma: their evidence-weighted average, as one more fit
+                        mix = self._kernel_average(fit[:, :, n_other:], loo[:, :, n_other:],
+                                                   kernel_var, evidence, amp, w)
+                        cand_fit = ops.concatenate([fit, mix[0]], axis=2)
+                        cand_loo = ops.concatenate([loo, mix[1]], axis=2)
+                        if cand_var is not None:
+                            cand_var = ops.concatenate([cand_var, mix[2]], axis=2)
+                        eligible = ops.concatenate([ones] * n_other + [0.0 * ones] * n_kernel
+                                                   + [ones], axis=1)
+                base, base_err, loo_resid, pick = self._loo_best(cand_fit, cand_loo, ys, w, n,
+                                                                 eligible)
                 extra += [base, (ys - base) * w]
                 y_loc = y_loc + y_scale * base
                 if self.y_scale == "loo_gp":  # per point: times the relative predictive std
-                    base_err = base_err * self._relative_std(kernel_var, pick, w, n)
+                    base_err = base_err * self._relative_std(cand_var, pick, w, n)
                 if self.y_scale.startswith("loo"):
                     y_scale = y_scale * base_err
                     # every token is told the unit and sees, in it, how far each fit is
@@ -416,16 +439,40 @@ class ContextStandardizer(keras.layers.Layer):
     def _need_loo(self):
         return self.fit_loo or self.base_fit != "none"
 
-    def _relative_std(self, kernel_var, pick, w, n):
+    def _candidate_var(self, kernel_var, fit):
+        """[B, N, F, dy]: each fit's predictive variance at every point for
+        `_relative_std`: a kernel fit's GP variance (`_kernel`), 1 for the ridge and cubic
+        fits (which leave the unit per task)."""
+        n_other = ops.shape(fit)[2] - len(self.kernel_length_scales)
+        var = kernel_var[..., None] * ops.ones_like(fit[:, :, :1])  # (B, N, L, dy)
+        if not n_other:
+            return var
+        return ops.concatenate([ops.ones_like(fit[:, :, :n_other]), var], axis=2)
+
+    @staticmethod
+    def _kernel_average(fit, loo, var, evidence, amp, w):
+        """base_fit="loo_bma": the kernel fits' evidence-weighted average ([B, N, 1, dy]
+        each): the fit, the leave-one-out fit, and the mixture's predictive variance
+        sum_l w_l (s2_l var_l + (f_l - f)^2) (at context points from the leave-one-out
+        fits and variances, as `_kernel` gives them), s2_l = amp the signal variance."""
+        wts = ops.softmax(evidence, axis=1)[:, None]  # (B, 1, L, dy)
+        avg = lambda v: ops.sum(v * wts, axis=2, keepdims=True)
+        mean_fit, mean_loo = avg(fit), avg(loo)
+        at = ops.where(w[:, :, :, None] > 0, loo, fit)  # what var is of, at every point
+        mean_at = ops.where(w[:, :, :, None] > 0, mean_loo, mean_fit)
+        if var is None:  # no kernel_std, no loo_gp: no variances
+            return mean_fit, mean_loo, None
+        mix_var = avg(amp[:, None] * var[..., None] + ops.square(at - mean_at))
+        return mean_fit, mean_loo, mix_var
+
+    def _relative_std(self, var, pick, w, n):
         """y_scale="loo_gp": [B, N, dy] the picked base fit's predictive std at every point
         relative to its root-mean-square over the context, sqrt(s2(x) / mean_ctx s2),
-        clipped to [GP_UNIT_MIN, GP_UNIT_MAX]. s2 is a kernel fit's GP predictive
-        variance (`_kernel`: the posterior's at queries, the leave-one-out one at context
-        points) and 1 for the ridge fits and the mean (which leave the unit per task)."""
-        n_other = ops.shape(pick)[1] - len(self.kernel_length_scales)  # ridge and cubic fits
-        var = ops.concatenate([ops.repeat(ops.ones_like(kernel_var[:, :, :1]), n_other, axis=2),
-                               kernel_var], axis=2) if n_other else kernel_var  # (B, N, F)
-        picked = ops.sum(var[..., None] * pick[:, None], axis=2)  # (B, N, dy)
+        clipped to [GP_UNIT_MIN, GP_UNIT_MAX]. var [B, N, F, dy] is each fit's predictive
+        variance (`_candidate_var`: a kernel fit's GP variance, the posterior's at queries
+        and the leave-one-out one at context points; 1 for the ridge fits) and the mean's
+        is 1 (those leave the unit per task)."""
+        picked = ops.sum(var * pick[:, None], axis=2)  # (B, N, dy)
         picked = picked + (1.0 - ops.sum(pick, axis=1, keepdims=True))  # the mean: 1
         ctx = ops.sum(picked * w, axis=1, keepdims=True) / ops.maximum(n, 1.0)  # (B, 1, dy)
         ctx = ops.where(n > 0.0, ctx, ops.ones_like(ctx))  # no context: the mean's 1
@@ -476,7 +523,9 @@ class ContextStandardizer(keras.layers.Layer):
     def _kernel(self, xs, ys, w, present):
         """The context's GP posterior means (RBF kernel, one per length scale) at every
         point, all length scales in one batch of solves: [B, N, L, dy], (with fit_loo
-        or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii, and
+        or base_fit, else None) the leave-one-out fits y_i - alpha_i / (A^-1)_ii,
+        (with base_fit="loo_evidence" or "loo_bma", else None) [B, L, dy] each fit's log
+        marginal likelihood and signal variance at its maximum, and
         (with kernel_std or y_scale="loo_gp", else None) [B, N, L] each GP's predictive
         variance of y at the point, at least KERNEL_VAR_FLOOR(_F64): on a query the
         posterior's, 1 + noise - k'A^-1 k (unit signal variance: y is standardised), on a
@@ -502,7 +551,7 @@ class ContextStandardizer(keras.layers.Layer):
         order = [(groups[0] + groups[1]).index(i) for i in range(len(scales))]  # config's
         return tuple(None if a is None else ops.take(ops.concatenate(
             [ops.cast(a, xs.dtype), ops.cast(b, xs.dtype)], axis=axis), order, axis=axis)
-            for a, b, axis in zip(*outs, (2, 2, 2, 1)))
+            for a, b, axis in zip(*outs, (2, 2, 2, 1, 1)))
 
     def _kernel_group(self, xs, ys, w, present, scales, noises):
         """`_kernel` for the length scales and noises of one dtype."""
@@ -523,7 +572,7 @@ class ContextStandardizer(keras.layers.Layer):
         need_var = self.kernel_std or self.y_scale == "loo_gp"
         if not (self._need_loo or need_var):
             alpha = _spd_solve(a, rhs)  # (B, L, N, dy)
-            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None, None
+            return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None, None, None
         # A = C C': C^-1 [y, I] in one triangular solve; then alpha = C'^-1 C^-1 y, and
         # diag(A^-1)_i = sum_j (C^-1)_ji^2, which gives the leave-one-out residuals
         chol = ops.cholesky(a)
@@ -534,24 +583,24 @@ class ContextStandardizer(keras.layers.Layer):
         a_inv_diag = ops.sum(ops.square(z[..., dy:]), axis=-2)  # (B, L, N)
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
         loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3)) if self._need_loo else None
-        evidence = None
-        if self.base_fit == "loo_evidence":
+        evidence = amp = None
+        if self.base_fit in ("loo_evidence", "loo_bma"):
             # log marginal likelihood with the signal variance s2 at its maximum, y'A^-1 y / n:
             # -n/2 log(y'A^-1 y / n) - 1/2 log|A| (+ a constant); the query rows of the
             # Cholesky factor are the identity's and their z 0, so they add nothing
             n = ops.maximum(ops.sum(m, axis=1), 1.0)[:, None, None]  # (B, 1, 1)
             quad = ops.sum(ops.square(z[..., :dy]), axis=2)  # (B, L, dy)
             half_logdet = ops.sum(ops.log(ops.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-            evidence = (-0.5 * n * ops.log(ops.maximum(quad / n, 1e-30))
-                        - half_logdet[..., None])  # (B, L, dy)
+            amp = ops.maximum(quad / n, 1e-30)  # (B, L, dy) the signal variance s2
+            evidence = -0.5 * n * ops.log(amp) - half_logdet[..., None]  # (B, L, dy)
         if not need_var:
-            return fit, loo, None, evidence
+            return fit, loo, None, evidence, amp
         v = ops.matmul(z[..., dy:], ops.transpose(k_ctx, (0, 1, 3, 2)))  # C^-1 k(X, x_j)
         var = 1.0 + noise[..., 0] - ops.sum(ops.square(v), axis=-2)  # (B, L, N) posterior
         var = ops.where(m[:, None] > 0, 1.0 / a_inv_diag, var)  # context: leave-one-out
         f64 = keras.backend.standardize_dtype(xs.dtype) == "float64"
         floor = KERNEL_VAR_FLOOR_F64 if f64 else KERNEL_VAR_FLOOR
-        return fit, loo, ops.transpose(ops.maximum(var, floor), (0, 2, 1)), evidence
+        return (fit, loo, ops.transpose(ops.maximum(var, floor), (0, 2, 1)), evidence, amp)
 
     def _standardize(self, v, w, n):
         ref, safe, mean_u, std_u, spread = self._stats(v, w, n)

@@ -64,7 +64,8 @@ class InContextTransformer(keras.Model):
         (ContextStandardizer).
       base_fit: "loo_best" centres every prediction on the fit with the least
         leave-one-out error (ContextStandardizer); y_loc is then [B, N, dy].
-        "loo_evidence": of the kernel fits only the likeliest competes.
+        "loo_evidence": of the kernel fits only the likeliest competes; "loo_bma": their
+        evidence-weighted average competes instead.
       recalibrate: the bar head holds a recalibration map per context size (BarHead),
         fitted after training (`gpicl_tf.train.fit_recalibration`).
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the

@@ -57,7 +57,7 @@ def _batch(cfg, b=3, n=20, seed=0):
               "model.y_scale=loo_gp", "model.kernel_std=true", "model.head=bar",
               "model.n_bins=16"]),
     ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",
-              "model.kernel_length_scales=[0.3,1]", "model.base_fit=loo_evidence",
+              "model.kernel_length_scales=[0.3,1]", "model.base_fit=loo_bma",
               "model.y_scale=loo_gp", "model.head=bar", "model.n_bins=16"]),
     ("tiny", ["task.x_dim=4", "task.min_x_dim=2", "model.ridge_penalties=[0.01,3]",
               "model.cubic_penalties=[0.001,1]", "model.kernel_length_scales=[0.3,1]",
