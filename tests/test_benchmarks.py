@@ -88,14 +88,15 @@ def test_fit_quality_scores_the_default_presets_fits_on_the_evaluated_tasks(caps
     """benchmarks/fit_quality.py on the `default` (whose unit, model.y_scale=loo_gp, needs a
     base fit: the fits alone are read without one): one row per cell, the model's figure
     that of the results file, the picked fit far better than least squares on sine and
-    within 1.5x of the best single fit."""
+    within 1.5x of the best single fit; by default loo_best's pick and the preset's
+    (loo_bma, which on sine at k = 16 misses less); an unknown rule is refused."""
     from benchmarks import fit_quality
 
     path = os.path.join(RESULTS, "default_1d_eval.json")
     assert fit_quality.main(["--results", path, "--suites", "sine", "--ks", "16"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sine")]
     cells = [float(c) for c in row[0].strip("|").split("|")[2:]]
-    model, fits, picked = cells[0], cells[2:-1], cells[-1]
+    model, fits, loo_best, picked = cells[0], cells[2:-2], cells[-2], cells[-1]
     assert model == pytest.approx(_load("default_1d_eval.json")["suites"]["sine"]["methods"]
                                   ["model"]["16"]["nmse"], rel=5e-3)
     assert len(fits) == 12  # 4 ridge penalties, 8 kernel fits
@@ -103,6 +104,10 @@ def test_fit_quality_scores_the_default_presets_fits_on_the_evaluated_tasks(caps
     # feature, such as the kernel fits' log stds, would not)
     assert fits[0] > 0.5 and max(fits[4:]) < 0.5, fits
     assert picked < 0.1 * fits[0] and picked <= 1.5 * min(fits), (picked, fits)
+    assert picked < loo_best, (picked, loo_best)
+    with pytest.raises(SystemExit):
+        fit_quality.main(["--results", path, "--base-fits", "loo_best,nearest"])
+    assert "'nearest' is not a base fit" in capsys.readouterr().err
 
 
 def test_distribution_targets_reads_coverage_from_a_larger_run(tmp_path, capsys):

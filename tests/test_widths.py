@@ -758,6 +758,18 @@ def test_with_the_loo_gp_scale_the_unit_follows_the_kernel_base_fits_predictive_
                     r"model.y_scale='loo_gp'.*'loo_gp' also only with kernel_length_scales")
 
 
+def _gp_draws(b, nc, nq, length_scale=0.3, seed=6):
+    """b 1-D GP draws (RBF kernel, length_scale) of nc context points, then nq queries:
+    x, y [b, nc + nq, 1] and is_query [b, nc + nq], float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (b, nc + nq, 1))
+    k = (np.exp(-0.5 * (x - x.transpose(0, 2, 1)) ** 2 / length_scale ** 2)
+         + 1e-6 * np.eye(nc + nq))
+    y = np.einsum("bij,bjk->bik", np.linalg.cholesky(k), rng.normal(size=(b, nc + nq, 1)))
+    q = (np.arange(nc + nq) >= nc).astype(np.float32)[None].repeat(b, 0)
+    return x.astype(np.float32), y.astype(np.float32), q
+
+
 def test_loo_evidence_lets_only_the_likeliest_kernel_fit_compete_for_the_base():
     """base_fit=loo_evidence: each kernel fit's log marginal likelihood, with its signal
     variance at the maximum (-n/2 log(y'A^-1 y / n) - 1/2 log|A|), is numpy's on the
@@ -766,13 +778,8 @@ def test_loo_evidence_lets_only_the_likeliest_kernel_fit_compete_for_the_base():
     points the evidence picks the 0.3 fit more often than leave-one-out error does."""
     from gpicl_tf.layers import ContextStandardizer
 
-    rng = np.random.default_rng(6)
     b, nc, nq = 256, 12, 4
-    x = rng.uniform(-1, 1, (b, nc + nq, 1))
-    k = np.exp(-0.5 * (x - x.transpose(0, 2, 1)) ** 2 / 0.3 ** 2) + 1e-6 * np.eye(nc + nq)
-    y = np.einsum("bij,bjk->bik", np.linalg.cholesky(k), rng.normal(size=(b, nc + nq, 1)))
-    x, y = x.astype(np.float32), y.astype(np.float32)
-    q = (np.arange(nc + nq) >= nc).astype(np.float32)[None].repeat(b, 0)
+    x, y, q = _gp_draws(b, nc, nq)
     scales = (0.1, 0.3, 1.0)
     kw = dict(kernel_length_scales=scales, kernel_noise=1e-3)
     ev_layer = ContextStandardizer(base_fit="loo_evidence", **kw)
@@ -817,13 +824,8 @@ def test_loo_bma_lets_the_evidence_weighted_average_of_the_kernel_fits_compete()
     the single likeliest fit does (loo_evidence)."""
     from gpicl_tf.layers import ContextStandardizer
 
-    rng = np.random.default_rng(6)
     b, nc, nq = 256, 12, 4
-    x = rng.uniform(-1, 1, (b, nc + nq, 1))
-    k = np.exp(-0.5 * (x - x.transpose(0, 2, 1)) ** 2 / 0.3 ** 2) + 1e-6 * np.eye(nc + nq)
-    y = np.einsum("bij,bjk->bik", np.linalg.cholesky(k), rng.normal(size=(b, nc + nq, 1)))
-    x, y = x.astype(np.float32), y.astype(np.float32)
-    q = (np.arange(nc + nq) >= nc).astype(np.float32)[None].repeat(b, 0)
+    x, y, q = _gp_draws(b, nc, nq)
     scales, noise = (0.1, 0.3, 1.0), 1e-3
     kw = dict(kernel_length_scales=scales, kernel_noise=noise, y_scale="loo_gp")
     layer = ContextStandardizer(base_fit="loo_bma", **kw)
