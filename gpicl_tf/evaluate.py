@@ -54,7 +54,8 @@ from gpicl_tf import data as data_lib
 from gpicl_tf.config import ExperimentConfig, unseen_task_config
 from gpicl_tf.files import write_atomic
 from gpicl_tf.losses import masked_query_loss, query_accuracy
-from gpicl_tf.model import bar_distribution, masked_inputs, model_inputs, point_prediction
+from gpicl_tf.model import (Predictive, bar_distribution, masked_inputs, model_inputs,
+                            point_prediction)
 from gpicl_tf.progress import progress_bar
 from gpicl_tf.summaries import pyplot
 from gpicl_tf.tasks import GPRBF, get_family, gp_posterior
@@ -641,17 +642,24 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
 def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
                       seed=None):
     """In-context predictions of a Keras model on unseen 1-D tasks of its training
-    distribution (TensorBoard, main job); a model of width D > 1 reads them padded to D."""
+    distribution (TensorBoard, main job); a model of width D > 1 reads them padded to D.
+    A bar-head model's 90% central interval is shaded."""
     task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + 200,
                                max_context=None, min_context=0, **fixed_width(1))
     b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
                               n_context=n_context, stream=PICTURE_STREAM)
     inputs = dict(model_inputs(b), x=tf.constant(pad_features(b["x"].numpy(), cfg.task.x_dim)))
-    pred = point_prediction(model(inputs, training=False)).numpy()
+    out = model(inputs, training=False)
+    pred = point_prediction(out).numpy()
     ctx = b["is_query"].numpy() < 0.5  # (T, N): every task has n_context of them
-    at_queries = np.stack([pred[i, ~ctx[i]] for i in range(n_tasks)])  # (T, Nq, 1)
-    return fits_figure(b["x"].numpy(), b["y"].numpy(), ctx, {"model": at_queries},
-                       [f"unseen task {i}, {n_context} context points" for i in range(n_tasks)])
+    at_queries = lambda v: np.stack([v[i, ~ctx[i]] for i in range(n_tasks)])  # (T, Nq, .)
+    bars, band = bar_distribution(model), None
+    if bars is not None:
+        q = Predictive(bars, out).quantiles([0.05, 0.95]).numpy()  # (T, N, dy, 2)
+        band = (at_queries(q[..., 0]), at_queries(q[..., 1]))
+    return fits_figure(b["x"].numpy(), b["y"].numpy(), ctx, {"model": at_queries(pred)},
+                       [f"unseen task {i}, {n_context} context points" for i in range(n_tasks)],
+                       band=band)
 
 
 def write_outputs(results: dict, out: str, predict_fn, cfg, suites, logdir=None,

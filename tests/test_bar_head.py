@@ -660,3 +660,24 @@ def test_a_linear_base_shifts_the_mean_and_quantiles_and_keeps_the_spread(bar_ex
     np.testing.assert_allclose(est.predict_quantiles(Xq, [0.1, 0.9]),
                                ref.predict_quantiles(Xq, [0.1, 0.9]) + base(Xq)[:, None], **tol)
     assert np.abs(base(Xq) - base(Xq).mean()).max() > 1.0  # the shift is not a constant
+
+
+def test_the_prediction_picture_shades_a_bar_models_90_percent_interval_around_its_mean():
+    """prediction_figure (main job, TensorBoard): a bar-head model's panels shade its 5-95%
+    quantiles at the queries, and the band holds the drawn mean; an mse model's have none."""
+    from gpicl_tf.evaluate import prediction_figure
+    from gpicl_tf.model import build_model
+
+    model, cfg = _bar_model()
+    fig = prediction_figure(model, cfg, n_tasks=2)
+    for ax in fig.axes:
+        bands = [c for c in ax.collections if c.get_label() == "model 90% interval"]
+        assert len(bands) == 1
+        lo_hi = bands[0].get_paths()[0].vertices[:, 1]
+        mean = [ln for ln in ax.lines if ln.get_label() == "model"][0].get_ydata()
+        assert lo_hi.min() <= mean.min() and mean.max() <= lo_hi.max()
+        assert lo_hi.max() - lo_hi.min() > 0
+    plain = apply_overrides(get_preset("tiny"), [])
+    fig = prediction_figure(build_model(plain), plain, n_tasks=2)
+    assert not [c for ax in fig.axes for c in ax.collections
+                if c.get_label() == "model 90% interval"]
