@@ -353,7 +353,7 @@ class ContextStandardizer(keras.layers.Layer):
                 eligible, cand_fit, cand_loo, cand_var = None, fit, loo, None
                 if kernel_var is not None:  # (B, N, F, dy): 1 for the ridge fits
                     cand_var = self._candidate_var(kernel_var, fit)
-                if evidence is not None:  # of the kernel fits only the likeliest competes
+                if evidence is not None:  # which kernel fits compete, by their evidence
                     n_kernel = len(self.kernel_length_scales)
                     n_other = ops.shape(fit)[2] - n_kernel
                     ones = ops.ones_like(evidence[:, :1])  # (B, 1, dy)
@@ -458,10 +458,10 @@ class ContextStandardizer(keras.layers.Layer):
         wts = ops.softmax(evidence, axis=1)[:, None]  # (B, 1, L, dy)
         avg = lambda v: ops.sum(v * wts, axis=2, keepdims=True)
         mean_fit, mean_loo = avg(fit), avg(loo)
-        at = ops.where(w[:, :, :, None] > 0, loo, fit)  # what var is of, at every point
-        mean_at = ops.where(w[:, :, :, None] > 0, mean_loo, mean_fit)
         if var is None:  # no kernel_std, no loo_gp: no variances
             return mean_fit, mean_loo, None
+        at = ops.where(w[:, :, :, None] > 0, loo, fit)  # what var is of, at every point
+        mean_at = ops.where(w[:, :, :, None] > 0, mean_loo, mean_fit)
         mix_var = avg(amp[:, None] * var[..., None] + ops.square(at - mean_at))
         return mean_fit, mean_loo, mix_var
 

@@ -532,8 +532,8 @@ def test_base_fit_centres_each_task_on_the_fit_with_the_least_leave_one_out_erro
         apply_overrides(get_preset("tiny"), ["model.base_fit=loo_best"])
     assert apply_overrides(get_preset("default"), ["model.base_fit=none", "model.y_scale=std"]
                            ).model.base_fit == "none"
-    with pytest.raises(ValueError, match=r"model.y_scale='loo_gp'.*'loo' only with "
-                                         r"base_fit='loo_best', 'loo_evidence' or 'loo_bma'"):  # needs it
+    with pytest.raises(ValueError, match=r"model.y_scale='loo_gp'.*'loo' only with "  # needs it
+                                         r"base_fit='loo_best', 'loo_evidence' or 'loo_bma'"):
         apply_overrides(get_preset("default"), ["model.base_fit=none"])
 
 
