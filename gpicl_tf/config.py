@@ -24,6 +24,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 ABSENT_FEATURES = ("zero", "flags", "rescale", "both")  # gpicl_tf.layers.ContextStandardizer
 # ContextStandardizer: where predictions are centred
 BASE_FITS = ("none", "loo_best", "loo_evidence", "loo_bma")
+EVIDENCE_BASE_FITS = ("loo_evidence", "loo_bma")  # those that weigh the kernel fits' evidence
 # ContextStandardizer: the unit of the predicted residual
 Y_SCALES = ("std", "student_t", "loo", "loo_gp")
 LOSSES = ("auto", "mse", "normalized_mse", "cross_entropy", "nll")
@@ -418,7 +419,7 @@ class ModelConfig:
         _require(self.base_fit in BASE_FITS
                  and (self.base_fit == "none"
                       or bool(self.ridge_penalties or self.kernel_length_scales))
-                 and (self.base_fit not in ("loo_evidence", "loo_bma")
+                 and (self.base_fit not in EVIDENCE_BASE_FITS
                       or bool(self.kernel_length_scales)),
                  o, "base_fit", self.base_fit,
                  f"one of {BASE_FITS}, other than 'none' only with ridge_penalties or "

@@ -10,7 +10,7 @@ import math
 import keras
 from keras import ops
 
-from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS, GELUS, Y_SCALES
+from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS, EVIDENCE_BASE_FITS, GELUS, Y_SCALES
 
 PACKAGE = "gpicl_tf"
 LOO_CLIP = 10.0  # leave-one-out fits beyond +-10 standardised units are clipped (fit_loo)
@@ -264,7 +264,7 @@ class ContextStandardizer(keras.layers.Layer):
         if y_scale.startswith("loo") and base_fit == "none":
             raise ValueError(f"y_scale={y_scale!r} is the base fit's leave-one-out error: "
                              f"expected base_fit='loo_best', got {base_fit!r}")
-        if base_fit in ("loo_evidence", "loo_bma") and not kernel_length_scales:
+        if base_fit in EVIDENCE_BASE_FITS and not kernel_length_scales:
             raise ValueError(f"base_fit={base_fit!r} weighs the kernel fits by their evidence: "
                              "expected kernel_length_scales")
         if y_scale == "loo_gp" and not kernel_length_scales:
@@ -351,11 +351,11 @@ class ContextStandardizer(keras.layers.Layer):
                                          else fit))
             if self.base_fit != "none":
                 eligible, cand_fit, cand_loo, cand_var = None, fit, loo, None
+                n_kernel = len(self.kernel_length_scales)
+                n_other = ops.shape(fit)[2] - n_kernel  # ridge and cubic fits, first
                 if kernel_var is not None:  # (B, N, F, dy): 1 for the ridge fits
-                    cand_var = self._candidate_var(kernel_var, fit)
+                    cand_var = self._candidate_var(kernel_var, fit, n_other)
                 if evidence is not None:  # which kernel fits compete, by their evidence
-                    n_kernel = len(self.kernel_length_scales)
-                    n_other = ops.shape(fit)[2] - n_kernel
                     ones = ops.ones_like(evidence[:, :1])  # (B, 1, dy)
                     if self.base_fit == "loo_evidence":
                         best = ops.one_hot(ops.argmax(evidence, axis=1), n_kernel, axis=1,
@@ -439,11 +439,11 @@ class ContextStandardizer(keras.layers.Layer):
     def _need_loo(self):
         return self.fit_loo or self.base_fit != "none"
 
-    def _candidate_var(self, kernel_var, fit):
+    @staticmethod
+    def _candidate_var(kernel_var, fit, n_other):
         """[B, N, F, dy]: each fit's predictive variance at every point for
-        `_relative_std`: a kernel fit's GP variance (`_kernel`), 1 for the ridge and cubic
-        fits (which leave the unit per task)."""
-        n_other = ops.shape(fit)[2] - len(self.kernel_length_scales)
+        `_relative_std`: a kernel fit's GP variance (`_kernel`), 1 for the n_other ridge
+        and cubic fits before them (which leave the unit per task)."""
         var = kernel_var[..., None] * ops.ones_like(fit[:, :, :1])  # (B, N, L, dy)
         if not n_other:
             return var
@@ -584,7 +584,7 @@ class ContextStandardizer(keras.layers.Layer):
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
         loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3)) if self._need_loo else None
         evidence = amp = None
-        if self.base_fit in ("loo_evidence", "loo_bma"):
+        if self.base_fit in EVIDENCE_BASE_FITS:
             # log marginal likelihood with the signal variance s2 at its maximum, y'A^-1 y / n:
             # -n/2 log(y'A^-1 y / n) - 1/2 log|A| (+ a constant); the query rows of the
             # Cholesky factor are the identity's and their z 0, so they add nothing
