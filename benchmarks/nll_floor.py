@@ -1,0 +1,126 @@
+"""How close to the exact GP posterior can an affine-equivariant learner get? The NLL floor
+of issue 5/7's gp_rbf target.
+
+gpicl_tf's models are equivariant to y -> c y + d (c > 0): the context is standardised, so a
+model cannot know that a gp_rbf task's mean is 0 and its amplitude 1, which the exact
+posterior with the true kernel (`bayes_optimal` in gpicl-eval) does know. Among predictive
+distributions equivariant to that group, the one with the least expected log loss at every
+(mean, amplitude) is the Bayes predictive under the group's right Haar prior, p(m, s) ~ 1/s
+(Liang & Barron 2004): with the true kernel K, a Student-t with n - 1 degrees of freedom
+around the kriging mean with the mean estimated by generalised least squares,
+m = 1'K^-1 y / 1'K^-1 1, and squared scale s2 (k** - k'K^-1 k + (1 - k'K^-1 1)^2 / 1'K^-1 1),
+s2 = (y - m)'K^-1 (y - m) / (n - 1).
+
+This script prints, on gpicl-eval's gp_rbf tasks (seed 20221208, 128 tasks per cell, 16
+queries), that floor beside the exact posterior and, with --results, a model's NLL: the gap
+that no model of this design can close, and what is left to learn. Our models standardise
+x as well (they do not know the kernel's length scale in raw units either), so their true
+floor is higher still.
+
+    python benchmarks/nll_floor.py [--results docs/results/default_recal_1d_eval.json]
+        [--ks 8,16,32] [--tasks 128]
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from gpicl_tf.config import get_preset, unseen_task_config  # noqa: E402
+from gpicl_tf.evaluate import bayes_optimal, context_batch, default_suites  # noqa: E402
+from gpicl_tf.tasks import GPRBF  # noqa: E402
+
+SEED, QUERIES = 20221208, 16  # gpicl-eval's
+
+
+def invariant_predictive(xc, yc, xq, length_scale, noise_var):
+    """The right-Haar (p(m, s) ~ 1/s) Bayes predictive of y at xq for y = m + s f,
+    f ~ GP(0, RBF(length_scale) + noise_var I), from the context (xc [n, dx], yc [n]):
+    Student-t (degrees of freedom n - 1, location [q], scale [q]). Needs n >= 2."""
+    xc, xq, yc = (np.asarray(v, np.float64) for v in (xc, xq, yc))
+    n = len(yc)
+    sq = lambda a, b: np.sum(np.square(a[:, None, :] - b[None, :, :]), axis=-1)
+    k = np.exp(-0.5 * sq(xc, xc) / length_scale ** 2) + noise_var * np.eye(n)
+    ks = np.exp(-0.5 * sq(xq, xc) / length_scale ** 2)  # (q, n)
+    chol = np.linalg.cholesky(k)
+    solve = lambda b: np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+    one = np.ones(n)
+    k_one = solve(one)
+    m = k_one @ yc / (k_one @ one)
+    resid = yc - m
+    k_res = solve(resid)
+    s2 = resid @ k_res / (n - 1)
+    v = np.linalg.solve(chol, ks.T)  # (n, q)
+    var = 1.0 + noise_var - np.sum(v * v, axis=0) + np.square(1.0 - ks @ k_one) / (k_one @ one)
+    return n - 1, m + ks @ k_res, np.sqrt(s2 * var)
+
+
+def floor_nll(task, x, y, k):
+    """Per-task mean NLL per query point of `invariant_predictive` (true kernel)."""
+    noise = GPRBF.jitter + task.noise_std ** 2
+    out = []
+    for i in range(len(x)):
+        df, loc, scale = invariant_predictive(x[i, :k], y[i, :k, 0], x[i, k:],
+                                              task.gp_length_scale, noise)
+        out.append(-np.mean(stats.t.logpdf(y[i, k:, 0], df, loc=loc, scale=scale)))
+    return np.asarray(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=None,
+                   help="a gpicl-eval results.json of the same tasks: its model's NLL column")
+    p.add_argument("--ks", default="8,16,32")
+    p.add_argument("--tasks", type=int, default=128)
+    a = p.parse_args(argv)
+    try:
+        ks = [int(v) for v in a.ks.split(",")]
+    except ValueError:
+        p.error(f"--ks {a.ks!r}: expected comma-separated integers")
+    if any(k < 2 for k in ks) or a.tasks < 1:
+        p.error("--ks: every k must be >= 2 (the floor needs two context points); "
+                "--tasks: expected >= 1")
+    results = None
+    if a.results:
+        try:
+            with open(a.results) as f:
+                results = json.load(f)["suites"]
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--results {a.results}: not a gpicl-eval results.json ({e})")
+    cfg = get_preset("default")
+    print("NLL per query point (nats); floor = the best any model equivariant to y -> c y + d "
+          "can reach with the true kernel")
+    print("| suite | k | exact posterior | equivariant floor | floor gap | model | model gap "
+          "| model - floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for s in (s for s in default_suites(cfg) if s.family == "gp_rbf"):
+        task = dataclasses.replace(unseen_task_config(cfg.task), family="gp_rbf", mix=(),
+                                   **{k: v for k, v in s.overrides.items()
+                                      if k != "standardize_y"})
+        for k in ks:
+            x, y, _ = context_batch(cfg, k, a.tasks, QUERIES, SEED, family=s.family,
+                                    **s.overrides)
+            _, dist, _ = bayes_optimal(task, x, y, k)
+            exact = float(-np.mean(dist["log_prob"]))
+            floor = float(np.mean(floor_nll(task, x, y, k)))
+            cells = [f"{exact:.3f}", f"{floor:.3f}", f"{floor - exact:.3f}"]
+            cell = (results or {}).get(s.name, {}).get("methods", {}).get("model", {}).get(
+                str(k))
+            if cell and "nll" in cell:
+                cells += [f"{cell['nll']:.3f}", f"{cell['nll'] - exact:.3f}",
+                          f"{cell['nll'] - floor:.3f}"]
+            else:
+                cells += ["-"] * 3
+            print(f"| {s.name} | {k} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
