@@ -886,6 +886,21 @@ def _mix() -> ExperimentConfig:
                                  gp_length_scale=0.25))
 
 
+def _gp() -> ExperimentConfig:
+    # PFNs' GP experiment (Mueller et al. 2022): the `default` learner trained on draws of
+    # one GP (RBF kernel, length scale task.gp_length_scale = 0.5 on x in [-1, 1], unit
+    # amplitude, noise-free but for the sampler's jitter), one input feature. Its bar head
+    # then approximates that GP's posterior predictive, which gpicl-eval scores against the
+    # exact posterior on the gp_rbf suite of the same length scale (`--set
+    # task.gp_length_scale=0.1` for gp_rbf_l0.1), and benchmarks/nll_floor.py against the
+    # best any y-equivariant model can do.
+    cfg = _default()
+    return dataclasses.replace(
+        cfg, name="gpicl-gp",
+        task=dataclasses.replace(cfg.task, family="gp_rbf", x_dim=1, x_dim_weights=(), mix=(),
+                                 gp_length_scale=0.5))
+
+
 def _paper() -> ExperimentConfig:
     # Kirsch et al. 2022 model size, for GPUs.
     return ExperimentConfig(
@@ -925,7 +940,7 @@ PRESETS = {"tiny": _tiny, "default": _default, "regressor_base": _regressor_base
            "regressor": _regressor, "classify": _classify,
            "classifier": _classifier,
            "mlp1d": _mlp1d,
-           "mix": _mix, "paper": _paper,
+           "mix": _mix, "gp": _gp, "paper": _paper,
            "sweep-tiny": lambda: _sweep("tiny"), "sweep-small": lambda: _sweep("small"),
            "sweep-paper": lambda: _sweep("paper")}
 

@@ -296,7 +296,7 @@ def test_nll_floor_is_the_classical_predictive_for_iid_normals_and_equivariant()
 def test_nll_floor_prints_the_floor_between_the_exact_posterior_and_the_model(capsys):
     """On gpicl-eval's gp_rbf tasks (all 128 of a cell) the equivariant floor lies above the
     exact posterior's NLL, by more than issue 5/7's 0.05 nats at k = 8 and by less at
-    k = 32, and the model column is the results file's."""
+    k = 32, and the model column is the results file's, whose tasks must be these."""
     from benchmarks import nll_floor
 
     path = os.path.join(RESULTS, "default_recal_1d_eval.json")
@@ -310,3 +310,7 @@ def test_nll_floor_prints_the_floor_between_the_exact_posterior_and_the_model(ca
     model = _load("default_recal_1d_eval.json")["suites"]["gp_rbf_l0.5"]["methods"]["model"]
     l05 = [r for r in rows if r[0].strip() == "gp_rbf_l0.5" and int(r[1]) == 32][0]
     assert float(l05[5]) == pytest.approx(model["32"]["nll"], abs=1e-3)
+    # other tasks than the file's (64 per cell) are refused, naming the suite and k
+    with pytest.raises(SystemExit):
+        nll_floor.main(["--results", path, "--ks", "8", "--tasks", "64"])
+    assert "suite 'gp_rbf_l0.1' at k=8" in capsys.readouterr().err

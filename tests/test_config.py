@@ -82,3 +82,26 @@ def test_default_is_the_general_learner_and_mlp1d_the_papers_setting():
         assert dataclasses.replace(t, n_points=m.task.n_points) == m.task
     with pytest.raises(ValueError, match="model.absent_features='pad' is invalid"):
         apply_overrides(d, ["model.absent_features=pad"])
+
+
+def test_gp_preset_is_the_default_learner_on_one_gps_draws():
+    """`gp` (PFNs' GP experiment): the `default` model and training on 1-D draws of one GP
+    with length scale 0.5, the gp_rbf_l0.5 suite's kernel; drawn as gpicl-eval draws them."""
+    import dataclasses
+
+    import numpy as np
+
+    from gpicl_tf import data as data_lib
+
+    g, d = get_preset("gp"), get_preset("default")
+    assert (g.model, g.train) == (d.model, d.train)
+    assert (g.task.family, g.task.x_dim, g.task.mix, g.task.gp_length_scale) == (
+        "gp_rbf", 1, (), 0.5)
+    # unstandardised draws of a unit-variance GP: corr(y1, y2) = exp(-(x1 - x2)^2 / (2 0.5^2))
+    t = dataclasses.replace(g.task, n_points=2, standardize_y=False)
+    b = data_lib.sample_batch(t, 0, 4000)
+    x, y = b["x"].numpy()[..., 0], b["y"].numpy()[..., 0]
+    near = np.abs(x[:, 0] - x[:, 1]) < 0.1
+    assert np.corrcoef(y[near, 0], y[near, 1])[0, 1] > 0.97
+    far = np.abs(x[:, 0] - x[:, 1]) > 1.5
+    assert abs(np.corrcoef(y[far, 0], y[far, 1])[0, 1]) < 0.15
