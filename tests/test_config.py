@@ -86,7 +86,8 @@ def test_default_is_the_general_learner_and_mlp1d_the_papers_setting():
 
 def test_gp_preset_is_the_default_learner_on_one_gps_draws():
     """`gp` (PFNs' GP experiment): the `default` model and training on 1-D draws of one GP
-    with length scale 0.5, the gp_rbf_l0.5 suite's kernel; drawn as gpicl-eval draws them."""
+    with length scale 0.5, the gp_rbf_l0.5 suite's kernel; drawn as gpicl-eval draws them.
+    Its near-interpolating kernel fits have the draws' jitter as their noise (1e-5)."""
     import dataclasses
 
     import numpy as np
@@ -94,7 +95,9 @@ def test_gp_preset_is_the_default_learner_on_one_gps_draws():
     from gpicl_tf import data as data_lib
 
     g, d = get_preset("gp"), get_preset("default")
-    assert (g.model, g.train) == (d.model, d.train)
+    assert g.train == d.train
+    assert g.model == dataclasses.replace(d.model, kernel_noises=g.model.kernel_noises)
+    assert g.model.kernel_noises == (1e-5,) * 5 + (0.01,) * 3
     assert (g.task.family, g.task.x_dim, g.task.mix, g.task.gp_length_scale) == (
         "gp_rbf", 1, (), 0.5)
     # unstandardised draws of a unit-variance GP: corr(y1, y2) = exp(-(x1 - x2)^2 / (2 0.5^2))
