@@ -271,9 +271,8 @@ def test_train_throughput_compares_a_config_with_its_variant(capsys, monkeypatch
 def test_nll_floor_is_the_classical_predictive_for_iid_normals_and_equivariant():
     """benchmarks/nll_floor.py's right-Haar predictive: with a kernel that correlates no two
     points (length scale far below their spacing) it is the classical predictive of a normal
-    sample with unknown mean and variance, Student-t(n - 1, mean, S^2 (1 + 1/n)); it is
-    equivariant to y -> c y + d; on GP draws its NLL is above the exact posterior's, more
-    so from 8 context points than from 32."""
+    sample with unknown mean and variance, Student-t(n - 1, mean, S^2 (1 + 1/n)), and it is
+    equivariant to y -> c y + d."""
     import numpy as np
 
     from benchmarks import nll_floor

@@ -86,8 +86,9 @@ def test_default_is_the_general_learner_and_mlp1d_the_papers_setting():
 
 def test_gp_preset_is_the_default_learner_on_one_gps_draws():
     """`gp` (PFNs' GP experiment): the `default` model and training on 1-D draws of one GP
-    with length scale 0.5, the gp_rbf_l0.5 suite's kernel; drawn as gpicl-eval draws them.
-    Its near-interpolating kernel fits have the draws' jitter as their noise (1e-5)."""
+    with length scale 0.5, the gp_rbf_l0.5 suite's kernel (unit-variance draws whose
+    correlation follows it). Its near-interpolating kernel fits have the draws' jitter as
+    their noise (1e-5)."""
     import dataclasses
 
     import numpy as np
