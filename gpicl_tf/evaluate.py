@@ -51,7 +51,7 @@ import tensorflow as tf
 
 from gpicl_tf import baselines as baselines_lib
 from gpicl_tf import data as data_lib
-from gpicl_tf.config import ExperimentConfig, unseen_task_config
+from gpicl_tf.config import ExperimentConfig, TaskConfig, unseen_task_config
 from gpicl_tf.files import write_atomic
 from gpicl_tf.losses import masked_query_loss, query_accuracy
 from gpicl_tf.model import (Predictive, bar_distribution, masked_inputs, model_inputs,
@@ -282,6 +282,13 @@ def distribution_scores(dist: dict, y) -> dict:
     return out
 
 
+def gp_suite_task(cfg: ExperimentConfig, suite) -> TaskConfig:
+    """The task config of a gp_rbf suite's draws (its kernel and noise), as `bayes_optimal`
+    takes it."""
+    return dataclasses.replace(unseen_task_config(cfg.task), family="gp_rbf", mix=(),
+                               **suite.overrides)
+
+
 def bayes_optimal(suite_cfg_task, x, y, k):
     """Per-task MSE and Gaussian predictive distributions of the exact GP posterior with
     the true kernel: (errors [T], dist (see gaussian_dist), seconds per task)."""
@@ -375,9 +382,7 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
                     d = gaussian_dist(np.stack(means), np.stack([o[1] for o in outs]), y[:, k:])
                     _put_dist(methods, b, k, distribution_scores(d, y[:, k:]))
             if s.family == "gp_rbf":
-                task = dataclasses.replace(unseen_task_config(cfg.task), family="gp_rbf", mix=(),
-                                           **s.overrides)
-                errs, d, sec = bayes_optimal(task, x, y, k)
+                errs, d, sec = bayes_optimal(gp_suite_task(cfg, s), x, y, k)
                 _put(methods, "bayes_optimal", k, errs, var, sec)
                 if dist_fn is not None:
                     _put_dist(methods, "bayes_optimal", k, distribution_scores(d, y[:, k:]))
