@@ -313,3 +313,34 @@ def test_nll_floor_prints_the_floor_between_the_exact_posterior_and_the_model(ca
     with pytest.raises(SystemExit):
         nll_floor.main(["--results", path, "--ks", "8", "--tasks", "64"])
     assert "suite 'gp_rbf_l0.1' at k=8" in capsys.readouterr().err
+
+
+def test_coverage_floor_is_calibrated_on_its_prior_and_not_on_its_noise_free_part():
+    """benchmarks/coverage_floor.py's exact Bayes predictive (noise integrated out): with every
+    task noise-free its intervals cover what they claim; on the noise mixture they do so
+    pooled, while the noise-free tasks alone are covered too often (k = 4, l = 0.5) and the
+    noisy ones too rarely; at k = 16 the context tells the noise, and each part is covered
+    as claimed (without weighing the noise levels by their evidence the noise-free part's
+    90% intervals covered 0.9998 there)."""
+    import numpy as np
+
+    from benchmarks import coverage_floor as cf
+
+    rng = np.random.default_rng(0)
+    x, y, sigma = cf.sample_tasks(rng, 768, 4 + 16, 0.5, 1.0, (0.01, 0.3))
+    assert np.all(sigma == 0)
+    pits = cf.bayes_pits(x, y, 4, 0.5, 1.0, (0.01, 0.3), grid=16)
+    assert pits.shape == (768, 16) and np.all((pits >= 0) & (pits <= 1))
+    assert abs(cf.coverage(pits, 0.9).mean() - 0.9) < 0.015
+    assert abs(cf.coverage(pits, 0.5).mean() - 0.5) < 0.025
+    x, y, sigma = cf.sample_tasks(rng, 1536, 4 + 16, 0.5, 0.475, (0.01, 0.3))
+    assert 0.42 < np.mean(sigma == 0) < 0.53 and sigma.max() <= 0.3
+    pits = cf.bayes_pits(x, y, 4, 0.5, 0.475, (0.01, 0.3), grid=16)
+    assert abs(cf.coverage(pits, 0.9).mean() - 0.9) < 0.015
+    assert cf.coverage(pits[sigma == 0], 0.9).mean() > 0.93
+    assert cf.coverage(pits[sigma > 0], 0.9).mean() < 0.87
+    x, y, sigma = cf.sample_tasks(rng, 768, 16 + 16, 0.5, 0.475, (0.01, 0.3))
+    pits = cf.bayes_pits(x, y, 16, 0.5, 0.475, (0.01, 0.3), grid=16)
+    for part in (sigma == 0, sigma > 0):
+        assert abs(cf.coverage(pits[part], 0.9).mean() - 0.9) < 0.025
+    assert cf.default_noise_free() == pytest.approx(0.25 + 0.75 * 0.3)
