@@ -292,6 +292,38 @@ def test_nll_floor_is_the_classical_predictive_for_iid_normals_and_equivariant()
     np.testing.assert_allclose(got[2], 3.0 * want[2], rtol=1e-9)
 
 
+def test_nll_floor_noise_unknown_weighs_noise_by_equivariant_evidence():
+    """benchmarks/nll_floor.py's noise-unknown floor: the right-Haar evidence of a noise level
+    does not change under y -> c y + d, it prefers the noise the context was drawn with, and
+    with one noise level the mixture's NLL is the equivariant floor's."""
+    import numpy as np
+
+    from benchmarks import nll_floor
+    from gpicl_tf.config import get_preset
+    from gpicl_tf.evaluate import context_batch, default_suites, gp_suite_task
+    from gpicl_tf.tasks import GPRBF
+
+    rng = np.random.default_rng(0)
+    xc = rng.uniform(-1, 1, (32, 1))
+    f = np.sin(3 * xc[:, 0]) + 0.5 * np.cos(7 * xc[:, 0])
+    yc = f + 0.2 * rng.normal(size=32)
+    ev = lambda y, var: nll_floor.invariant_log_evidence(xc, y, 0.3, var)
+    for var in (1e-5, 0.04, 1.0):
+        assert ev(4.0 * yc - 3.0, var) - ev(yc, var) == pytest.approx(
+            ev(4.0 * yc - 3.0, 0.01) - ev(yc, 0.01), abs=1e-8)
+    assert ev(yc, 0.04) > max(ev(yc, 1e-4), ev(yc, 1.0))
+    assert ev(f, 1e-5) > ev(f, 0.04)
+    levels, log_prior = nll_floor.default_noise_prior(grid=8)
+    assert len(levels) == 9 and np.exp(log_prior).sum() == pytest.approx(1.0)
+    cfg = get_preset("default")
+    suite = [s for s in default_suites(cfg) if s.name == "gp_rbf_l0.5"][0]
+    task = gp_suite_task(cfg, suite)
+    x, y, _ = context_batch(cfg, 8, 6, 16, 20221208, family=suite.family, **suite.overrides)
+    one = (np.array([GPRBF.jitter]), np.array([0.0]))
+    np.testing.assert_allclose(nll_floor.floor_nll_noise_unknown(task, x, y, 8, one),
+                               nll_floor.floor_nll(task, x, y, 8), rtol=1e-9)
+
+
 def test_nll_floor_prints_the_floor_between_the_exact_posterior_and_the_model(capsys):
     """On gpicl-eval's gp_rbf tasks (all 128 of a cell) the equivariant floor lies above the
     exact posterior's NLL, by more than issue 5/7's 0.05 nats at k = 8 and by less at
@@ -309,6 +341,14 @@ def test_nll_floor_prints_the_floor_between_the_exact_posterior_and_the_model(ca
     model = _load("default_recal_1d_eval.json")["suites"]["gp_rbf_l0.5"]["methods"]["model"]
     l05 = [r for r in rows if r[0].strip() == "gp_rbf_l0.5" and int(r[1]) == 32][0]
     assert float(l05[5]) == pytest.approx(model["32"]["nll"], abs=1e-3)
+    # with the noise unknown as well (default's noise prior), the floor at k = 8 is higher
+    assert nll_floor.main(["--results", path, "--ks", "8", "--noise-unknown"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| gp_rbf")]
+    assert len(rows) == 2 and all(len(r) == 11 for r in rows)
+    for r in rows:
+        assert float(r[9]) > float(r[4]) > 0.05
+        assert float(r[10]) == pytest.approx(float(r[5]) - float(r[8]), abs=2e-3)
     # other tasks than the file's (64 per cell) are refused, naming the suite and k
     with pytest.raises(SystemExit):
         nll_floor.main(["--results", path, "--ks", "8", "--tasks", "64"])
