@@ -101,9 +101,11 @@ def main(argv=None) -> int:
                   f"{m['bayes_optimal'][k]['nll']:.4f} | {gap:+.4f} | {m['gp'][k]['nll']:.4f} | "
                   f"{tally('nll', gap <= a.max_nll_gap)} |")
 
+    drawn = (f"each drawn with {cov['task_points']} points and scored on its first queries"
+             if cov.get("task_points") else "each of k + queries points")
     print(f"\nCoverage on suites drawn from the training prior, {cov['n_tasks']} tasks of "
-          f"{cov['n_queries']} queries per cell (targets: 90% interval 0.88-0.92, 50% interval "
-          "0.48-0.52; in brackets the 95% interval over tasks)")
+          f"{cov['n_queries']} queries per cell, {drawn} (targets: 90% interval 0.88-0.92, 50% "
+          "interval 0.48-0.52; in brackets the 95% interval over tasks)")
     print("| suite | k | cover90 | met | cover50 | met |")
     print("|---|---:|---:|---|---:|---|")
     for name, s in cov["suites"].items():

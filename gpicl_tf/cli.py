@@ -308,6 +308,12 @@ def eval_parser() -> argparse.ArgumentParser:
                         "method runs on the same tasks")
     p.add_argument("--queries", type=positive_int("--queries"), default=None,
                    help="query points per task (default 16; classification 64)")
+    p.add_argument("--task-points", type=positive_int("--task-points"), default=None,
+                   help="regression models: draw each task with this many points (at least k + "
+                        "queries) and score its first queries, so the tasks are those a preset's "
+                        "training draws (its task.n_points, 64 for default: a standardised "
+                        "family's y are standardised over all of them). Default: k + queries, "
+                        "the tasks of the committed results files")
     p.add_argument("--n-permutations", type=positive_int("--n-permutations"), default=1,
                    help="classification models: also score the estimator's ensemble of this "
                         "many members (column orders and class ids), as method model_x<K>")
@@ -331,6 +337,9 @@ def _eval(argv) -> int:
     if load_config(resolve_version(a.model, a.version)).task.kind == "classification":
         from gpicl_tf import evaluate_classification
 
+        if a.task_points is not None:
+            raise ValueError(f"--task-points {a.task_points}: for regression models; a "
+                             "classification model's tasks come from its datasets")
         return evaluate_classification.run_cli(a, ks)
     if a.n_permutations != 1:
         raise ValueError(f"--n-permutations {a.n_permutations}: expected 1 for a regression "

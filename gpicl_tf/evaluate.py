@@ -68,19 +68,27 @@ PICTURE_STREAM = data_lib.EVAL_STREAM + 1  # pictures of fits during training
 
 # ------------------------------------------------------------ tasks and predictors
 def context_batch(cfg: ExperimentConfig, k: int, n_tasks: int, n_queries: int, seed: int,
-                  family=None, stream: int = REPORT_STREAM, **task_overrides):
+                  family=None, stream: int = REPORT_STREAM, task_points=None,
+                  **task_overrides):
     """n_tasks unseen tasks, each with k context points first and n_queries queries.
+
+    task_points: draw each task with max(task_points, k + n_queries) points and keep its
+    first n_queries queries (the points are exchangeable), so a family that standardises
+    y over a task's points (random MLPs, the prior) gives the tasks training draws with
+    task.n_points; None: k + n_queries points.
 
     Returns numpy arrays x [T, k+q, dx], y [T, k+q, dy], is_query [T, k+q],
     with the context points placed first.
     """
-    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=k + n_queries,
+    n = max(task_points or 0, k + n_queries)
+    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n,
                                min_context=0, max_context=None,
                                family=family or cfg.task.family, mix=(), **task_overrides)
     b = data_lib.sample_batch(task, seed, n_tasks, n_context=k, stream=stream)
     x, y, q = b["x"].numpy(), b["y"].numpy(), b["is_query"].numpy()
     order = np.argsort(q, axis=1, kind="stable")  # context (0) before queries (1)
-    take = lambda a: np.take_along_axis(a, order[..., None] if a.ndim == 3 else order, 1)
+    take = lambda a: np.take_along_axis(a, order[..., None] if a.ndim == 3 else order,
+                                        1)[:, :k + n_queries]
     return take(x), take(y), take(q)
 
 
@@ -324,7 +332,8 @@ def check_request(cfg: ExperimentConfig, suites: list, ks, baselines) -> None:
 
 def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
              baselines=DEFAULT_BASELINES, n_tasks: int = 128, n_queries: int = 16,
-             seed: int = EVAL_SEED, progress: bool = True, dist_fn=None) -> dict:
+             seed: int = EVAL_SEED, progress: bool = True, dist_fn=None,
+             task_points=None) -> dict:
     """Runs every suite at every k; returns the results.json dictionary.
 
     Every method (the model, each baseline, the Bayes-optimal predictor) is
@@ -342,6 +351,8 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
       n_tasks: tasks per suite and k, the same for every method.
       n_queries: query points per task.
       seed: the suites' seed.
+      task_points: tasks drawn with this many points, their first n_queries queries
+        scored (`context_batch`); None: k + n_queries.
       dist_fn: (context_x, context_y, query_x, query_y) -> the model's predictive
         distributions (see saved_model_dist_fn), for a model with the bar head: then
         the model, the baselines with a Gaussian predictive (GP regression) and the
@@ -352,11 +363,13 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
     bar = progress_bar(len(suites) * len(ks), progress, label="suite x k")
     out = {"config": cfg.to_dict(), "n_queries": n_queries, "n_tasks": n_tasks, "seed": seed,
            "suites": {}}
+    if task_points is not None:
+        out["task_points"] = task_points
     for s in suites:
         methods = {}
         for k in ks:
             x, y, _ = context_batch(cfg, k, n_tasks, n_queries, seed, family=s.family,
-                                    **s.overrides)
+                                    task_points=task_points, **s.overrides)
             var = np.maximum(y.var(axis=1).mean(-1), 1e-30)  # (T,) each task's y variance
             tic = time.perf_counter()
             xm = pad_features(x, cfg.task.x_dim)
@@ -727,7 +740,7 @@ def run_cli(a, ks) -> int:
     predict_fn = saved_model_predict_fn(version_dir)
     dist_fn = saved_model_dist_fn(version_dir)
     results = evaluate(predict_fn, cfg, suites, ks, baselines, a.tasks, a.queries,
-                       dist_fn=dist_fn)
+                       dist_fn=dist_fn, task_points=a.task_points)
     results["model"] = os.path.abspath(version_dir)
     write_outputs(results, a.out, predict_fn, cfg, suites, a.logdir, dist_fn)
     print(markdown(results))

@@ -120,7 +120,7 @@ def test_distribution_targets_reads_coverage_from_a_larger_run(tmp_path, capsys)
     assert distribution_targets.main([bar, "--mse", mse]) == 0
     before = capsys.readouterr().out
     big = _load("default_1d_eval.json")
-    big["n_tasks"] = 2048
+    big["n_tasks"], big["task_points"] = 2048, 64
     for s in big["suites"].values():
         for cell in s["methods"]["model"].values():
             cell["cover50"], cell["cover50_ci95"] = 0.5, [0.49, 0.51]
@@ -128,7 +128,8 @@ def test_distribution_targets_reads_coverage_from_a_larger_run(tmp_path, capsys)
     assert distribution_targets.main([bar, "--mse", mse, "--coverage",
                                       str(tmp_path / "big.json")]) == 0
     after = capsys.readouterr().out
-    assert "128 tasks of 16 queries" in before and "2048 tasks of 16 queries" in after
+    assert "128 tasks of 16 queries per cell, each of k + queries points" in before
+    assert "2048 tasks of 16 queries per cell, each drawn with 64 points" in after
     assert "cover50: 0/12" in before and "cover50: 12/12" in after
     assert "0.500 [0.490, 0.510]" in after
 

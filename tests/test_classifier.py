@@ -3,6 +3,7 @@ classification export, InContextClassifier and the offline transfer evaluation."
 
 import dataclasses
 import json
+import os
 import warnings
 
 import keras
@@ -124,6 +125,15 @@ print("RESULT", json.dumps({{"keys": sorted(out), "p": out["probabilities"].nump
 
 
 # --------------------------------------------------------------- the estimator
+def test_gpicl_eval_refuses_task_points_for_a_classifier(classifier, tmp_path, capsys):
+    from gpicl_tf.cli import eval_main
+
+    out = str(tmp_path / "o")
+    assert eval_main(["--model", classifier[2], "--out", out, "--task-points", "64"]) == 2
+    assert "--task-points 64: for regression models" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def test_predict_proba_rows_sum_to_one_and_string_labels_round_trip(classifier):
     X, y, Xq = _iris()
     names = np.array(["setosa", "versicolor", "virginica"])[y]

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -276,3 +277,50 @@ def test_the_garg_plot_has_a_panel_per_width_and_is_skipped_without_garg_suites(
     res["suites"] = {n: s for n, s in res["suites"].items() if not n.startswith("garg")}
     assert not ev.plot_garg_by_width(res, str(tmp_path / "none.png"))
     assert not os.path.exists(tmp_path / "none.png")
+
+
+def test_task_points_draws_the_tasks_training_draws_and_keeps_their_first_queries():
+    """context_batch(task_points=64) draws each task with 64 points, as `default`'s training
+    does, and keeps its k context points and first queries: a random-MLP task's y are then
+    standardised over all 64 (the kept 10 points' variance varies around 1), where without it
+    they are standardised over the 10 points themselves (variance 1 each)."""
+    from gpicl_tf import data as data_lib
+    from gpicl_tf.config import unseen_task_config
+
+    cfg = get_preset("default")
+    s = [s for s in ev.default_suites(cfg) if s.name == "random_mlp"][0]
+    x0, y0, q0 = ev.context_batch(cfg, 4, 64, 6, 7, family=s.family, **s.overrides)
+    x1, y1, q1 = ev.context_batch(cfg, 4, 64, 6, 7, family=s.family, task_points=64,
+                                  **s.overrides)
+    assert x1.shape == x0.shape == (64, 10, 1) and y1.shape == (64, 10, 1)
+    assert np.all(q1[:, :4] == 0) and np.all(q1[:, 4:] == 1)
+    np.testing.assert_allclose(y0.var(axis=1), 1.0, atol=1e-3)
+    v = y1.var(axis=1)[:, 0]
+    assert v.std() > 0.2 and 0.7 < v.mean() < 1.2
+    task = dataclasses.replace(unseen_task_config(cfg.task), n_points=64, min_context=0,
+                               max_context=None, family=s.family, mix=(), **s.overrides)
+    b = data_lib.sample_batch(task, 7, 64, n_context=4, stream=ev.REPORT_STREAM)
+    order = np.argsort(b["is_query"].numpy(), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(np.take_along_axis(b["y"].numpy(), order[..., None], 1), y1)
+    # fewer points than k + queries: the suites' own tasks
+    x2, y2, _ = ev.context_batch(cfg, 4, 64, 6, 7, family=s.family, task_points=5,
+                                 **s.overrides)
+    np.testing.assert_array_equal(y2, y0)
+
+
+def test_gpicl_eval_task_points_is_recorded_and_scores_those_tasks(tiny_export, tmp_path):
+    model_dir, cfg = tiny_export
+    out = str(tmp_path / "tp")
+    assert ev.main(["--model", model_dir, "--out", out, "--suites", "random_mlp", "--ks", "2",
+                    "--tasks", "5", "--queries", "4", "--baselines", "mean",
+                    "--task-points", "40"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["task_points"] == 40
+    s = [s for s in ev.default_suites(cfg) if s.name == "random_mlp"][0]
+    _, y, _ = ev.context_batch(cfg, 2, 5, 4, ev.EVAL_SEED, family=s.family, task_points=40,
+                               **s.overrides)
+    nmse = np.mean(np.mean((y[:, 2:] - y[:, :2].mean(1, keepdims=True)) ** 2, axis=(1, 2))
+                   / y.var(axis=1).mean(-1))
+    assert res["suites"]["random_mlp"]["methods"]["mean"]["2"]["nmse"] == pytest.approx(nmse,
+                                                                                       rel=1e-5)
