@@ -47,6 +47,16 @@ def default_noise_free() -> float:
     return float(sum(w * share.get(name, 0.0) for name, w in t.mix))
 
 
+def noise_levels(noise_free: float, noise_range, grid: int):
+    """A noise std that is 0 with probability noise_free, else log-uniform in noise_range,
+    as quadrature levels: (noise variances [grid + 1], the first 0; log prior weights),
+    the log-uniform part by the midpoint rule on `grid` levels."""
+    edges = np.linspace(np.log(noise_range[0]), np.log(noise_range[1]), grid + 1)
+    var = np.concatenate([[0.0], np.exp(edges[:-1] + edges[1:])])
+    return var, np.log(np.concatenate([[noise_free], np.full(grid, (1 - noise_free) / grid)])
+                       + 1e-300)
+
+
 def sample_tasks(rng, n_tasks: int, n_points: int, length_scale: float, noise_free: float,
                  noise_range):
     """x [T, n], y [T, n] (GP draws plus noise), sigma [T] (0 for a noise-free task)."""
@@ -66,10 +76,7 @@ def bayes_pits(x, y, k: int, length_scale: float, noise_free: float, noise_range
     k on) under the exact Bayes predictive of the model problem: a mixture over the noise
     std (0 with probability noise_free, else log-uniform in noise_range by the midpoint
     rule on `grid` levels) of GP posteriors, each weighted by its marginal likelihood."""
-    log_edges = np.linspace(np.log(noise_range[0]), np.log(noise_range[1]), grid + 1)
-    s2 = np.concatenate([[0.0], np.exp(log_edges[:-1] + log_edges[1:])])  # noise variances
-    log_prior = np.log(np.concatenate([[noise_free], np.full(grid, (1 - noise_free) / grid)])
-                       + 1e-300)
+    s2, log_prior = noise_levels(noise_free, noise_range, grid)
     out = []
     for i in range(0, len(x), chunk):
         xs, ys = x[i:i + chunk], y[i:i + chunk]

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import special, stats  # noqa: E402
 
+from benchmarks.coverage_floor import default_noise_free, noise_levels  # noqa: E402
 from gpicl_tf.config import get_preset  # noqa: E402
 from gpicl_tf.evaluate import (bayes_optimal, context_batch, default_suites,  # noqa: E402
                                gp_suite_task)
@@ -80,12 +81,9 @@ def default_noise_prior(grid: int = 24):
     """`default`'s training stream's noise as (noise variances [G + 1], log prior weights):
     noise-free with the stream's share (at the gp_rbf draws' jitter), else its prior's
     noise std, log-uniform (midpoint rule on `grid` levels)."""
-    t = get_preset("default").task
-    share = {"prior": t.prior_noise_free, "random_mlp": float(t.noise_std == 0)}
-    free = sum(w * share.get(name, 0.0) for name, w in t.mix)
-    edges = np.linspace(np.log(t.prior_noise[0]), np.log(t.prior_noise[1]), grid + 1)
-    var = np.concatenate([[0.0], np.exp(edges[:-1] + edges[1:])]) + GPRBF.jitter
-    return var, np.log(np.concatenate([[free], np.full(grid, (1.0 - free) / grid)]))
+    var, log_prior = noise_levels(default_noise_free(), get_preset("default").task.prior_noise,
+                                  grid)
+    return var + GPRBF.jitter, log_prior
 
 
 def floor_nll_noise_unknown(task, x, y, k, noise_prior):
