@@ -56,16 +56,17 @@ def int_list(flag: str, text: str, low: int = 0) -> list:
     return values
 
 
-def positive_int(flag: str):
-    """argparse type: an integer >= 1, named in the error."""
+def positive_int(flag: str, most=None):
+    """argparse type: an integer >= 1 (and <= most), named in the error."""
+    want = "an integer >= 1" + (f" and <= {most}" if most else "")
 
     def parse(text):
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if v < 1 or (most and v > most):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {v}")
         return v
 
     parse.__name__ = flag
@@ -280,6 +281,9 @@ def export_main(argv=None) -> int:
 
 
 # -------------------------------------------------------------- evaluation
+MAX_TASK_POINTS = 1024  # gp_rbf tasks factor an N x N kernel matrix per task
+
+
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpicl-eval",
@@ -308,7 +312,8 @@ def eval_parser() -> argparse.ArgumentParser:
                         "method runs on the same tasks")
     p.add_argument("--queries", type=positive_int("--queries"), default=None,
                    help="query points per task (default 16; classification 64)")
-    p.add_argument("--task-points", type=positive_int("--task-points"), default=None,
+    p.add_argument("--task-points", type=positive_int("--task-points", MAX_TASK_POINTS),
+                   default=None,
                    help="regression models: draw each task with this many points (at least k + "
                         "queries) and score its first queries, so the tasks are those a preset's "
                         "training draws (its task.n_points, 64 for default: a standardised "

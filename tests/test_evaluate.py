@@ -160,6 +160,10 @@ def test_bad_numbers_are_one_line_errors(tiny_export, tmp_path, capsys):
         ev.main(["--model", model_dir, "--out", out, "--tasks", "0"])
     assert e.value.code == 2
     assert "--tasks: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--model", model_dir, "--out", out, "--task-points", "5000"])
+    assert "--task-points: expected an integer >= 1 and <= 1024, got 5000" in (
+        capsys.readouterr().err)
     assert ev.main(["--model", model_dir, "--out", out, "--ks", "a,b"]) == 2
     err = capsys.readouterr().err
     assert "--ks 'a,b': expected comma-separated integers" in err and "Traceback" not in err
