@@ -33,7 +33,7 @@ from scipy import special  # noqa: E402
 
 from gpicl_tf.config import get_preset  # noqa: E402
 from gpicl_tf.evaluate import mean_ci95  # noqa: E402
-from gpicl_tf.tasks import GPRBF  # noqa: E402
+from gpicl_tf.tasks import GPRBF, rbf_kernel  # noqa: E402
 
 QUERIES, SEED = 16, 20221208
 
@@ -61,7 +61,7 @@ def sample_tasks(rng, n_tasks: int, n_points: int, length_scale: float, noise_fr
                  noise_range):
     """x [T, n], y [T, n] (GP draws plus noise), sigma [T] (0 for a noise-free task)."""
     x = rng.uniform(-1.0, 1.0, (n_tasks, n_points))
-    k = np.exp(-0.5 * np.square(x[:, :, None] - x[:, None, :]) / length_scale ** 2)
+    k = rbf_kernel(x[..., None], x[..., None], length_scale).numpy()
     chol = np.linalg.cholesky(k + GPRBF.jitter * np.eye(n_points))
     f = np.einsum("tij,tj->ti", chol, rng.normal(size=(n_tasks, n_points)))
     lo, hi = np.log(noise_range[0]), np.log(noise_range[1])
@@ -80,7 +80,7 @@ def bayes_pits(x, y, k: int, length_scale: float, noise_free: float, noise_range
     out = []
     for i in range(0, len(x), chunk):
         xs, ys = x[i:i + chunk], y[i:i + chunk]
-        kern = np.exp(-0.5 * np.square(xs[:, :, None] - xs[:, None, :]) / length_scale ** 2)
+        kern = rbf_kernel(xs[..., None], xs[..., None], length_scale).numpy()  # [t, n, n]
         a = (kern[:, None, :k, :k]
              + (s2 + GPRBF.jitter)[None, :, None, None] * np.eye(k))  # [t, S, k, k]
         chol = np.linalg.cholesky(a)

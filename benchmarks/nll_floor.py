@@ -41,24 +41,31 @@ from gpicl_tf.tasks import GPRBF, rbf_kernel  # noqa: E402
 SEED, QUERIES = 20221208, 16  # gpicl-eval's
 
 
+def _gls_fit(xc, yc, length_scale, noise_var):
+    """The context's GLS fit under K = RBF(length_scale) + noise_var I (xc [n, dx], yc [n]):
+    (Cholesky factor of K, solve b -> K^-1 b, K^-1 1, the GLS mean m = 1'K^-1 y / 1'K^-1 1,
+    the residual y - m and K^-1 (y - m))."""
+    xc, yc = np.asarray(xc, np.float64), np.asarray(yc, np.float64)
+    k = rbf_kernel(xc, xc, length_scale).numpy() + noise_var * np.eye(len(yc))
+    chol = np.linalg.cholesky(k)
+    solve = lambda b: np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+    k_one = solve(np.ones(len(yc)))
+    m = k_one @ yc / np.sum(k_one)
+    resid = yc - m
+    return chol, solve, k_one, m, resid, solve(resid)
+
+
 def invariant_predictive(xc, yc, xq, length_scale, noise_var):
     """The right-Haar (p(m, s) ~ 1/s) Bayes predictive of y at xq for y = m + s f,
     f ~ GP(0, RBF(length_scale) + noise_var I), from the context (xc [n, dx], yc [n]):
     Student-t (degrees of freedom n - 1, location [q], scale [q]). Needs n >= 2."""
-    xc, xq, yc = (np.asarray(v, np.float64) for v in (xc, xq, yc))
     n = len(yc)
-    k = rbf_kernel(xc, xc, length_scale).numpy() + noise_var * np.eye(n)
-    ks = rbf_kernel(xq, xc, length_scale).numpy()  # (q, n)
-    chol = np.linalg.cholesky(k)
-    solve = lambda b: np.linalg.solve(chol.T, np.linalg.solve(chol, b))
-    one = np.ones(n)
-    k_one = solve(one)
-    m = k_one @ yc / (k_one @ one)
-    resid = yc - m
-    k_res = solve(resid)
+    chol, _, k_one, m, resid, k_res = _gls_fit(xc, yc, length_scale, noise_var)
+    ks = rbf_kernel(np.asarray(xq, np.float64), np.asarray(xc, np.float64),
+                    length_scale).numpy()  # (q, n)
     s2 = resid @ k_res / (n - 1)
     v = np.linalg.solve(chol, ks.T)  # (n, q)
-    var = 1.0 + noise_var - np.sum(v * v, axis=0) + np.square(1.0 - ks @ k_one) / (k_one @ one)
+    var = 1.0 + noise_var - np.sum(v * v, axis=0) + np.square(1.0 - ks @ k_one) / np.sum(k_one)
     return n - 1, m + ks @ k_res, np.sqrt(s2 * var)
 
 
@@ -67,14 +74,9 @@ def invariant_log_evidence(xc, yc, length_scale, noise_var):
     that depends on n only: -1/2 log|K| - 1/2 log 1'K^-1 1 - (n - 1)/2 log Q, with
     Q = (y - m)'K^-1 (y - m) at the GLS mean m (the integral over m and s in closed form).
     Invariant to y -> c y + d, so it weighs noise levels by what the context's shape says."""
-    xc, yc = np.asarray(xc, np.float64), np.asarray(yc, np.float64)
-    n = len(yc)
-    chol = np.linalg.cholesky(rbf_kernel(xc, xc, length_scale).numpy() + noise_var * np.eye(n))
-    solve = lambda b: np.linalg.solve(chol.T, np.linalg.solve(chol, b))
-    k_one = solve(np.ones(n))
-    resid = yc - k_one @ yc / np.sum(k_one)
+    chol, _, k_one, _, resid, k_res = _gls_fit(xc, yc, length_scale, noise_var)
     return (-np.sum(np.log(np.diag(chol))) - 0.5 * np.log(np.sum(k_one))
-            - 0.5 * (n - 1) * np.log(resid @ solve(resid)))
+            - 0.5 * (len(resid) - 1) * np.log(resid @ k_res))
 
 
 def default_noise_prior(grid: int = 24):
