@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from gpicl_tf.config import ABSENT_FEATURES, BASE_FITS, EVIDENCE_BASE_FITS, GELUS, Y_SCALES
@@ -41,11 +42,23 @@ def _eye(n, dtype):
     return ops.cast(ops.equal(i[:, None], i[None, :]), dtype)
 
 
+def _cholesky(a):
+    """The lower Cholesky factor of a [..., n, n], failing as keras.ops.cholesky does when
+    the factorisation fails (TensorFlow then fills the factor with NaNs), but checking
+    its diagonal only: keras checks every entry, 4 ms of the `default` preset's 21 ms of
+    context fits per train step (benchmarks/profile_step.py)."""
+    chol = tf.linalg.cholesky(a)
+    check = tf.debugging.check_numerics(tf.linalg.diag_part(chol),
+                                        "Cholesky decomposition failed")
+    with tf.control_dependencies([check]):
+        return tf.identity(chol)
+
+
 def _spd_solve(a, rhs):
     """a^-1 rhs for symmetric positive definite a [B, P, n, n], rhs [B, P, n, k]: a
     Cholesky factor and two triangular solves (a handful of ops, since the serving graph
     runs op by op)."""
-    chol = ops.cholesky(a)
+    chol = _cholesky(a)
     z = ops.solve_triangular(chol, rhs, lower=True)
     return ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
 
@@ -575,12 +588,14 @@ class ContextStandardizer(keras.layers.Layer):
             return ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3)), None, None, None, None
         # A = C C': C^-1 [y, I] in one triangular solve; then alpha = C'^-1 C^-1 y, and
         # diag(A^-1)_i = sum_j (C^-1)_ji^2, which gives the leave-one-out residuals
-        chol = ops.cholesky(a)
-        z = ops.solve_triangular(chol, ops.concatenate([rhs, ops.zeros_like(a) + eye], axis=-1),
-                                 lower=True)
-        alpha = ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z[..., :dy], lower=False)
+        chol = _cholesky(a)
+        z = ops.solve_triangular(
+            chol, ops.concatenate([rhs, ops.broadcast_to(eye, ops.shape(a))], axis=-1), lower=True)
+        c_inv = z[..., dy:]  # C^-1
+        z = z[..., :dy]  # C^-1 y
+        alpha = tf.linalg.triangular_solve(chol, z, lower=True, adjoint=True)
         fit = ops.transpose(ops.matmul(k_ctx, alpha), (0, 2, 1, 3))  # (B, N, L, dy)
-        a_inv_diag = ops.sum(ops.square(z[..., dy:]), axis=-2)  # (B, L, N)
+        a_inv_diag = ops.sum(ops.square(c_inv), axis=-2)  # (B, L, N)
         resid = alpha / a_inv_diag[..., None]  # y_i minus the fit to the other points
         loo = ys[:, :, None] - ops.transpose(resid, (0, 2, 1, 3)) if self._need_loo else None
         evidence = amp = None
@@ -589,13 +604,13 @@ class ContextStandardizer(keras.layers.Layer):
             # -n/2 log(y'A^-1 y / n) - 1/2 log|A| (+ a constant); the query rows of the
             # Cholesky factor are the identity's and their z 0, so they add nothing
             n = ops.maximum(ops.sum(m, axis=1), 1.0)[:, None, None]  # (B, 1, 1)
-            quad = ops.sum(ops.square(z[..., :dy]), axis=2)  # (B, L, dy)
+            quad = ops.sum(ops.square(z), axis=2)  # (B, L, dy)
             half_logdet = ops.sum(ops.log(ops.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
             amp = ops.maximum(quad / n, 1e-30)  # (B, L, dy) the signal variance s2
             evidence = -0.5 * n * ops.log(amp) - half_logdet[..., None]  # (B, L, dy)
         if not need_var:
             return fit, loo, None, evidence, amp
-        v = ops.matmul(z[..., dy:], ops.transpose(k_ctx, (0, 1, 3, 2)))  # C^-1 k(X, x_j)
+        v = tf.linalg.matmul(c_inv, k_ctx, transpose_b=True)  # C^-1 k(X, x_j)
         var = 1.0 + noise[..., 0] - ops.sum(ops.square(v), axis=-2)  # (B, L, N) posterior
         var = ops.where(m[:, None] > 0, 1.0 / a_inv_diag, var)  # context: leave-one-out
         f64 = keras.backend.standardize_dtype(xs.dtype) == "float64"

@@ -897,3 +897,21 @@ def test_the_base_fit_extrapolates_a_linear_task_beyond_3_stds_from_8_context_po
     assert 3.0 < (y[0, 16, 0] - cy.mean()) / cy.std() < 6.0
     # ridge 1e-3 shrinks the line by about 1e-4 of itself; a clip at 3 would miss by > 0.5 std
     np.testing.assert_allclose(loc.numpy()[0, 16:, 0], y[0, 16:, 0], atol=1e-3 * cy.std())
+
+
+def test_a_failed_cholesky_factorisation_is_refused_not_passed_on_as_nans():
+    """The kernel fits' Cholesky factor checks its diagonal only (keras.ops.cholesky checks
+    every entry, a sixth of the fits' time): a matrix that is not positive definite still
+    raises, naming the factorisation, and a positive definite one gets TensorFlow's factor."""
+    from gpicl_tf.layers import _cholesky
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(3, 5, 5))
+    spd = m @ np.transpose(m, (0, 2, 1)) + 5 * np.eye(5)
+    np.testing.assert_array_equal(_cholesky(tf.constant(spd)).numpy(),
+                                  tf.linalg.cholesky(spd).numpy())
+    bad = spd.copy()
+    bad[1] = [[1.0 if i == j else 2.0 for j in range(5)] for i in range(5)]  # eigenvalue -1
+    for fn in (_cholesky, tf.function(_cholesky)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="Cholesky decomposition failed"):
+            fn(tf.constant(bad))
