@@ -60,7 +60,7 @@ def _spd_solve(a, rhs):
     runs op by op)."""
     chol = _cholesky(a)
     z = ops.solve_triangular(chol, rhs, lower=True)
-    return ops.solve_triangular(ops.transpose(chol, (0, 1, 3, 2)), z, lower=False)
+    return tf.linalg.triangular_solve(chol, z, lower=True, adjoint=True)
 
 
 Z95 = 1.6448536269514722  # the standard normal's 0.95 quantile
