@@ -43,8 +43,8 @@ SEED, QUERIES = 20221208, 16  # gpicl-eval's
 
 def _gls_fit(xc, yc, length_scale, noise_var):
     """The context's GLS fit under K = RBF(length_scale) + noise_var I (xc [n, dx], yc [n]):
-    (Cholesky factor of K, solve b -> K^-1 b, K^-1 1, the GLS mean m = 1'K^-1 y / 1'K^-1 1,
-    the residual y - m and K^-1 (y - m))."""
+    (Cholesky factor of K, K^-1 1, the GLS mean m = 1'K^-1 y / 1'K^-1 1, the residual
+    y - m and K^-1 (y - m))."""
     xc, yc = np.asarray(xc, np.float64), np.asarray(yc, np.float64)
     k = rbf_kernel(xc, xc, length_scale).numpy() + noise_var * np.eye(len(yc))
     chol = np.linalg.cholesky(k)
@@ -52,7 +52,7 @@ def _gls_fit(xc, yc, length_scale, noise_var):
     k_one = solve(np.ones(len(yc)))
     m = k_one @ yc / np.sum(k_one)
     resid = yc - m
-    return chol, solve, k_one, m, resid, solve(resid)
+    return chol, k_one, m, resid, solve(resid)
 
 
 def invariant_predictive(xc, yc, xq, length_scale, noise_var):
@@ -60,7 +60,7 @@ def invariant_predictive(xc, yc, xq, length_scale, noise_var):
     f ~ GP(0, RBF(length_scale) + noise_var I), from the context (xc [n, dx], yc [n]):
     Student-t (degrees of freedom n - 1, location [q], scale [q]). Needs n >= 2."""
     n = len(yc)
-    chol, _, k_one, m, resid, k_res = _gls_fit(xc, yc, length_scale, noise_var)
+    chol, k_one, m, resid, k_res = _gls_fit(xc, yc, length_scale, noise_var)
     ks = rbf_kernel(np.asarray(xq, np.float64), np.asarray(xc, np.float64),
                     length_scale).numpy()  # (q, n)
     s2 = resid @ k_res / (n - 1)
@@ -74,7 +74,7 @@ def invariant_log_evidence(xc, yc, length_scale, noise_var):
     that depends on n only: -1/2 log|K| - 1/2 log 1'K^-1 1 - (n - 1)/2 log Q, with
     Q = (y - m)'K^-1 (y - m) at the GLS mean m (the integral over m and s in closed form).
     Invariant to y -> c y + d, so it weighs noise levels by what the context's shape says."""
-    chol, _, k_one, _, resid, k_res = _gls_fit(xc, yc, length_scale, noise_var)
+    chol, k_one, _, resid, k_res = _gls_fit(xc, yc, length_scale, noise_var)
     return (-np.sum(np.log(np.diag(chol))) - 0.5 * np.log(np.sum(k_one))
             - 0.5 * (len(resid) - 1) * np.log(resid @ k_res))
 
