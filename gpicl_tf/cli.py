@@ -56,6 +56,14 @@ def int_list(flag: str, text: str, low: int = 0) -> list:
     return values
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def positive_int(flag: str, most=None):
     """argparse type: an integer >= 1 (and <= most), named in the error."""
     want = "an integer >= 1" + (f" and <= {most}" if most else "")
@@ -151,7 +159,7 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
           f"{os.path.dirname(export_path) if export_path else 'exports/NAME'} --out {out}):")
     dist = evaluate.saved_model_dist_fn(export_path) if export_path else None  # bar head
     results = evaluate.evaluate(predict, cfg, suites, ks, baselines=("knn", "gp"), n_tasks=128,
-                                dist_fn=dist)
+                                dist_fn=dist, jobs=available_cores())
     evaluate.write_outputs(results, out, predict, cfg, suites, logdir=os.path.join(logdir, "eval"),
                            dist_fn=dist)
     print(evaluate.markdown(results))
@@ -322,6 +330,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-permutations", type=positive_int("--n-permutations"), default=1,
                    help="classification models: also score the estimator's ensemble of this "
                         "many members (column orders and class ids), as method model_x<K>")
+    p.add_argument("--jobs", type=positive_int("--jobs"), default=available_cores(),
+                   help="worker processes that fit the per-task baselines (default: the "
+                        f"cores this process may use, {available_cores()} here); the results "
+                        "are the same for every value")
     p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
     return p
 

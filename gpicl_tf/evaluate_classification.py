@@ -28,14 +28,15 @@ a panel per dataset).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-import warnings
 import zlib
 
 import numpy as np
 
+from gpicl_tf.baselines import classifier_proba, per_task, task_pool
 from gpicl_tf.files import write_atomic
 from gpicl_tf.progress import progress_bar
 from gpicl_tf.summaries import pyplot
@@ -97,35 +98,6 @@ def make_tasks(x, labels, width: int, n_classes_max: int, k: int, n_queries: int
         ci, cj = np.array(ctx).T
         qi, qj = np.array(qry).T
         out.append((xt[ci], cj, xt[qi], qj))
-    return out
-
-
-def _baseline(name: str):
-    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
-    from sklearn.neighbors import KNeighborsClassifier
-
-    return {"sgd": lambda k: SGDClassifier(loss="log_loss", max_iter=100, tol=None,
-                                           random_state=0),
-            "logreg": lambda k: LogisticRegression(max_iter=1000),
-            "knn": lambda k: KNeighborsClassifier(n_neighbors=min(5, k)),
-            "random_forest": lambda k: RandomForestClassifier(100, random_state=0),
-            "gbt": lambda k: GradientBoostingClassifier(random_state=0)}[name]
-
-
-def baseline_proba(name: str, cx, cy, qx, n_classes: int):
-    """Probabilities [q, n_classes] of a per-task learner fitted on the context."""
-    if len(np.unique(cy)) < 2:  # one class: it is certain
-        p = np.zeros((len(qx), n_classes))
-        p[:, cy[0]] = 1.0
-        return p
-    k = int(np.bincount(cy).min())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = _baseline(name)(k).fit(cx, cy)
-        p = model.predict_proba(qx)
-    out = np.zeros((len(qx), n_classes))
-    out[:, model.classes_] = p
     return out
 
 
@@ -194,9 +166,10 @@ def write_outputs(results: dict, out: str) -> str:
 
 def evaluate(classify, cfg, datasets, ks=DEFAULT_KS, baselines=BASELINES, n_tasks: int = 32,
              n_queries: int = 64, seed: int = SEED, data_dir=None, progress: bool = True,
-             n_permutations: int = 1) -> dict:
+             n_permutations: int = 1, jobs: int = 1) -> dict:
     """Every dataset at every k: the model (and with n_permutations > 1 its ensemble,
-    `model_x<n>`) and each baseline on the same tasks."""
+    `model_x<n>`) and each baseline on the same tasks (the baselines' tasks fitted by
+    `jobs` worker processes: gpicl_tf.baselines.task_pool)."""
     from gpicl_tf.estimator import ensemble_members, ensemble_proba
 
     width, c_max, limit = cfg.task.x_dim, cfg.task.y_dim, cfg.task.context_max
@@ -208,6 +181,7 @@ def evaluate(classify, cfg, datasets, ks=DEFAULT_KS, baselines=BASELINES, n_task
     models = {"model": 1, **({f"model_x{n_permutations}": n_permutations}
                              if n_permutations > 1 else {})}
     data = {name: load_dataset(name, data_dir) for name in datasets}
+    pool = task_pool(jobs, baselines)
     out = {"config": cfg.to_dict(), "n_tasks": n_tasks, "n_queries": n_queries, "seed": seed,
            "ks": list(ks), "datasets": {}}
     bar = progress_bar(len(datasets) * len(ks), progress, label="dataset x k")
@@ -225,18 +199,18 @@ def evaluate(classify, cfg, datasets, ks=DEFAULT_KS, baselines=BASELINES, n_task
             task_seed = seed + 1000 * k + zlib.crc32(name.encode()) % 1000
             tasks = make_tasks(x, labels, width, c_max, k, n_queries, n_tasks, task_seed)
             for method in (*models, *baselines):
-                tic = time.perf_counter()
-                rows = []
-                rng = np.random.default_rng([task_seed, 1])  # the ensemble's members
-                for cx, cy, qx, qy in tasks:
-                    if method in models:
-                        members = ensemble_members(rng, cx.shape[1], c_max, models[method])
-                        p = ensemble_proba(classify, cx, cy, qx, members)[:, :c]
-                    else:
-                        p = baseline_proba(method, cx, cy, qx, c)
-                    p = p / p.sum(1, keepdims=True)
-                    rows.append(scores(p, qy))
-                sec = (time.perf_counter() - tic) / len(tasks)
+                if method in models:
+                    tic = time.perf_counter()
+                    rng = np.random.default_rng([task_seed, 1])  # the ensemble's members
+                    probs = [ensemble_proba(classify, cx, cy, qx, ensemble_members(
+                        rng, cx.shape[1], c_max, models[method]))[:, :c]
+                        for cx, cy, qx, _ in tasks]
+                    sec = (time.perf_counter() - tic) / len(tasks)
+                else:
+                    probs, sec = per_task(functools.partial(classifier_proba, method),
+                                          [(cx, cy, qx, c) for cx, cy, qx, _ in tasks], pool)
+                rows = [scores(p / p.sum(1, keepdims=True), qy)
+                        for p, (_, _, _, qy) in zip(probs, tasks)]
                 cell = {m: float(np.mean([r[m] for r in rows])) for m in ("accuracy", "log_loss")}
                 acc = np.array([r["accuracy"] for r in rows])
                 half = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
@@ -315,7 +289,7 @@ def run_cli(a, ks) -> int:
                  else list(BASELINES))
     results = evaluate(saved_model_classify_fn(version_dir), cfg, datasets, ks or DEFAULT_KS,
                        baselines, a.tasks or 32, a.queries or 64, data_dir=a.data_dir,
-                       n_permutations=a.n_permutations)
+                       n_permutations=a.n_permutations, jobs=a.jobs)
     results["model"] = os.path.abspath(version_dir)
     print(write_outputs(results, a.out))
     print(f"wrote {a.out}/results.json, results.md, transfer.png")

@@ -153,6 +153,27 @@ def test_methods_are_paired_on_the_same_tasks_and_nmse_is_per_task(tiny_export):
         assert m["gp"]["4"]["nmse"] == pytest.approx(nmse, rel=1e-5)
 
 
+def test_baselines_fitted_by_worker_processes_score_exactly_what_one_process_scores(
+        tiny_export):
+    """evaluate(jobs=2) fits the per-task baselines in a pool of processes: every score is
+    the same as with jobs=1; jobs=0 is refused."""
+    _, cfg = tiny_export
+    suites = [s for s in ev.default_suites(cfg) if s.name in ("sine", "gp_rbf_l0.5")]
+    model = lambda cx, cy, qx: np.zeros((len(qx), qx.shape[1], 1))
+    one, two = (ev.evaluate(model, cfg, suites, ks=(2, 8), baselines=("knn", "gp", "ridge"),
+                            n_tasks=24, n_queries=6, progress=False, jobs=j) for j in (1, 2))
+    for s in suites:
+        a, b = one["suites"][s.name]["methods"], two["suites"][s.name]["methods"]
+        assert set(a) == set(b) == {"model", "knn", "gp", "ridge"} | (
+            {"bayes_optimal"} if s.family == "gp_rbf" else set())
+        for m in a:
+            for k in ("2", "8"):
+                assert a[m][k].pop("sec_per_task") > 0 and b[m][k].pop("sec_per_task") > 0
+                assert a[m][k] == b[m][k], (s.name, m, k)
+    with pytest.raises(ValueError, match="jobs=0: expected an integer >= 1"):
+        ev.evaluate(model, cfg, suites, ks=(2,), baselines=("knn",), progress=False, jobs=0)
+
+
 def test_bad_numbers_are_one_line_errors(tiny_export, tmp_path, capsys):
     model_dir, _ = tiny_export
     out = str(tmp_path / "o")
@@ -160,6 +181,9 @@ def test_bad_numbers_are_one_line_errors(tiny_export, tmp_path, capsys):
         ev.main(["--model", model_dir, "--out", out, "--tasks", "0"])
     assert e.value.code == 2
     assert "--tasks: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--model", model_dir, "--out", out, "--jobs", "0"])
+    assert "--jobs: expected an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(["--model", model_dir, "--out", out, "--task-points", "5000"])
     assert "--task-points: expected an integer >= 1 and <= 1024, got 5000" in (
