@@ -305,6 +305,24 @@ def test_a_fitted_recalibration_keeps_a_bar_distribution_and_travels(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_recalibration_with_the_fits_outside_xla_fits_the_maps_of_the_plain_model():
+    """With kernel fits and train.jit_compile (the `default` preset) the maps are fitted
+    as the train step runs the model: the fits outside XLA, the model after them inside,
+    on chunks of RECAL_CHUNK tasks, the last one padded. They are the plain (no XLA,
+    one batch) model's maps: its PITs differ by rounding only, and every task is counted
+    once (150 tasks per size: one full chunk and one padded; 3 sizes in most buckets)."""
+    from gpicl_tf.train import RECAL_CHUNK, fit_recalibration, fits_outside_xla
+
+    model, cfg = _bar_model(["model.recalibrate=true", "model.kernel_length_scales=[0.2,0.8]",
+                             "model.base_fit=loo_bma", "train.jit_compile=true"])
+    assert fits_outside_xla(model, cfg.train.jit_compile) and 150 % RECAL_CHUNK
+    split = fit_recalibration(model, cfg, tasks_per_bucket=450)
+    plain = fit_recalibration(model, apply_overrides(cfg, ["train.jit_compile=false"]),
+                              tasks_per_bucket=450)
+    assert not np.allclose(plain, np.tile(plain[:1], (len(plain), 1)))  # maps were fitted
+    np.testing.assert_array_equal(split, plain)
+
+
 def test_training_fits_the_recalibration_which_covers_held_out_prior_queries(tmp_path):
     """Training fits the map at its last step (and checkpoints it); fitted on the prior's
     own stream, it brings the central intervals' coverage of other tasks of the prior

@@ -229,6 +229,33 @@ def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(c
     assert with_fits["model forward + backward after the fits"] < 3 * with_fits["whole train step"]
 
 
+def test_main_job_phases_runs_the_main_job_and_accounts_for_its_time(capsys, monkeypatch,
+                                                                      tmp_path):
+    """benchmarks/main_job_phases.py is `python train_keras.py` (the same run, export and
+    report in the current folder) with a clock on each phase; the top-level phases add up
+    to the whole job and each "of which" to no more than its phase."""
+    from benchmarks import common, main_job_phases
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(main_job_phases, "matmul_peak_gflops",  # a small matmul: seconds less
+                        lambda: common.matmul_peak_gflops(n=256, repeats=2))
+    flags = ["--preset", "tiny", "--steps", "20", "--set", "model.head=bar",
+             "--set", "model.recalibrate=true", "--set", "model.kernel_length_scales=[0.5]"]
+    assert main_job_phases.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "trained 20 steps" in out and "Short evaluation on unseen tasks" in out
+    assert (tmp_path / "exports" / "tiny" / "1").is_dir()
+    assert (tmp_path / "reports" / "tiny" / "results.md").is_file()
+    rows = {ln[:56].rstrip(): float(ln[56:].split()[0]) for ln in out.splitlines()
+            if ln.endswith("%") or ln.startswith("whole job")}
+    top = [v for k, v in rows.items() if not k.startswith(" ") and not k.startswith("whole")]
+    assert len(top) == 5 and min(top) >= 0 and sum(top) == pytest.approx(
+        rows["whole job (in this process)"], abs=0.3)
+    assert 0 < rows["  of which recalibration maps"] < rows["training (with the maps)"]
+    assert 0 < rows["  of which per-task baselines"] < rows["short report"]
+    assert "fp32 matmul peak" in out
+
+
 def test_train_throughput_compares_a_config_with_its_variant(capsys, monkeypatch):
     """--compare PRESET --compare-set K=V [--step-only] times the preset against its variant
     in alternating rounds and prints both losses after the same steps (the tanh GELU learns a
