@@ -40,6 +40,7 @@ table per metric and calibration.png the PIT histograms per suite.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -659,6 +660,15 @@ def plot_fits(predict_fn, cfg, suite: Suite, results: dict, path: str, k: int = 
     pyplot().close(fig)
 
 
+@functools.lru_cache(maxsize=8)
+def picture_tasks(task: TaskConfig, seed: int, n_tasks: int, n_context: int) -> dict:
+    """prediction_figure's tasks: drawn once per (task config, seed, n_tasks, n_context)
+    and kept, since training draws the same picture at every evaluation (sampling them
+    anew took about 1 s of the picture's 1.5, mostly tracing the task stream)."""
+    return data_lib.sample_batch(task, seed, n_tasks, n_context=n_context,
+                                 stream=PICTURE_STREAM)
+
+
 def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context: int = 8,
                       seed=None):
     """In-context predictions of a Keras model on unseen 1-D tasks of its training
@@ -666,8 +676,7 @@ def prediction_figure(model, cfg: ExperimentConfig, n_tasks: int = 3, n_context:
     A bar-head model's 90% central interval is shaded."""
     task = dataclasses.replace(unseen_task_config(cfg.task), n_points=n_context + 200,
                                max_context=None, min_context=0, **fixed_width(1))
-    b = data_lib.sample_batch(task, cfg.train.seed if seed is None else seed, n_tasks,
-                              n_context=n_context, stream=PICTURE_STREAM)
+    b = picture_tasks(task, cfg.train.seed if seed is None else seed, n_tasks, n_context)
     inputs = dict(model_inputs(b), x=tf.constant(pad_features(b["x"].numpy(), cfg.task.x_dim)))
     out = model(inputs, training=False)
     pred = point_prediction(out).numpy()

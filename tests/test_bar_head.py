@@ -699,3 +699,22 @@ def test_the_prediction_picture_shades_a_bar_models_90_percent_interval_around_i
     fig = prediction_figure(build_model(plain), plain, n_tasks=2)
     assert not [c for ax in fig.axes for c in ax.collections
                 if c.get_label() == "model 90% interval"]
+
+
+def test_the_prediction_picture_draws_its_tasks_once_and_shows_the_same_ones_again():
+    """Training draws the picture at every evaluation: its tasks are sampled once per
+    (task config, seed, count) and kept, so a later picture shows exactly the same points
+    (and another seed other tasks)."""
+    from gpicl_tf.evaluate import picture_tasks, prediction_figure
+
+    model, cfg = _bar_model()
+    points = lambda fig: [np.asarray(c.get_offsets()) for ax in fig.axes for c in ax.collections
+                          if c.get_label() != "model 90% interval"]
+    first = points(prediction_figure(model, cfg, n_tasks=2, seed=11))
+    hits = picture_tasks.cache_info().hits
+    again = points(prediction_figure(model, cfg, n_tasks=2, seed=11))
+    assert picture_tasks.cache_info().hits == hits + 1 and len(first) >= 2
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    other = points(prediction_figure(model, cfg, n_tasks=2, seed=12))
+    assert not np.array_equal(first[0], other[0])
