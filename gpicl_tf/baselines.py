@@ -187,8 +187,8 @@ def task_pool(jobs: int, baselines):
     """A joblib pool of `jobs` worker processes (scikit-learn's own dependency) that
     fits the per-task baselines, or None to fit them here, one after the other (jobs 1,
     or no baselines). Each fit is a pure function of its task, so the results do not
-    depend on the number of workers; on the 2-core machines the main job's GP
-    regression baseline takes about 0.6x the time with 2."""
+    depend on the number of workers; on 2 cores, 2 workers take about half the time
+    once they have started (about a second: this module imports no TensorFlow)."""
     if jobs < 1:
         raise ValueError(f"jobs={jobs!r}: expected an integer >= 1")
     if jobs == 1 or not baselines:

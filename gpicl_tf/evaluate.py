@@ -388,8 +388,8 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
                 with_dist = dist_fn is not None and b in baselines_lib.DISTRIBUTIONS
                 fn = (baselines_lib.DISTRIBUTIONS[b] if with_dist else
                       baselines_lib.get_baseline(b))
-                outs, sec = baselines_lib.per_task(fn, [(x[i, :k], y[i, :k], x[i, k:])
-                                          for i in range(len(x))], pool)
+                tasks = [(x[i, :k], y[i, :k], x[i, k:]) for i in range(len(x))]
+                outs, sec = baselines_lib.per_task(fn, tasks, pool)
                 means = [_checked(b, o[0] if with_dist else o, y[i, k:])
                          for i, o in enumerate(outs)]
                 errs = [np.mean((m - y[i, k:]) ** 2) for i, m in enumerate(means)]

@@ -248,11 +248,12 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: int = 768,
 
         def pit(x, y, is_query):
             n = int(x.shape[0])
-            pad = -n % RECAL_CHUNK  # the last chunk filled with the first tasks, then dropped
-            x, y, q = (tf.concat([v, v[:pad]], 0) for v in (x, y, is_query))
+            full = n - n % -RECAL_CHUNK  # n rounded up: the last chunk is filled with the
+            x, y, q = (tf.concat([v] * -(-full // n), 0)[:full]  # first tasks, then cut
+                       for v in (x, y, is_query))
             return tf.concat([pit_chunk(x[i:i + RECAL_CHUNK], y[i:i + RECAL_CHUNK],
                                         q[i:i + RECAL_CHUNK])
-                              for i in range(0, n + pad, RECAL_CHUNK)], 0)[:n]
+                              for i in range(0, full, RECAL_CHUNK)], 0)[:n]
     else:
         @tf.function(reduce_retracing=True)
         def pit(x, y, is_query):

@@ -310,17 +310,19 @@ def test_recalibration_with_the_fits_outside_xla_fits_the_maps_of_the_plain_mode
     as the train step runs the model: the fits outside XLA, the model after them inside,
     on chunks of RECAL_CHUNK tasks, the last one padded. They are the plain (no XLA,
     one batch) model's maps: its PITs differ by rounding only, and every task is counted
-    once (150 tasks per size: one full chunk and one padded; 3 sizes in most buckets)."""
+    once (150 tasks per size: one full chunk and one padded; 3 sizes in most buckets;
+    and 20 tasks per size, repeated to fill a chunk)."""
     from gpicl_tf.train import RECAL_CHUNK, fit_recalibration, fits_outside_xla
 
     model, cfg = _bar_model(["model.recalibrate=true", "model.kernel_length_scales=[0.2,0.8]",
                              "model.base_fit=loo_bma", "train.jit_compile=true"])
     assert fits_outside_xla(model, cfg.train.jit_compile) and 150 % RECAL_CHUNK
-    split = fit_recalibration(model, cfg, tasks_per_bucket=450)
-    plain = fit_recalibration(model, apply_overrides(cfg, ["train.jit_compile=false"]),
-                              tasks_per_bucket=450)
-    assert not np.allclose(plain, np.tile(plain[:1], (len(plain), 1)))  # maps were fitted
-    np.testing.assert_array_equal(split, plain)
+    for per_bucket in (450, 60):  # 150 tasks per size; 20, under a sixth of a chunk
+        split = fit_recalibration(model, cfg, tasks_per_bucket=per_bucket)
+        plain = fit_recalibration(model, apply_overrides(cfg, ["train.jit_compile=false"]),
+                                  tasks_per_bucket=per_bucket)
+        assert not np.allclose(plain, np.tile(plain[:1], (len(plain), 1)))  # maps fitted
+        np.testing.assert_array_equal(split, plain)
 
 
 def test_training_fits_the_recalibration_which_covers_held_out_prior_queries(tmp_path):
