@@ -785,7 +785,7 @@ def _default() -> ExperimentConfig:
     # cell fewer of calibrated 50% intervals in each seed (docs/results/default_bma_*,
     # default_seed1_bma_*; README, "The evidence-weighted kernel fit").
     # After the last step the bar head's recalibration maps are fitted per context size
-    # (model.recalibrate, 11-14 s here): on the same weights, in both training seeds,
+    # (model.recalibrate, 14 s here): on the same weights, in both training seeds,
     # calibrated 90% intervals on the prior's suites in 6 of 12 cells (5 and 4 without),
     # 50% in 5 (2 and 1), normalised MSE 0.94-0.97x, NLL within 0.01 nats on average
     # (docs/results/default_recal_*, default_seed1_recal_*; README, "Recalibration").

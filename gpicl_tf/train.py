@@ -232,7 +232,7 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: int = 768,
 
     if fits_outside_xla(model, cfg.train.jit_compile):
         # As the train step runs it: the fits outside XLA, the model after them inside,
-        # on chunks of one shape (one compilation): 16-21 s -> 11-14 s for the `default`'s
+        # on chunks of one shape (one compilation): 16 s -> 14 s for the `default`'s
         # maps (benchmarks/main_job_phases.py); the maps equal the plain model's but for
         # rounding (a PIT on the other side of a level: one in ~45,000 on `default`)
         std_layer, trunk = model.get_layer("standardize"), model.trunk()
