@@ -147,7 +147,8 @@ def short_evaluation(trainer, cfg, export_path, out, logdir) -> None:
         print("\nShort evaluation on datasets it never saw (full table: gpicl-eval --model "
               f"{os.path.dirname(export_path) if export_path else 'exports/NAME'} --out {out}):")
         ec.short_report(ec.saved_model_classify_fn(export_path) if export_path
-                        else ec.keras_classify_fn(trainer.model, cfg), cfg, out)
+                        else ec.keras_classify_fn(trainer.model, cfg), cfg, out,
+                        jobs=available_cores())
         return
     predict = (evaluate.saved_model_predict_fn(export_path) if export_path
                else evaluate.keras_predict_fn(trainer.model))
@@ -330,10 +331,11 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-permutations", type=positive_int("--n-permutations"), default=1,
                    help="classification models: also score the estimator's ensemble of this "
                         "many members (column orders and class ids), as method model_x<K>")
-    p.add_argument("--jobs", type=positive_int("--jobs"), default=available_cores(),
+    cores = available_cores()
+    p.add_argument("--jobs", type=positive_int("--jobs"), default=cores,
                    help="worker processes that fit the per-task baselines (default: the "
-                        f"cores this process may use, {available_cores()} here); the results "
-                        "are the same for every value")
+                        f"cores this process may use, {cores} here); the results are the "
+                        "same for every value")
     p.add_argument("--logdir", help="also write scalars and images to TensorBoard here")
     return p
 

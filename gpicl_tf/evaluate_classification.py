@@ -144,10 +144,12 @@ def keras_classify_fn(model, cfg):
     return classify
 
 
-def short_report(classify, cfg, out: str) -> dict:
+def short_report(classify, cfg, out: str, jobs: int = 1) -> dict:
     """The main job's report for a classifier: the offline datasets at 1, 5 and 10 examples
-    per class against the paper's SGD, logistic regression and k-NN (16 tasks each)."""
-    results = evaluate(classify, cfg, OFFLINE, (1, 5, 10), ("sgd", "logreg", "knn"), 16, 64)
+    per class against the paper's SGD, logistic regression and k-NN (16 tasks each; the
+    baselines fitted by `jobs` worker processes)."""
+    results = evaluate(classify, cfg, OFFLINE, (1, 5, 10), ("sgd", "logreg", "knn"), 16, 64,
+                       jobs=jobs)
     print(write_outputs(results, out))
     print(f"report: {out}/results.md, {out}/transfer.png")
     return results
