@@ -1,6 +1,6 @@
 """Where one train step's time goes, by timing its parts in isolation.
 
-    python benchmarks/profile_step.py [--preset default] [--no-xla] [--set K=V ...]
+    python benchmarks/profile_step.py [--preset default] [--no-xla] [--repeats 20] [--set K=V ...]
 
 Each part runs as its own compiled function on the step's real shapes
 (B tasks x N points x d_model), forward and backward, and is reported in ms
@@ -74,9 +74,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default")
     p.add_argument("--no-xla", action="store_true", help="time the parts without XLA")
+    p.add_argument("--repeats", type=int, default=20,
+                   help="calls per timing round of each part (best of 3 rounds; default 20)")
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: expected a whole number >= 1")
     jit = not a.no_xla
+    best = lambda fn: best_ms(fn, a.repeats)  # noqa: E731
     cfg = apply_overrides(get_preset(a.preset), a.set + [f"train.jit_compile={str(jit).lower()}"])
     trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy())
     model, opt = trainer.model, trainer.optimizer
@@ -93,8 +98,9 @@ def main(argv=None):
     step_ms = float("inf")
     for _ in range(3):  # best of 3 rounds, like every part below
         tic = time.perf_counter()
-        run_steps(trainer, 5, k, train_it)
-        step_ms = min(step_ms, 1e3 * (time.perf_counter() - tic) / (5 * k))
+        calls = max(1, a.repeats // 4)  # 5 calls of steps_per_call steps by default
+        run_steps(trainer, calls, k, train_it)
+        step_ms = min(step_ms, 1e3 * (time.perf_counter() - tic) / (calls * k))
 
     # As the train step does: with kernel fits, the standardisation outside XLA and the
     # model after it (model.trunk()) inside
@@ -137,15 +143,15 @@ def main(argv=None):
     mask = ContextAttentionMask()(batch["is_query"])
     parts = [
         ("attention sublayers (fwd+bwd, all layers)",
-         best_ms(sublayer_fn(blocks, "attention", h, mask, jit))),
-        ("MLP sublayers (fwd+bwd, all layers)", best_ms(sublayer_fn(blocks, "mlp", h, mask, jit))),
-        ("model forward" + (" after the fits" if split else ""), best_ms(forward)),
+         best(sublayer_fn(blocks, "attention", h, mask, jit))),
+        ("MLP sublayers (fwd+bwd, all layers)", best(sublayer_fn(blocks, "mlp", h, mask, jit))),
+        ("model forward" + (" after the fits" if split else ""), best(forward)),
         ("model forward + backward" + (" after the fits" if split else ""),
-         best_ms(forward_backward)),
-    ] + ([("context fits (standardisation, outside XLA)", best_ms(standardize))]
+         best(forward_backward)),
+    ] + ([("context fits (standardisation, outside XLA)", best(standardize))]
          if split else []) + [
-        ("optimizer update (Adam)", best_ms(update)),
-        ("task stream, one batch", best_ms(lambda: next(it))),
+        ("optimizer update (Adam)", best(update)),
+        ("task stream, one batch", best(lambda: next(it))),
     ]
     peak = matmul_peak_gflops()
     print(f"preset={a.preset} xla={jit} batch={b} points={n} d_model={d} "

@@ -15,6 +15,22 @@ from benchmarks import transfer_targets  # noqa: E402
 RESULTS = os.path.join(REPO, "docs", "results")
 
 
+@pytest.fixture
+def small_matmul_peak(monkeypatch):
+    """The timing benchmarks' fp32 matmul peak from a 256^3 matmul instead of 2048^3 (~13 s
+    a call on two cores, more beside the other test worker): these tests check what the
+    scripts time and print, not the machine's peak."""
+    from benchmarks import (attention_paths, common, main_job_phases, profile_step,
+                            train_throughput)
+
+    def small(n=2048, dtype=None, repeats=20):
+        kw = {} if dtype is None else {"dtype": dtype}
+        return common.matmul_peak_gflops(n=256, repeats=2, **kw)
+
+    for module in (attention_paths, main_job_phases, profile_step, train_throughput):
+        monkeypatch.setattr(module, "matmul_peak_gflops", small)
+
+
 def _load(name):
     with open(os.path.join(RESULTS, name)) as f:
         return json.load(f)
@@ -191,7 +207,8 @@ def test_distribution_targets_names_an_unreadable_results_file(tmp_path, capsys)
         assert capsys.readouterr().out == ""
 
 
-def test_attention_paths_times_both_paths_and_restores_the_fused_one(capsys):
+def test_attention_paths_times_both_paths_and_restores_the_fused_one(capsys,
+                                                                      small_matmul_peak):
     """benchmarks/attention_paths.py on the tiny preset: both paths are timed in every
     round, they learn the same (the last call's losses agree), and the blocks' method is
     the fused one again afterwards."""
@@ -210,7 +227,8 @@ def test_attention_paths_times_both_paths_and_restores_the_fused_one(capsys):
     assert 0.2 < ratio < 5.0
 
 
-def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(capsys):
+def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(
+        capsys, small_matmul_peak):
     """benchmarks/profile_step.py on the tiny preset with a kernel fit: the standardisation
     is its own part and the forward parts are the model after it (under XLA, the fits'
     Cholesky solves would dominate them); without fits neither line appears."""
@@ -218,7 +236,8 @@ def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(c
 
     parts = {}
     for fits in ([], ["model.kernel_length_scales=[0.5]"]):
-        profile_step.main(["--preset", "tiny", "--set", *fits] if fits else ["--preset", "tiny"])
+        profile_step.main(["--preset", "tiny", "--repeats", "2"]
+                          + (["--set", *fits] if fits else []))
         lines = capsys.readouterr().out.splitlines()
         parts[bool(fits)] = {ln[:45].strip(): float(ln[45:].split()[0])
                              for ln in lines if ln.endswith("%")}
@@ -227,18 +246,19 @@ def test_profile_step_times_the_kernel_fits_outside_xla_as_the_train_step_does(c
     with_fits = parts[True]
     assert with_fits["context fits (standardisation, outside XLA)"] > 0
     assert with_fits["model forward + backward after the fits"] < 3 * with_fits["whole train step"]
+    with pytest.raises(SystemExit):
+        profile_step.main(["--repeats", "0"])
+    assert "--repeats 0: expected a whole number >= 1" in capsys.readouterr().err
 
 
-def test_main_job_phases_runs_the_main_job_and_accounts_for_its_time(capsys, monkeypatch,
-                                                                      tmp_path):
+def test_main_job_phases_runs_the_main_job_and_accounts_for_its_time(
+        capsys, monkeypatch, tmp_path, small_matmul_peak):
     """benchmarks/main_job_phases.py is `python train_keras.py` (the same run, export and
     report in the current folder) with a clock on each phase; the top-level phases add up
     to the whole job and each "of which" to no more than its phase."""
-    from benchmarks import common, main_job_phases
+    from benchmarks import main_job_phases
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(main_job_phases, "matmul_peak_gflops",  # a small matmul: seconds less
-                        lambda: common.matmul_peak_gflops(n=256, repeats=2))
     flags = ["--preset", "tiny", "--steps", "20", "--set", "model.head=bar",
              "--set", "model.recalibrate=true", "--set", "model.kernel_length_scales=[0.5]"]
     assert main_job_phases.main(flags) == 0
@@ -256,7 +276,8 @@ def test_main_job_phases_runs_the_main_job_and_accounts_for_its_time(capsys, mon
     assert "fp32 matmul peak" in out
 
 
-def test_train_throughput_compares_a_config_with_its_variant(capsys, monkeypatch):
+def test_train_throughput_compares_a_config_with_its_variant(capsys, monkeypatch,
+                                                            small_matmul_peak):
     """--compare PRESET --compare-set K=V [--step-only] times the preset against its variant
     in alternating rounds and prints both losses after the same steps (the tanh GELU learns a
     nearby function, so the losses differ but little); the same config twice is refused;
