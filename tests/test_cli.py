@@ -2,6 +2,7 @@
 
 import configparser
 import os
+import shutil
 import time
 
 import pytest
@@ -23,6 +24,24 @@ def _train(tmp, *args, check=True):
                       check=check)
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 10-step tiny run (its run/ and ex/ folders) and its training's process
+    (what it printed), trained once per test worker; each test gets its own copy
+    (`_finished`)."""
+    base = tmp_path_factory.mktemp("finished")
+    return base, _train(base)
+
+
+def _finished(tmp, finished_run):
+    """Copies the finished run into tmp (as _train(tmp) would have left it); returns what
+    its training printed."""
+    base, proc = finished_run
+    for name in ("run", "ex"):
+        shutil.copytree(base / name, tmp / name)
+    return proc.stdout
+
+
 def _snapshot(folder):
     out = {}
     for root, _, files in os.walk(folder):
@@ -33,8 +52,8 @@ def _snapshot(folder):
     return out
 
 
-def test_a_mismatched_resume_without_config_json_changes_nothing(tmp_path):
-    _train(tmp_path)
+def test_a_mismatched_resume_without_config_json_changes_nothing(tmp_path, finished_run):
+    _finished(tmp_path, finished_run)
     os.remove(tmp_path / "run" / "config.json")
     before = _snapshot(tmp_path / "run")
     proc = _train(tmp_path, "--set", "model.d_model=48", check=False)
@@ -46,8 +65,9 @@ def test_a_mismatched_resume_without_config_json_changes_nothing(tmp_path):
 @pytest.mark.parametrize("flag,field", [(["--set", "model.n_layers=3"], "model.n_layers"),
                                         (["--seed", "7"], "train.seed"),
                                         (["--steps", "20"], "train.steps")])
-def test_a_mismatched_resume_names_only_the_fields_that_differ(tmp_path, flag, field):
-    _train(tmp_path)
+def test_a_mismatched_resume_names_only_the_fields_that_differ(tmp_path, flag, field,
+                                                              finished_run):
+    _finished(tmp_path, finished_run)
     before = _snapshot(tmp_path / "run")
     proc = _train(tmp_path, *flag, check=False)
     assert proc.returncode == 2
@@ -58,6 +78,7 @@ def test_a_mismatched_resume_names_only_the_fields_that_differ(tmp_path, flag, f
 
 
 def test_rerunning_a_finished_run_prints_its_figures_and_writes_nothing(tmp_path):
+    # trained in place: an export records its run folder, so a copied run exports anew
     first = _train(tmp_path).stdout
     loss = first.split("loss ", 1)[1].split(",")[0]
     before = _snapshot(tmp_path)
@@ -107,12 +128,12 @@ def test_a_directory_flag_that_is_a_file_fails_before_training(tmp_path, which):
     assert time.time() - tic < 20  # refused before any training
 
 
-def test_invalid_tf_config_truncated_checkpoint_and_bad_config_json(tmp_path):
+def test_invalid_tf_config_truncated_checkpoint_and_bad_config_json(tmp_path, finished_run):
     proc = _cli([TRAIN, "--preset", "tiny", "--logdir", str(tmp_path / "r0")],
                       env={"TF_CONFIG": "{not json"}, check=False)
     assert proc.returncode == 2 and "TF_CONFIG is not valid JSON" in proc.stderr
     assert not os.path.exists(tmp_path / "r0")
-    _train(tmp_path)
+    _finished(tmp_path, finished_run)
     ckpt = tmp_path / "run" / "checkpoints"
     data = [f for f in os.listdir(ckpt) if ".data-" in f][0]
     with open(ckpt / data, "r+b") as f:
@@ -180,8 +201,9 @@ def test_help_and_print_config_answer_without_tensorflow(call):
     assert time.time() - tic < 15
 
 
-def test_the_cli_silences_tensorflow_start_up_logs_and_writes_plain_progress_lines(tmp_path):
-    proc = _train(tmp_path)
+def test_the_cli_silences_tensorflow_start_up_logs_and_writes_plain_progress_lines(
+        finished_run):
+    proc = finished_run[1]  # a 10-step training's output
     assert "cuInit" not in proc.stderr and "oneDNN" not in proc.stderr
     assert "\x1b[" not in proc.stdout and "\b" not in proc.stdout  # not a terminal
     assert "step 10/10 (100%)" in proc.stdout
