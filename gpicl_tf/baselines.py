@@ -7,6 +7,7 @@ predicts 0 (the prior mean of standardised tasks).
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 
@@ -184,30 +185,46 @@ def _timed_call(fn, args):
 
 
 def task_pool(jobs: int, baselines):
-    """A joblib pool of `jobs` worker processes (scikit-learn's own dependency) that
-    fits the per-task baselines, or None to fit them here, one after the other (jobs 1,
-    or no baselines). Each fit is a pure function of its task, so the results do not
-    depend on the number of workers; on 2 cores, 2 workers take about half the time
-    once they have started (about a second: this module imports no TensorFlow)."""
+    """A pool of `jobs` worker processes (joblib's loky backend, scikit-learn's own
+    dependency) that fits the per-task baselines, or None to fit them here, one after
+    the other (jobs 1, or no baselines). Each fit is a pure function of its task, so
+    the results do not depend on the number of workers; on 2 cores, 2 workers take
+    about half the time once they have started (about a second: this module imports no
+    TensorFlow). The pool is a factory of joblib.Parallel calls that return at once
+    (`submit_tasks`); they all share loky's one set of workers."""
     if jobs < 1:
         raise ValueError(f"jobs={jobs!r}: expected an integer >= 1")
     if jobs == 1 or not baselines:
         return None
     import joblib
 
-    return joblib.Parallel(n_jobs=jobs, backend="loky")
+    return functools.partial(joblib.Parallel, n_jobs=jobs, backend="loky",
+                             return_as="generator")
+
+
+def submit_tasks(fn, tasks: list, pool=None):
+    """Starts [fn(*task) for task in tasks] in the pool's workers and returns at once a
+    function that waits for them and returns (outputs, the mean seconds per task of the
+    calls themselves, not the wall time of the pool). Meanwhile this process can go on:
+    gpicl-eval runs the model on the next cell while the workers fit this one's
+    baselines. Without a pool the calls run here, before it returns."""
+    if pool is None:
+        timed = [_timed_call(fn, t) for t in tasks]
+        return lambda: _outputs(timed)
+    import joblib
+
+    running = pool()(joblib.delayed(_timed_call)(fn, t) for t in tasks)
+    return lambda: _outputs(list(running))
+
+
+def _outputs(timed: list) -> tuple:
+    return [o for o, _ in timed], sum(s for _, s in timed) / max(len(timed), 1)
 
 
 def per_task(fn, tasks: list, pool=None) -> tuple:
     """[fn(*task) for task in tasks] (in the pool's workers if there is one) and the
     mean seconds per task of the calls themselves (not the wall time of the pool)."""
-    if pool is None:
-        timed = [_timed_call(fn, t) for t in tasks]
-    else:
-        import joblib
-
-        timed = pool(joblib.delayed(_timed_call)(fn, t) for t in tasks)
-    return [o for o, _ in timed], sum(s for _, s in timed) / max(len(timed), 1)
+    return submit_tasks(fn, tasks, pool)()
 
 
 def _classifier(name: str):

@@ -359,8 +359,10 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
         the model, the baselines with a Gaussian predictive (GP regression) and the
         Bayes-optimal GP posterior are also scored by NLL, CRPS, interval coverage
         and a PIT histogram, on the same tasks.
-      jobs: processes that fit the baselines' tasks (`task_pool`); the results are the
-        same for every value, each baseline's sec_per_task too (its fits' own time).
+      jobs: processes that fit the baselines' tasks (`task_pool`), with jobs > 1 while
+        this process samples the next cell and runs the model on it; the results are the
+        same for every value, each baseline's sec_per_task too (its fits' own time; the
+        model's is its wall time here, longer while the workers fit).
     """
     check_request(cfg, suites, ks, baselines)
     pool = baselines_lib.task_pool(jobs, baselines)
@@ -369,12 +371,23 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
            "suites": {}}
     if task_points is not None:
         out["task_points"] = task_points
+    # A cell's baselines are fitted in the pool's workers while this process samples the
+    # next cell's tasks and runs the model on them; a cell is scored (and the progress
+    # bar moves) once the next one is under way. The results do not depend on it.
+    running = []
     for s in suites:
         methods = {}
         for k in ks:
             x, y, _ = context_batch(cfg, k, n_tasks, n_queries, seed, family=s.family,
                                     task_points=task_points, **s.overrides)
             var = np.maximum(y.var(axis=1).mean(-1), 1e-30)  # (T,) each task's y variance
+            tasks = [(x[i, :k], y[i, :k], x[i, k:]) for i in range(len(x))]
+            fits = []
+            for b in baselines:
+                with_dist = dist_fn is not None and b in baselines_lib.DISTRIBUTIONS
+                fn = (baselines_lib.DISTRIBUTIONS[b] if with_dist else
+                      baselines_lib.get_baseline(b))
+                fits.append((b, with_dist, baselines_lib.submit_tasks(fn, tasks, pool)))
             tic = time.perf_counter()
             xm = pad_features(x, cfg.task.x_dim)
             pred = predict_fn(xm[:, :k], y[:, :k], xm[:, k:])
@@ -384,31 +397,37 @@ def evaluate(predict_fn, cfg: ExperimentConfig, suites: list, ks=DEFAULT_KS,
                 _put_dist(methods, "model", k,
                           distribution_scores(dist_fn(xm[:, :k], y[:, :k], xm[:, k:], y[:, k:]),
                                               y[:, k:]))
-            for b in baselines:
-                with_dist = dist_fn is not None and b in baselines_lib.DISTRIBUTIONS
-                fn = (baselines_lib.DISTRIBUTIONS[b] if with_dist else
-                      baselines_lib.get_baseline(b))
-                tasks = [(x[i, :k], y[i, :k], x[i, k:]) for i in range(len(x))]
-                outs, sec = baselines_lib.per_task(fn, tasks, pool)
-                means = [_checked(b, o[0] if with_dist else o, y[i, k:])
-                         for i, o in enumerate(outs)]
-                errs = [np.mean((m - y[i, k:]) ** 2) for i, m in enumerate(means)]
-                _put(methods, b, k, errs, var, sec)
-                if with_dist:
-                    d = gaussian_dist(np.stack(means), np.stack([o[1] for o in outs]), y[:, k:])
-                    _put_dist(methods, b, k, distribution_scores(d, y[:, k:]))
+            for b in baselines:  # the methods' order: model, baselines, bayes_optimal
+                methods.setdefault(b, {})
             if s.family == "gp_rbf":
                 errs, d, sec = bayes_optimal(gp_suite_task(cfg, s), x, y, k)
                 _put(methods, "bayes_optimal", k, errs, var, sec)
                 if dist_fn is not None:
                     _put_dist(methods, "bayes_optimal", k, distribution_scores(d, y[:, k:]))
-            if bar is not None:
-                bar.add(1)
+            running.append((methods, k, y, var, fits))
+            while len(running) > 1:
+                _score_baselines(*running.pop(0), bar)
         out["suites"][s.name] = {"family": s.family, "kind": s.kind,
                                  "overrides": {a: list(v) if isinstance(v, tuple) else v
                                                for a, v in s.overrides.items()},
                                  "methods": methods}
+    for cell in running:
+        _score_baselines(*cell, bar)
     return out
+
+
+def _score_baselines(methods, k, y, var, fits, bar):
+    """Waits for a cell's baselines (`submit_tasks`) and adds their scores to methods."""
+    for b, with_dist, result in fits:
+        outs, sec = result()
+        means = [_checked(b, o[0] if with_dist else o, y[i, k:]) for i, o in enumerate(outs)]
+        errs = [np.mean((m - y[i, k:]) ** 2) for i, m in enumerate(means)]
+        _put(methods, b, k, errs, var, sec)
+        if with_dist:
+            d = gaussian_dist(np.stack(means), np.stack([o[1] for o in outs]), y[:, k:])
+            _put_dist(methods, b, k, distribution_scores(d, y[:, k:]))
+    if bar is not None:
+        bar.add(1)
 
 
 def best_baseline(methods: dict, k: str, metric: str = "nmse"):

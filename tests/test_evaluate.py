@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -164,14 +165,38 @@ def test_baselines_fitted_by_worker_processes_score_exactly_what_one_process_sco
                             n_tasks=24, n_queries=6, progress=False, jobs=j) for j in (1, 2))
     for s in suites:
         a, b = one["suites"][s.name]["methods"], two["suites"][s.name]["methods"]
-        assert set(a) == set(b) == {"model", "knn", "gp", "ridge"} | (
-            {"bayes_optimal"} if s.family == "gp_rbf" else set())
+        assert list(a) == list(b) == ["model", "knn", "gp", "ridge"] + (  # in this order
+            ["bayes_optimal"] if s.family == "gp_rbf" else [])
         for m in a:
             for k in ("2", "8"):
                 assert a[m][k].pop("sec_per_task") > 0 and b[m][k].pop("sec_per_task") > 0
                 assert a[m][k] == b[m][k], (s.name, m, k)
     with pytest.raises(ValueError, match="jobs=0: expected an integer >= 1"):
         ev.evaluate(model, cfg, suites, ks=(2,), baselines=("knn",), progress=False, jobs=0)
+
+
+def test_the_pool_fits_a_cells_baselines_while_this_process_goes_on(tmp_path):
+    """submit_tasks returns before its tasks are done (evaluate runs the model on the next
+    cell meanwhile): each task waits for a file that this process writes only after
+    submit_tasks has returned, and every task sees it. Without a pool the tasks run at
+    once, in order."""
+    from gpicl_tf.baselines import submit_tasks, task_pool
+
+    flag = tmp_path / "went-on"
+
+    def wait_for_flag(i):  # in a worker: up to 60 s
+        deadline = time.time() + 60
+        while not os.path.exists(str(flag)) and time.time() < deadline:
+            time.sleep(0.01)
+        return i, os.path.exists(str(flag))
+
+    result = submit_tasks(wait_for_flag, [(i,) for i in range(6)], task_pool(2, ["knn"]))
+    flag.write_text("")
+    outs, sec = result()
+    assert outs == [(i, True) for i in range(6)] and sec > 0
+    flag.unlink()
+    outs, _ = submit_tasks(lambda i: (i, os.path.exists(str(flag))), [(0,), (1,)])()
+    assert outs == [(0, False), (1, False)]
 
 
 def test_bad_numbers_are_one_line_errors(tiny_export, tmp_path, capsys):
