@@ -272,7 +272,7 @@ def test_main_job_phases_runs_the_main_job_and_accounts_for_its_time(
     assert len(top) == 5 and min(top) >= 0 and sum(top) == pytest.approx(
         rows["whole job (in this process)"], abs=0.3)
     assert 0 < rows["  of which recalibration maps"] < rows["training (with the maps)"]
-    assert 0 < rows["  of which per-task baselines"] < rows["short report"]
+    assert 0 < rows["  of which per-task baselines (waiting for them)"] < rows["short report"]
     assert "fp32 matmul peak" in out
 
 
