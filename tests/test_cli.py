@@ -89,6 +89,19 @@ def test_rerunning_a_finished_run_prints_its_figures_and_writes_nothing(tmp_path
     assert sorted(os.listdir(tmp_path / "ex" / "tiny")) == ["1"]
 
 
+def test_a_copied_finished_run_trains_nothing_but_exports_once_more(tmp_path, finished_run):
+    """A finished run folder copied elsewhere: run again it trains nothing, and exports a
+    second version, since the first records the run folder it came from (README)."""
+    _finished(tmp_path, finished_run)
+    weights = _snapshot(tmp_path / "run" / "checkpoints")
+    out = _train(tmp_path).stdout
+    assert "is complete: 10 steps" in out
+    assert sorted(os.listdir(tmp_path / "ex" / "tiny")) == ["1", "2"]
+    assert _snapshot(tmp_path / "run" / "checkpoints") == weights
+    _train(tmp_path)  # and then, in its new folder, nothing more
+    assert sorted(os.listdir(tmp_path / "ex" / "tiny")) == ["1", "2"]
+
+
 def test_presets_name_their_runs_and_exports(tmp_path):
     _cli([TRAIN, "--preset", "tiny", "--steps", "5", "--no-report"], cwd=str(tmp_path))
     assert os.path.isdir(tmp_path / "runs" / "tiny" / "checkpoints")
