@@ -25,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.compare_models import check_same_tasks, load_suites  # noqa: E402
 from gpicl_tf.evaluate import best_baseline, plot_garg_by_width  # noqa: E402
 
 KS = ("16", "32")
@@ -101,15 +102,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def load_suites(paths) -> dict:
-    """The suites of gpicl-eval results files, merged (a later file's suite wins)."""
-    suites = {}
-    for path in paths:
-        with open(path) as f:
-            suites.update(json.load(f)["suites"])
-    return suites
-
-
 def pair_baselines(suites: dict, paths) -> None:
     """Replaces each suite's baselines (and exact posterior, the same on the same tasks) by
     those of the same suite in `paths` (in place),
@@ -120,12 +112,7 @@ def pair_baselines(suites: dict, paths) -> None:
         if name not in other:
             raise ValueError(f"suite {name!r} is in no baselines file")
         theirs = other[name]["methods"]
-        for k in s["methods"]["model"]:
-            mine = s["methods"].get("mean", {}).get(k, {}).get("nmse")
-            ref = theirs.get("mean", {}).get(k, {}).get("nmse")
-            if mine is None or ref is None or abs(mine - ref) > 1e-5 * max(abs(ref), 1e-12):
-                raise ValueError(f"suite {name!r} at k={k}: mean baseline {mine} here, {ref} "
-                                 "in the baselines file: not the same tasks")
+        check_same_tasks(name, s["methods"], theirs)
         s["methods"] = {**{n: v for n, v in theirs.items() if n != "model"},
                         "model": s["methods"]["model"]}
 

@@ -1,0 +1,113 @@
+"""Two models on the same tasks: gpicl-eval results files compared cell by cell.
+
+    python benchmarks/compare_models.py \
+        --before docs/results/default_recal_1d_eval.json docs/results/default_recal_garg_d8_eval.json \
+        --after docs/results/default_seed1_recal_1d_eval.json \
+                docs/results/default_seed1_recal_garg_d8_eval.json [--ks 16,32]
+
+For each group of suites (the 1-D suites, Garg's suites by width d), over every (suite, k)
+cell of the model in both: the geometric mean of the after model's normalised MSE over the
+before model's and the cells in which it is lower; the median of the cells' NLL
+differences (after minus before; a median, since one task's tail can put a cell's NLL in the
+thousands) and the cells in which it is lower, over cells where both are finite; the same
+for CRPS. A pair of files is compared only if every cell holds the same `mean` baseline in both
+(the same tasks: gpicl-eval seeds each suite and k); otherwise the comparison is refused,
+naming the suite and k.
+"""
+
+import argparse
+import json
+import math
+import statistics
+
+
+def load_suites(paths) -> dict:
+    """The suites of gpicl-eval results files, merged (a later file's suite wins)."""
+    suites = {}
+    for path in paths:
+        with open(path) as f:
+            suites.update(json.load(f)["suites"])
+    return suites
+
+
+def check_same_tasks(name: str, methods: dict, theirs: dict) -> None:
+    """ValueError naming the suite and k unless every k of methods' model holds the same
+    `mean` baseline in theirs (the same tasks, since gpicl-eval seeds each suite and k)."""
+    for k in methods["model"]:
+        mine = methods.get("mean", {}).get(k, {}).get("nmse")
+        ref = theirs.get("mean", {}).get(k, {}).get("nmse")
+        if mine is None or ref is None or abs(mine - ref) > 1e-5 * max(abs(ref), 1e-12):
+            raise ValueError(f"suite {name!r} at k={k}: mean baseline {mine} here, {ref} "
+                             "in the other file: not the same tasks")
+
+
+def group_of(name: str, suite: dict) -> str:
+    """'1-D', or 'Garg d=<width>' for Garg's suites, or 'd=<width>' for other wide suites."""
+    width = suite["overrides"].get("x_dim", 1)
+    if suite["kind"] == "garg":
+        return f"Garg d={width}"
+    return "1-D" if width == 1 else f"d={width}"
+
+
+def compare(before: dict, after: dict, ks=None) -> dict:
+    """{group: {metric: (summary, better, cells)}}: the paired comparison of two suites dicts
+    (load_suites); ValueError if a suite or k of `after` is missing or on other tasks in
+    `before`."""
+    cells = {}
+    for name, s in after.items():
+        if name not in before:
+            raise ValueError(f"suite {name!r} is not in the before files")
+        check_same_tasks(name, s["methods"], before[name]["methods"])
+        mine, theirs = s["methods"]["model"], before[name]["methods"]["model"]
+        for k in mine:
+            if ks is None or k in ks:
+                cells.setdefault(group_of(name, s), []).append((theirs[k], mine[k]))
+    out = {}
+    for group, pairs in cells.items():
+        row = {}
+        logs = [math.log(a["nmse"] / b["nmse"]) for b, a in pairs
+                if b["nmse"] > 0 and a["nmse"] > 0]
+        row["nmse"] = (math.exp(sum(logs) / len(logs)) if logs else float("nan"),
+                       sum(lg < 0 for lg in logs), len(logs))
+        for metric in ("nll", "crps"):
+            diffs = [a[metric] - b[metric] for b, a in pairs
+                     if metric in a and metric in b
+                     and math.isfinite(a[metric]) and math.isfinite(b[metric])]
+            if diffs:
+                row[metric] = (statistics.median(diffs), sum(d < 0 for d in diffs), len(diffs))
+        out[group] = row
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--before", nargs="+", required=True, metavar="RESULTS",
+                   help="gpicl-eval results.json files of the first model")
+    p.add_argument("--after", nargs="+", required=True, metavar="RESULTS",
+                   help="results files of the second model on the same tasks")
+    p.add_argument("--ks", help="comma-separated context sizes to compare (default: all)")
+    a = p.parse_args(argv)
+    ks = None if a.ks is None else [k.strip() for k in a.ks.split(",") if k.strip()]
+    try:
+        rows = compare(load_suites(a.before), load_suites(a.after), ks)
+    except (OSError, ValueError, KeyError) as e:
+        p.error(f"cannot compare: {e}")
+    print("| suites | normalised MSE after/before (geometric mean) | lower after | "
+          "NLL after - before (median) | lower after | CRPS after - before (median) | lower after |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for group in sorted(rows, key=lambda g: (g != "1-D", len(g), g)):
+        row = rows[group]
+        ratio, better, n = row["nmse"]
+        cols = [f"{ratio:.3f}x", f"{better}/{n}"]
+        for metric in ("nll", "crps"):
+            if metric in row:
+                mean, better, n = row[metric]
+                cols += [f"{mean:+.4f}", f"{better}/{n}"]
+            else:
+                cols += ["-", "-"]
+        print(f"| {group} | " + " | ".join(cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
