@@ -325,7 +325,7 @@ def eval_parser() -> argparse.ArgumentParser:
                    default=None,
                    help="regression models: draw each task with this many points (at least k + "
                         "queries) and score its first queries, so the tasks are those a preset's "
-                        "training draws (its task.n_points, 64 for default: a standardised "
+                        "training draws (its task.n_points, 48 for default: a standardised "
                         "family's y are standardised over all of them). Default: k + queries, "
                         "the tasks of the committed results files")
     p.add_argument("--n-permutations", type=positive_int("--n-permutations"), default=1,
