@@ -5,7 +5,8 @@
         --after docs/results/default_seed1_recal_1d_eval.json \
                 docs/results/default_seed1_recal_garg_d8_eval.json [--ks 16,32]
 
-For each group of suites (the 1-D suites, Garg's suites by width d), over every (suite, k)
+For each group of suites (the training prior's, the 1-D suites, Garg's suites by width d),
+over every (suite, k)
 cell of the model in both: the geometric mean of the after model's normalised MSE over the
 before model's and the cells in which it is lower; the median of the cells' NLL
 differences (after minus before; a median, since one task's tail can put a cell's NLL in the
@@ -42,10 +43,13 @@ def check_same_tasks(name: str, methods: dict, theirs: dict) -> None:
 
 
 def group_of(name: str, suite: dict) -> str:
-    """'1-D', or 'Garg d=<width>' for Garg's suites, or 'd=<width>' for other wide suites."""
+    """'prior' for the training prior's own suite (the model's widths), 'Garg d=<width>' for
+    Garg's suites, else '1-D' or 'd=<width>'."""
     width = suite["overrides"].get("x_dim", 1)
     if suite["kind"] == "garg":
         return f"Garg d={width}"
+    if suite["family"] == "prior":
+        return "prior"
     return "1-D" if width == 1 else f"d={width}"
 
 
@@ -95,14 +99,14 @@ def main(argv=None) -> int:
     print("| suites | normalised MSE after/before (geometric mean) | lower after | "
           "NLL after - before (median) | lower after | CRPS after - before (median) | lower after |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for group in sorted(rows, key=lambda g: (g != "1-D", len(g), g)):
+    for group in sorted(rows, key=lambda g: (g != "prior", g != "1-D", len(g), g)):
         row = rows[group]
         ratio, better, n = row["nmse"]
         cols = [f"{ratio:.3f}x", f"{better}/{n}"]
         for metric in ("nll", "crps"):
             if metric in row:
-                mean, better, n = row[metric]
-                cols += [f"{mean:+.4f}", f"{better}/{n}"]
+                median, better, n = row[metric]
+                cols += [f"{median:+.4f}", f"{better}/{n}"]
             else:
                 cols += ["-", "-"]
         print(f"| {group} | " + " | ".join(cols) + " |")
