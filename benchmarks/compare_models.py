@@ -64,8 +64,11 @@ def compare(before: dict, after: dict, ks=None) -> dict:
         check_same_tasks(name, s["methods"], before[name]["methods"])
         mine, theirs = s["methods"]["model"], before[name]["methods"]["model"]
         for k in mine:
-            if ks is None or k in ks:
-                cells.setdefault(group_of(name, s), []).append((theirs[k], mine[k]))
+            if ks is not None and k not in ks:
+                continue
+            if k not in theirs:
+                raise ValueError(f"suite {name!r} at k={k}: no model cell in the before files")
+            cells.setdefault(group_of(name, s), []).append((theirs[k], mine[k]))
     out = {}
     for group, pairs in cells.items():
         row = {}

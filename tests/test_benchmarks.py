@@ -110,6 +110,12 @@ def test_compare_models_pairs_cells_and_refuses_other_tasks(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "'step' at k=4" in err and "not the same tasks" in err
+    fewer = _load("default_recal_1d_eval.json")
+    del fewer["suites"]["sine"]["methods"]["model"]["8"]
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    with pytest.raises(SystemExit):
+        compare_models.main(["--before", str(tmp_path / "fewer.json"), "--after", paths[0]])
+    assert "'sine' at k=8: no model cell in the before files" in capsys.readouterr().err
 
 
 def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
