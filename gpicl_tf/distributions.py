@@ -2,12 +2,19 @@
 
 A predictive distribution over a scalar y given by logits over B bins with borders
 b_0 < b_1 < ... < b_B. Inner bins (1..B-2) are uniform on [b_i, b_{i+1}]. The outer bins
-carry half-normal tails instead, so every y has a density: the first bin's mass lies
-below b_1 as b_1 - sigma_0 |Z|, the last bin's above b_{B-1} as b_{B-1} + sigma_B |Z|,
-each sigma chosen so that half the bin's mass falls within its original width (as
-PFNs' FullSupportBarDistribution does). Mean, variance, median, any quantile, the
-CDF and the log density follow from the logits in closed form; every function here is
-TensorFlow, so it runs inside a model and an exported signature.
+carry tails instead, so every y has a density: the first bin's mass lies below b_1 as
+b_1 - T, the last bin's above b_{B-1} as b_{B-1} + T, T >= 0 a half-normal sigma |Z|
+(tail="normal", as PFNs' FullSupportBarDistribution: sigma chosen so that half the bin's
+mass falls within its original width) or a Lomax (Pareto type II) variable of tail index
+a, P(T > t) = (1 + t / s)^-a (tail="pareto"), its scale s = (a - 1) E[T] chosen so that
+its mean E[T] is the half-normal tail's: the distribution's mean, the point prediction,
+is the same under either tail. A query t outside costs
+t^2 / (2 sigma^2) nats under the normal tail and (a + 1) log(1 + t / s) under the Pareto
+one: where a context's y barely vary (two points of a step function), its unit is tiny
+and a query hundreds of units away costs thousands of nats with the first, about 30 with
+the second. Mean, variance, median, any quantile, the CDF and the log density follow
+from the logits in closed form; every function here is TensorFlow, so it runs inside a
+model and an exported signature.
 
     bars = BarDistribution(borders_from_samples(y_prior, 64))
     nll = -bars.log_prob(logits, y)        # logits [..., B], y [...]
@@ -20,6 +27,8 @@ import math
 
 import numpy as np
 import tensorflow as tf
+
+from gpicl_tf.config import BAR_TAILS as TAILS
 
 # For a half-normal |Z| sigma: P(|Z| sigma < w) = 1/2 at w = sigma * PHI_INV_075.
 PHI_INV_075 = 0.6744897501960817
@@ -63,14 +72,29 @@ def check_levels(levels) -> np.ndarray:
     return a.astype(np.float32)
 
 
+def check_tail(tail, tail_index) -> None:
+    """Refuses a tail that is not one of TAILS, or a Pareto tail index of 2 or less (its
+    variance, which the head's std reports, would be infinite)."""
+    if tail not in TAILS:
+        raise ValueError(f"tail={tail!r} is invalid: expected one of {TAILS}")
+    if tail == "pareto" and not (isinstance(tail_index, (int, float))
+                                 and math.isfinite(tail_index) and tail_index > 2):
+        raise ValueError(f"tail_index={tail_index!r} is invalid: expected a number above 2 "
+                         "(a Pareto tail's variance is finite only there)")
+
+
 class BarDistribution:
-    """Closed-form statistics of bar distributions with half-normal tails.
+    """Closed-form statistics of bar distributions with half-normal or Pareto tails.
 
     Args:
       borders: [B + 1] increasing bin borders (B >= 3).
+      tail: "normal" (half-normal tails) or "pareto" (Lomax tails of index tail_index).
+      tail_index: the Pareto tails' index a > 2 (the density falls as t^-(a + 1)).
     """
 
-    def __init__(self, borders):
+    def __init__(self, borders, tail: str = "normal", tail_index: float = 3.0):
+        check_tail(tail, tail_index)
+        self.tail, self.tail_index = tail, float(tail_index)
         if isinstance(borders, (tf.Variable, tf.Tensor)):  # e.g. a model's borders weight
             self.borders = borders
             self.n_bins = int(borders.shape[0]) - 1
@@ -88,13 +112,49 @@ class BarDistribution:
         b = tf.convert_to_tensor(self.borders)
         return b[1:] - b[:-1]
 
+    def _scale(self, width):
+        """The tail's scale: the half-normal's whose median lies at `width` beyond the
+        tail's start, or the Pareto one's of the same mean."""
+        if self.tail == "normal":
+            return width / PHI_INV_075
+        return width / PHI_INV_075 * SQRT_2_OVER_PI * (self.tail_index - 1.0)
+
     @property
-    def sigma_lo(self):  # scale of the left half-normal tail
-        return self.widths[0] / PHI_INV_075
+    def sigma_lo(self):  # scale of the left tail
+        return self._scale(self.widths[0])
 
     @property
     def sigma_hi(self):
-        return self.widths[-1] / PHI_INV_075
+        return self._scale(self.widths[-1])
+
+    # The tail's functions of t = distance beyond its start (>= 0), in units of its scale.
+    def _tail_log_pdf(self, t, scale):
+        if self.tail == "normal":
+            return math.log(SQRT_2_OVER_PI) - tf.math.log(scale) - 0.5 * tf.square(t / scale)
+        a = self.tail_index
+        return math.log(a) - tf.math.log(scale) - (a + 1.0) * tf.math.log1p(t / scale)
+
+    def _tail_survival(self, t, scale):
+        """P(T > t), t >= 0."""
+        if self.tail == "normal":
+            return 2.0 * (1.0 - _phi(t / scale))
+        return tf.exp(-self.tail_index * tf.math.log1p(t / scale))
+
+    def _tail_inverse_survival(self, s, scale):
+        """The t with P(T > t) = s, s in (0, 1]."""
+        if self.tail == "normal":
+            return scale * _phi_inv(1.0 - s / 2.0)
+        return scale * tf.math.expm1(-tf.math.log(s) / self.tail_index)
+
+    def _tail_moments(self, width):
+        """E[T] and E[T^2] of the tail of an outer bin of that width (E[T] computed alike
+        for both tails, so the mean is the same to the last bit)."""
+        sigma = width / PHI_INV_075
+        m1 = sigma * SQRT_2_OVER_PI
+        if self.tail == "normal":
+            return m1, tf.square(sigma)
+        a = self.tail_index
+        return m1, 2.0 * tf.square(m1) * (a - 1.0) / (a - 2.0)
 
     @property
     def b_lo(self):  # where the tails start
@@ -116,11 +176,8 @@ class BarDistribution:
         idx = self._bin(y)
         lp_bin = tf.gather(logp, idx, batch_dims=len(y.shape))
         inner = lp_bin - tf.math.log(tf.gather(self.widths, idx))
-        lo_t = (self.b_lo - y) / self.sigma_lo
-        hi_t = (y - self.b_hi) / self.sigma_hi
-        half_normal = math.log(SQRT_2_OVER_PI)
-        lower = lp_bin + half_normal - tf.math.log(self.sigma_lo) - 0.5 * tf.square(lo_t)
-        upper = lp_bin + half_normal - tf.math.log(self.sigma_hi) - 0.5 * tf.square(hi_t)
+        lower = lp_bin + self._tail_log_pdf(tf.maximum(self.b_lo - y, 0.0), self.sigma_lo)
+        upper = lp_bin + self._tail_log_pdf(tf.maximum(y - self.b_hi, 0.0), self.sigma_hi)
         return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
 
     def cdf(self, logits, y):
@@ -132,8 +189,8 @@ class BarDistribution:
         p_bin = tf.gather(p, idx, batch_dims=len(y.shape))
         left = tf.gather(self.borders, idx)
         frac_inner = (y - left) / tf.gather(self.widths, idx)
-        lo = 2.0 * (1.0 - _phi(tf.maximum(self.b_lo - y, 0.0) / self.sigma_lo))
-        hi = 1.0 - 2.0 * (1.0 - _phi(tf.maximum(y - self.b_hi, 0.0) / self.sigma_hi))
+        lo = self._tail_survival(tf.maximum(self.b_lo - y, 0.0), self.sigma_lo)
+        hi = 1.0 - self._tail_survival(tf.maximum(y - self.b_hi, 0.0), self.sigma_hi)
         frac = tf.where(idx == 0, lo, tf.where(idx == self.n_bins - 1, hi, frac_inner))
         return below + p_bin * frac
 
@@ -144,11 +201,12 @@ class BarDistribution:
         left, right = b[:-1], b[1:]
         m1 = 0.5 * (left + right)
         m2 = (tf.square(left) + left * right + tf.square(right)) / 3.0
-        s0, s1 = self.sigma_lo, self.sigma_hi
-        lo1 = self.b_lo - s0 * SQRT_2_OVER_PI
-        lo2 = self.b_lo**2 - 2 * self.b_lo * s0 * SQRT_2_OVER_PI + s0**2
-        hi1 = self.b_hi + s1 * SQRT_2_OVER_PI
-        hi2 = self.b_hi**2 + 2 * self.b_hi * s1 * SQRT_2_OVER_PI + s1**2
+        (t0, t0_2), (t1, t1_2) = (self._tail_moments(self.widths[0]),
+                                  self._tail_moments(self.widths[-1]))
+        lo1 = self.b_lo - t0
+        lo2 = self.b_lo**2 - 2 * self.b_lo * t0 + t0_2
+        hi1 = self.b_hi + t1
+        hi2 = self.b_hi**2 + 2 * self.b_hi * t1 + t1_2
         n = self.n_bins
         first = tf.concat([lo1[None], m1[1:n - 1], hi1[None]], 0)
         second = tf.concat([lo2[None], m2[1:n - 1], hi2[None]], 0)
@@ -191,13 +249,13 @@ class BarDistribution:
         p_bin = tf.maximum(tf.gather(p, idx, batch_dims=batch), 1e-30)
         frac = tf.clip_by_value((q - below) / p_bin, 0.0, 1.0)
         inner = tf.gather(self.borders, idx) + frac * tf.gather(self.widths, idx)
-        eps = 1e-7
-        # left tail: P(Y <= y) = p0 * 2 (1 - PHI((b_lo - y) / s0)) = frac * p0
-        lower = self.b_lo - self.sigma_lo * _phi_inv(tf.clip_by_value(1.0 - frac / 2.0, 0.5,
-                                                                      1.0 - eps))
-        # right tail: P(Y > y) = p_last * 2 (1 - PHI((y - b_hi) / s1)) = (1 - frac) * p_last
-        upper = self.b_hi + self.sigma_hi * _phi_inv(tf.clip_by_value(1.0 - (1.0 - frac) / 2.0,
-                                                                      0.5, 1.0 - eps))
+        eps = 2e-7
+        # left tail: P(Y <= y) = p0 * P(T > b_lo - y) = frac * p0
+        lower = self.b_lo - self._tail_inverse_survival(tf.clip_by_value(frac, eps, 1.0),
+                                                        self.sigma_lo)
+        # right tail: P(Y > y) = p_last * P(T > y - b_hi) = (1 - frac) * p_last
+        upper = self.b_hi + self._tail_inverse_survival(tf.clip_by_value(1.0 - frac, eps, 1.0),
+                                                        self.sigma_hi)
         return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
 
     def median(self, logits):

@@ -863,15 +863,26 @@ class BarHead(keras.layers.Layer):
     cover what they claim on the prior. The map starts as the identity (no change);
     `gpicl_tf.train.fit_recalibration` fits it after training.
 
+    `tail` and `tail_index` choose the outer bins' tails (`BarDistribution`). They change
+    no gradient (the NLL's gradient w.r.t. the logits does not depend on where in its bin
+    a query falls), so a model trained with one tail holds the weights it would have
+    with the other; only its densities, moments and quantiles beyond the outer borders
+    differ.
+
     Call args: h [B, N, D], y_loc [B, 1, dy], y_scale [B, 1, dy], is_query [B, N]
       (needed by the recalibration only).
     Returns: logits [B, N, dy, n_bins] and the distribution's mean on the raw
       scale of y [B, N, dy].
     """
 
-    def __init__(self, y_dim: int, n_bins: int, recalibrate: bool = False, **kwargs):
+    def __init__(self, y_dim: int, n_bins: int, recalibrate: bool = False,
+                 tail: str = "normal", tail_index: float = 3.0, **kwargs):
         super().__init__(**kwargs)
+        from gpicl_tf.distributions import check_tail
+
+        check_tail(tail, tail_index)
         self.y_dim, self.n_bins, self.recalibrate = y_dim, n_bins, bool(recalibrate)
+        self.tail, self.tail_index = tail, float(tail_index)
         self.dense = keras.layers.Dense(y_dim * n_bins, kernel_initializer="zeros",
                                         name="logits")
 
@@ -891,7 +902,7 @@ class BarHead(keras.layers.Layer):
         from gpicl_tf.distributions import BarDistribution
 
         return BarDistribution(self.borders.value if hasattr(self.borders, "value")
-                               else self.borders)
+                               else self.borders, tail=self.tail, tail_index=self.tail_index)
 
     def recalibrated(self, logits, is_query):
         """logits [B, N, dy, K] -> the logits of the recalibrated bin masses (float64
@@ -924,4 +935,5 @@ class BarHead(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "y_dim": self.y_dim, "n_bins": self.n_bins,
-                "recalibrate": self.recalibrate}
+                "recalibrate": self.recalibrate, "tail": self.tail,
+                "tail_index": self.tail_index}

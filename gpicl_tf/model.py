@@ -93,7 +93,7 @@ class InContextTransformer(keras.Model):
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
                  recalibrate: bool = False, kernel_std: bool = False, cubic_penalties=(),
-                 **kwargs):
+                 bar_tail: str = "normal", bar_tail_index: float = 3.0, **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -122,6 +122,7 @@ class InContextTransformer(keras.Model):
                 "ln_final": lambda: keras.layers.LayerNormalization(epsilon=1e-5,
                                                                     name="ln_final"),
                 "bar": lambda: BarHead(y_dim, n_bins, recalibrate=recalibrate,
+                                       tail=bar_tail, tail_index=bar_tail_index,
                                        dtype="float32", name="bar"),
                 "dense": lambda: keras.layers.Dense(y_dim, kernel_initializer="zeros",
                                                     dtype="float32",
@@ -136,6 +137,7 @@ class InContextTransformer(keras.Model):
         self.gelu = gelu
         self.classify, self.absent_features = classify, absent_features
         self.head, self.n_bins, self.recalibrate = head, n_bins, bool(recalibrate)
+        self.bar_tail, self.bar_tail_index = bar_tail, float(bar_tail_index)
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
@@ -175,7 +177,8 @@ class InContextTransformer(keras.Model):
                                  else self.kernel_noise),
                 "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
                 "recalibrate": self.recalibrate, "kernel_std": self.kernel_std,
-                "cubic_penalties": list(self.cubic_penalties)}
+                "cubic_penalties": list(self.cubic_penalties),
+                "bar_tail": self.bar_tail, "bar_tail_index": self.bar_tail_index}
 
     @classmethod
     def from_config(cls, config):
@@ -214,7 +217,8 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         n_heads=m.n_heads, key_dim=m.key_dim, mlp_ratio=m.mlp_ratio, gelu=m.gelu,
         std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
-        head=m.head, n_bins=m.n_bins, recalibrate=m.recalibrate, **standardizer_kwargs(m),
+        head=m.head, n_bins=m.n_bins, recalibrate=m.recalibrate, bar_tail=m.bar_tail,
+        bar_tail_index=m.bar_tail_index, **standardizer_kwargs(m),
         name=cfg.name.replace("-", "_"))
 
 

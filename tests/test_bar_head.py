@@ -149,6 +149,42 @@ def test_bar_layers_round_trip_through_a_keras_file(bar_model, tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_pareto_tails_bound_a_far_querys_cost_and_travel_through_keras_files_and_exports(
+        bar_model, tmp_path):
+    """model.bar_tail=pareto: the same weights give the same logits, the same density
+    inside the outer borders, and tens of nats, not millions, for queries far outside a
+    context whose y barely vary; the tail survives a .keras file and the export."""
+    from gpicl_tf.export import export_model
+
+    normal, _ = bar_model
+    model, cfg = _bar_model(["model.bar_tail=pareto", "model.bar_tail_index=4"])
+    cx, cy, qx, qy = _task(12)
+    cy[0] = 10.0 + 1e-4 * np.random.default_rng(0).normal(size=cy[0].shape).astype("float32")
+    a, out_a = _keras_predictive(normal, cx, cy, qx)
+    b, out_b = _keras_predictive(model, cx, cy, qx)
+    np.testing.assert_array_equal(out_a["logits"].numpy(), out_b["logits"].numpy())
+    lp_a, lp_b = a.log_prob(qy).numpy(), b.log_prob(qy).numpy()
+    z = ((qy - out_b["y_loc"].numpy()) / out_b["y_scale"].numpy())[..., 0]
+    borders = model.get_layer("bar").borders.numpy()
+    inside = (z > borders[1]) & (z < borders[-2])
+    assert inside[1:].sum() >= 6
+    np.testing.assert_allclose(lp_a[..., 0][inside], lp_b[..., 0][inside], rtol=1e-6)
+    assert np.abs(z[0]).min() > 1e3
+    assert -lp_a[0].max() > 1e5 and -lp_b[0].min() < 80, (lp_a[0], lp_b[0])
+    path = str(tmp_path / "pareto.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    assert (again.get_layer("bar").tail, again.get_layer("bar").tail_index) == ("pareto", 4.0)
+    c, _ = _keras_predictive(again, cx, cy, qx)
+    np.testing.assert_allclose(c.log_prob(qy).numpy(), lp_b, rtol=1e-6)
+    sigs = tf.saved_model.load(export_model(model, cfg, str(tmp_path / "exports"),
+                                            "pareto")).signatures
+    dens = sigs["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+    np.testing.assert_allclose(dens["log_prob"].numpy(), lp_b, rtol=1e-4, atol=1e-4)
+    served = sigs["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    np.testing.assert_allclose(served["std"].numpy(), b.std().numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_the_bar_head_is_refused_for_classification_and_nll_needs_it():
     with pytest.raises(ValueError, match="model.head='bar' is invalid.*'mse' for classification"):
         apply_overrides(get_preset("tiny"), ["task.family=projected_labels",

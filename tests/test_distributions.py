@@ -1,5 +1,5 @@
-"""The bar distribution with half-normal tails (issue 5/7's head): density, CDF, moments,
-quantiles, and the NLL of a fitted bar distribution against the density it fits."""
+"""The bar distribution with half-normal or Pareto tails (issue 5/7's head): density, CDF,
+moments, quantiles, and the NLL of a fitted bar distribution against the density it fits."""
 
 import math
 
@@ -16,14 +16,24 @@ def _logits(n=5, seed=0):
     return tf.constant(np.random.default_rng(seed).normal(0, 1.5, (n, 6)), tf.float32)
 
 
-def _grid():
-    return np.linspace(-30.0, 40.0, 400001).astype(np.float64)
+TAILS = pytest.mark.parametrize("tail", ["normal", "pareto"])
 
 
-def test_the_density_integrates_to_one_and_the_cdf_is_its_integral():
-    bars = BarDistribution(BORDERS)
+def _grid(tail):
+    """Integration points: to 30 units beyond the outer borders for half-normal tails; to
+    1e7 for Pareto ones (index 3: the mass beyond is ~1e-19, the variance's share ~2e-6)."""
+    if tail == "normal":
+        return np.linspace(-30.0, 40.0, 400001).astype(np.float64)
+    far = np.geomspace(1e-7, 1e7, 200000)
+    inner = np.linspace(BORDERS[1], BORDERS[-2], 100001)[1:-1]
+    return np.concatenate([BORDERS[1] - far[::-1], inner, BORDERS[-2] + far]).astype(np.float64)
+
+
+@TAILS
+def test_the_density_integrates_to_one_and_the_cdf_is_its_integral(tail):
+    bars = BarDistribution(BORDERS, tail=tail)
     logits = _logits(3)
-    y = _grid()
+    y = _grid(tail)
     for i in range(3):
         li = tf.repeat(logits[i:i + 1], len(y), 0)
         dens = np.exp(bars.log_prob(li, tf.constant(y, tf.float32)).numpy().astype(np.float64))
@@ -34,10 +44,11 @@ def test_the_density_integrates_to_one_and_the_cdf_is_its_integral():
         assert np.all(np.diff(cdf) >= -1e-6)
 
 
-def test_mean_and_variance_equal_the_moments_of_the_density():
-    bars = BarDistribution(BORDERS)
+@TAILS
+def test_mean_and_variance_equal_the_moments_of_the_density(tail):
+    bars = BarDistribution(BORDERS, tail=tail)
     logits = _logits(4, seed=1)
-    y = _grid()
+    y = _grid(tail)
     mean, var = bars.mean(logits).numpy(), bars.variance(logits).numpy()
     for i in range(4):
         li = tf.repeat(logits[i:i + 1], len(y), 0)
@@ -48,8 +59,9 @@ def test_mean_and_variance_equal_the_moments_of_the_density():
         assert var[i] == pytest.approx(v, rel=1e-3)
 
 
-def test_quantiles_are_monotone_in_the_level_and_invert_the_cdf():
-    bars = BarDistribution(BORDERS)
+@TAILS
+def test_quantiles_are_monotone_in_the_level_and_invert_the_cdf(tail):
+    bars = BarDistribution(BORDERS, tail=tail)
     logits = _logits(6, seed=2)
     levels = np.array([0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999], np.float32)
     qs = np.stack([bars.quantile(logits, lv).numpy() for lv in levels], -1)  # (6, L)
@@ -61,7 +73,8 @@ def test_quantiles_are_monotone_in_the_level_and_invert_the_cdf():
     np.testing.assert_allclose(bars.median(logits).numpy(), qs[:, 4])
 
 
-def test_the_nll_of_a_fitted_bar_distribution_approaches_the_density_it_fits():
+@TAILS
+def test_the_nll_of_a_fitted_bar_distribution_approaches_the_density_it_fits(tail):
     """Bins at the quantiles of N(0, 1) samples, logits = log of each bin's true mass: the
     expected NLL tends to N(0, 1)'s entropy as the bins get finer."""
     rng = np.random.default_rng(0)
@@ -75,12 +88,61 @@ def test_the_nll_of_a_fitted_bar_distribution_approaches_the_density_it_fits():
         mass = np.diff(cdf)
         mass[0] += cdf[0]
         mass[-1] += 1 - cdf[-1]
-        bars = BarDistribution(b)
+        bars = BarDistribution(b, tail=tail)
         logits = tf.constant(np.log(mass)[None].repeat(len(test), 0), tf.float32)
         nll = -float(tf.reduce_mean(bars.log_prob(logits, test)))
         gaps.append(nll - entropy)
     assert gaps[0] > gaps[1] > gaps[2] > gaps[3] >= -0.005, gaps
     assert gaps[3] < 0.01, gaps  # about 1/n_bins: the outer bins' tails
+
+
+def test_a_far_query_costs_tens_of_nats_under_pareto_tails_and_t2_under_normal_ones():
+    """A query t units beyond the upper tail's start: (a + 1) log(1 + t / s) + const nats
+    under a Pareto tail of index a (s = (a - 1) E[T], E[T] the half-normal tail's mean),
+    t^2 / (2 sigma^2) + const under a half-normal one; the mean is the same under both."""
+    logits = _logits(4)
+    lp_last = float(tf.nn.log_softmax(logits)[0, -1])
+    sigma = float(BORDERS[-1] - BORDERS[-2]) / 0.6744897501960817  # half its mass within
+    mean = BarDistribution(BORDERS).mean(logits).numpy()
+    for a in (2.5, 3.0, 6.0):
+        bars = BarDistribution(BORDERS, tail="pareto", tail_index=a)
+        s = (a - 1) * sigma * math.sqrt(2 / math.pi)
+        for t in (0.0, 1.0, 1e3, 1e5):
+            y = tf.constant([BORDERS[-2] + t] * 4, tf.float32)
+            want = -(lp_last + math.log(a / s) - (a + 1) * math.log1p(t / s))
+            assert -float(bars.log_prob(logits, y)[0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+        np.testing.assert_array_equal(bars.mean(logits).numpy(), mean)
+    far = tf.constant([BORDERS[-2] + 1e3] * 4, tf.float32)
+    assert -float(BarDistribution(BORDERS, tail="pareto").log_prob(logits, far)[0]) < 40
+    assert -float(BarDistribution(BORDERS).log_prob(logits, far)[0]) > 1e5
+
+
+def test_the_tail_changes_no_gradient_of_the_nll():
+    """The NLL's gradient w.r.t. the logits is the same under either tail, for queries in
+    inner bins and far in both tails: a model trains to the same weights with either."""
+    logits = tf.Variable(_logits(6, seed=3))
+    y = tf.constant([-500.0, -1.5, 0.2, 2.0, 1e4, -0.99], tf.float32)
+    grads = []
+    for tail in ("normal", "pareto"):
+        with tf.GradientTape() as tape:
+            nll = -tf.reduce_sum(BarDistribution(BORDERS, tail=tail).log_prob(logits, y))
+        grads.append(tape.gradient(nll, logits).numpy())
+    np.testing.assert_array_equal(grads[0], grads[1])
+    assert np.abs(grads[0]).max() > 0.1
+
+
+def test_a_tail_other_than_normal_or_pareto_or_an_index_up_to_2_is_refused():
+    from gpicl_tf.config import ModelConfig
+
+    with pytest.raises(ValueError, match="tail='cauchy' is invalid: expected one of"):
+        BarDistribution(BORDERS, tail="cauchy")
+    for bad in (2.0, 1.0, float("inf"), "3"):
+        with pytest.raises(ValueError, match="tail_index=.* is invalid: expected a number above 2"):
+            BarDistribution(BORDERS, tail="pareto", tail_index=bad)
+    with pytest.raises(ValueError, match="model.bar_tail"):
+        ModelConfig(head="bar", bar_tail="student")
+    with pytest.raises(ValueError, match=r"model.bar_tail_index.*\(2, 1000\]"):
+        ModelConfig(head="bar", bar_tail="pareto", bar_tail_index=2)
 
 
 def test_levels_outside_zero_one_and_bad_borders_are_refused():
