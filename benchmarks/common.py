@@ -40,3 +40,28 @@ def process_cpu_seconds() -> float:
     """User + system CPU seconds of this process so far (all its threads)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def restore_bar_run(parser, logdir: str):
+    """(config, Trainer, step) of a bar-head run's last checkpoint in `logdir`; a missing
+    config.json, another head or no checkpoint ends in parser.error naming --logdir."""
+    import os
+
+    config = os.path.join(logdir, "config.json")
+    if not os.path.isfile(config):
+        parser.error(f"--logdir {logdir!r} holds no config.json: expected a run's folder")
+
+    from gpicl_tf.config import read_config
+    from gpicl_tf.train import Trainer
+
+    try:
+        cfg = read_config(config)
+        if cfg.model.head != "bar":
+            raise ValueError(f"the run's model.head is {cfg.model.head!r}: expected 'bar'")
+        trainer = Trainer(cfg, logdir)
+        step = trainer.restore()
+        if step == 0:
+            raise ValueError("it has no checkpoint: train it first")
+    except ValueError as e:
+        parser.error(f"--logdir {logdir!r}: {e}")
+    return cfg, trainer, step

@@ -14,6 +14,10 @@ thousands) and the cells in which it is lower, over cells where both are finite;
 for CRPS. A pair of files is compared only if every cell holds the same `mean` baseline in both
 (the same tasks: gpicl-eval seeds each suite and k); otherwise the comparison is refused,
 naming the suite and k.
+
+With `--cells METRIC` (nmse, nll, crps, cover50 or cover90) it lists every cell's METRIC
+instead, before and after, suite by suite (e.g. `--cells nll --ks 1,2` for the cells a
+model's tails rule).
 """
 
 import argparse
@@ -53,11 +57,10 @@ def group_of(name: str, suite: dict) -> str:
     return "1-D" if width == 1 else f"d={width}"
 
 
-def compare(before: dict, after: dict, ks=None) -> dict:
-    """{group: {metric: (summary, better, cells)}}: the paired comparison of two suites dicts
-    (load_suites); ValueError if a suite or k of `after` is missing or on other tasks in
-    `before`."""
-    cells = {}
+def paired_cells(before: dict, after: dict, ks=None):
+    """Yields (suite name, its suite in `after`, k, before's model cell, after's) for every
+    model cell of `after` (at ks, if given); ValueError if a suite or k of `after` is
+    missing or on other tasks in `before`."""
     for name, s in after.items():
         if name not in before:
             raise ValueError(f"suite {name!r} is not in the before files")
@@ -68,7 +71,15 @@ def compare(before: dict, after: dict, ks=None) -> dict:
                 continue
             if k not in theirs:
                 raise ValueError(f"suite {name!r} at k={k}: no model cell in the before files")
-            cells.setdefault(group_of(name, s), []).append((theirs[k], mine[k]))
+            yield name, s, k, theirs[k], mine[k]
+
+
+def compare(before: dict, after: dict, ks=None) -> dict:
+    """{group: {metric: (summary, better, cells)}}: the paired comparison of two suites dicts
+    (load_suites); ValueError as `paired_cells`."""
+    cells = {}
+    for name, s, _, theirs, mine in paired_cells(before, after, ks):
+        cells.setdefault(group_of(name, s), []).append((theirs, mine))
     out = {}
     for group, pairs in cells.items():
         row = {}
@@ -86,6 +97,22 @@ def compare(before: dict, after: dict, ks=None) -> dict:
     return out
 
 
+CELL_METRICS = ("nmse", "nll", "crps", "cover50", "cover90")
+
+
+def cell_rows(before: dict, after: dict, metric: str, ks=None) -> list:
+    """[(suite, k, before's value, after's)] of every model cell of `after` holding
+    `metric`, checked as `paired_cells` (same tasks, the cell present before)."""
+    rows = []
+    for name, _, k, theirs, mine in paired_cells(before, after, ks):
+        if metric in mine:
+            if metric not in theirs:
+                raise ValueError(f"suite {name!r} at k={k}: no model {metric} in the before "
+                                 "files")
+            rows.append((name, k, theirs[metric], mine[metric]))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", nargs="+", required=True, metavar="RESULTS",
@@ -93,12 +120,24 @@ def main(argv=None) -> int:
     p.add_argument("--after", nargs="+", required=True, metavar="RESULTS",
                    help="results files of the second model on the same tasks")
     p.add_argument("--ks", help="comma-separated context sizes to compare (default: all)")
+    p.add_argument("--cells", choices=CELL_METRICS,
+                   help="list every cell's value of this metric, before and after")
     a = p.parse_args(argv)
     ks = None if a.ks is None else [k.strip() for k in a.ks.split(",") if k.strip()]
     try:
-        rows = compare(load_suites(a.before), load_suites(a.after), ks)
+        before, after = load_suites(a.before), load_suites(a.after)
+        if a.cells:
+            cells = cell_rows(before, after, a.cells, ks)
+        else:
+            rows = compare(before, after, ks)
     except (OSError, ValueError, KeyError) as e:
         p.error(f"cannot compare: {e}")
+    if a.cells:
+        print(f"| suite | k | {a.cells} before | {a.cells} after |")
+        print("|---|---:|---:|---:|")
+        for name, k, b, v in cells:
+            print(f"| {name} | {k} | {b:.4g} | {v:.4g} |")
+        return 0
     print("| suites | normalised MSE after/before (geometric mean) | lower after | "
           "NLL after - before (median) | lower after | CRPS after - before (median) | lower after |")
     print("|---|---:|---:|---:|---:|---:|---:|")

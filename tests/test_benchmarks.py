@@ -3,8 +3,10 @@
 import copy
 import json
 import os
+import re
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -116,6 +118,14 @@ def test_compare_models_pairs_cells_and_refuses_other_tasks(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_models.main(["--before", str(tmp_path / "fewer.json"), "--after", paths[0]])
     assert "'sine' at k=8: no model cell in the before files" in capsys.readouterr().err
+    # --cells lists each cell's values, before and after, at the ks asked for
+    assert compare_models.main(["--before", paths[0], "--after", str(tmp_path / "better.json"),
+                                "--cells", "nll", "--ks", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    base = _load("default_recal_1d_eval.json")["suites"]
+    assert out[0] == "| suite | k | nll before | nll after |" and len(out) == 2 + len(base)
+    nll = base["sine"]["methods"]["model"]["2"]["nll"]
+    assert f"| sine | 2 | {nll:.4g} | {nll - 0.1:.4g} |" in out
 
 
 def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
@@ -474,3 +484,70 @@ def test_coverage_floor_is_calibrated_on_its_prior_and_not_on_its_noise_free_par
     for part in (sigma == 0, sigma > 0):
         assert abs(cf.coverage(pits[part], 0.9).mean() - 0.9) < 0.025
     assert cf.default_noise_free() == pytest.approx(0.25 + 0.75 * 0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_bar_run(tmp_path_factory):
+    """A finished 10-step tiny run with the bar head: (its folder, its Trainer)."""
+    from gpicl_tf.config import apply_overrides, get_preset
+    from gpicl_tf.train import Trainer
+
+    cfg = apply_overrides(get_preset("tiny"), ["model.head=bar", "model.n_bins=16",
+                                               "train.steps=10"])
+    logdir = str(tmp_path_factory.mktemp("bar_run"))
+    trainer = Trainer(cfg, logdir)
+    trainer.train(verbose=False)
+    return logdir, trainer
+
+
+def test_tail_choice_scores_a_runs_unseen_tasks_under_each_tail(tiny_bar_run, capsys):
+    """benchmarks/tail_choice.py on a finished tiny bar-head run: its half-normal row is the
+    run's own unseen-task loss (Trainer.evaluate), one row per Pareto index follows, and the
+    loss without the worst task is below the loss; bad flags are refused by name."""
+    from benchmarks import tail_choice
+
+    logdir, trainer = tiny_bar_run
+    own = trainer.evaluate(trainer.eval_batch())
+    assert tail_choice.main(["--logdir", logdir, "--indices", "2.5,4"]) == 0
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| half-normal") or ln.startswith("| Pareto")]
+    assert [r[0] for r in rows] == ["| half-normal", "| Pareto, index 2.5", "| Pareto, index 4"]
+    assert float(rows[0][1]) == pytest.approx(own, abs=1e-4)
+    for r in rows:
+        assert float(r[4].rstrip(" |")) <= float(r[1])
+    for flags, says in ((["--logdir", logdir, "--indices", "3,2"], "--indices '3,2'"),
+                        (["--logdir", logdir + "/none"], "holds no config.json")):
+        with pytest.raises(SystemExit):
+            tail_choice.main(flags)
+        assert says in capsys.readouterr().err
+
+
+def test_tail_coverage_counts_pits_and_tail_quantiles_of_a_run(tiny_bar_run, capsys):
+    """benchmarks/tail_coverage.py: per k, the 90% coverage is the share of the queries'
+    PITs within [0.05, 0.95], computed here from the model directly on the same stream;
+    every share lies in [0, 1]; k beyond the run's tasks is refused naming their points."""
+    from benchmarks import tail_coverage
+    from gpicl_tf import data as data_lib
+    from gpicl_tf.model import Predictive, bar_distribution, model_inputs
+
+    logdir, trainer = tiny_bar_run
+    cfg = trainer.cfg
+    assert tail_coverage.main(["--logdir", logdir, "--ks", "2,5", "--tasks", "16"]) == 0
+    rows = [ln.strip("| ").split(" | ") for ln in capsys.readouterr().out.splitlines()
+            if re.match(r"^\| \d", ln)]
+    assert [r[0] for r in rows] == ["2", "5"]
+    for r in rows:
+        assert all(0.0 <= float(v) <= 1.0 for v in r[2:])
+    sampler = data_lib.TaskSampler(cfg.task, cfg.train.seed, tail_coverage.STREAM)
+    pits = []
+    for i in range(-(-16 // cfg.task.block_size)):
+        b = sampler.block(0, i, cfg.task.block_size, 5)
+        out = trainer.model(model_inputs(b), training=False)
+        q = b["is_query"].numpy() > 0.5
+        pits.append(Predictive(bar_distribution(trainer.model), out).cdf(b["y"]).numpy()[..., 0][q])
+    pits = np.concatenate(pits)
+    assert int(rows[1][1]) == len(pits)
+    assert float(rows[1][2]) == pytest.approx(np.mean((pits > 0.05) & (pits < 0.95)), abs=1e-4)
+    with pytest.raises(SystemExit):
+        tail_coverage.main(["--logdir", logdir, "--ks", str(cfg.task.n_points)])
+    assert f"the run's tasks have {cfg.task.n_points} points" in capsys.readouterr().err
