@@ -812,7 +812,7 @@ def _default() -> ExperimentConfig:
     # a query far outside its context's spread (two nearly equal context y of a step
     # function) cost up to thousands of nats a query under half-normal tails, which made
     # every k = 2 NLL cell read 10^3-10^8 and the unseen-task loss 20.01 (1.32 without its
-    # one such task); with Pareto tails 9.8 nats, 1.38 in all. No gradient depends on the
+    # one such task); with Pareto tails 10.3 nats, 1.39 in all. No gradient depends on the
     # tail, so the weights are the same; the mean is the same by construction (README,
     # "Pareto tails"; docs/results/default_pareto_*).
     return ExperimentConfig(

@@ -11,7 +11,7 @@ its mean E[T] is the half-normal tail's: the distribution's mean, the point pred
 is the same under either tail. A query t outside costs
 t^2 / (2 sigma^2) nats under the normal tail and (a + 1) log(1 + t / s) under the Pareto
 one: where a context's y barely vary (two points of a step function), its unit is tiny
-and a query hundreds of units away costs thousands of nats with the first, about 30 with
+and a query hundreds of units away costs thousands of nats with the first, 10-30 with
 the second. Mean, variance, median, any quantile, the CDF and the log density follow
 from the logits in closed form; every function here is TensorFlow, so it runs inside a
 model and an exported signature.
@@ -127,7 +127,7 @@ class BarDistribution:
     def sigma_hi(self):
         return self._scale(self.widths[-1])
 
-    # The tail's functions of t = distance beyond its start (>= 0), in units of its scale.
+    # The tail's functions of t, the distance beyond its start (>= 0), and its scale.
     def _tail_log_pdf(self, t, scale):
         if self.tail == "normal":
             return math.log(SQRT_2_OVER_PI) - tf.math.log(scale) - 0.5 * tf.square(t / scale)

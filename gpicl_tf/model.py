@@ -52,6 +52,8 @@ class InContextTransformer(keras.Model):
       head: "mse" (the output is the prediction) or "bar" (the output is a dict
         with the bar distribution's logits; see the module docstring).
       n_bins: bins of the bar head.
+      bar_tail, bar_tail_index: the bar head's tails beyond its outer borders, "normal"
+        (half-normal) or "pareto" of that index (BarHead, gpicl_tf.distributions).
       ridge_penalties: penalties of the context ridge fits each token carries
         (regression; see ContextStandardizer); () for none.
       kernel_length_scales, kernel_noise: the context's RBF-kernel GP fits each
