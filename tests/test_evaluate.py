@@ -334,9 +334,10 @@ def test_the_garg_plot_has_a_panel_per_width_and_is_skipped_without_garg_suites(
 
 def test_task_points_draws_the_tasks_training_draws_and_keeps_their_first_queries():
     """context_batch(task_points=64) draws each task with 64 points, as a 64-point preset's
-    training does (`default` draws 48), and keeps its k context points and first queries: a random-MLP task's y are then
-    standardised over all 64 (the kept 10 points' variance varies around 1), where without it
-    they are standardised over the 10 points themselves (variance 1 each)."""
+    training does (`default` draws 48), and keeps its k context points and first queries: a
+    random-MLP task's y are then standardised over all 64 (the kept 10 points' variance
+    varies around 1), where without it they are standardised over the 10 points themselves
+    (variance 1 each)."""
     from gpicl_tf import data as data_lib
     from gpicl_tf.config import unseen_task_config
 
