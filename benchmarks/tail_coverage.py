@@ -7,9 +7,10 @@ training prior at each context size k (a stream of their own, seeded), prints th
 of the 50% and 90% central intervals of the queries (their PITs under the head's
 distribution), the share of queries beyond the outer borders (in the tails) and the share
 of queries whose 5% (95%) quantile lies inside the lower (upper) tail bin. The
-recalibration maps (model.recalibrate) reweight whole bins, so they place a quantile that
-lies inside a tail bin only as well as the tail's own shape does: where most quantiles lie
-there, the maps cannot make the intervals cover what they claim.
+recalibration maps (model.recalibrate) reweight the inner bins whole and, since the commit
+that maps the CDF inside the outer bins, warp the tails' shapes too: before it a quantile
+inside a tail bin was placed only as well as the tail's own shape did, and where most
+quantiles lay there (k = 2) the intervals could not cover what they claimed.
 """
 
 import argparse

@@ -19,6 +19,12 @@ model and an exported signature.
     bars = BarDistribution(borders_from_samples(y_prior, 64))
     nll = -bars.log_prob(logits, y)        # logits [..., B], y [...]
     lo, hi = bars.quantile(logits, 0.05), bars.quantile(logits, 0.95)
+
+Every function also takes `tails`, per-point warps of the two tails' shapes (a
+recalibration map applied inside the outer bins, `BarHead`): [..., 4, K] holding xs_lo,
+ys_lo, xs_hi, ys_hi, each increasing from 0 to 1. A tail's T then has
+P(T > t) = W(S(t)), S the unwarped tail's survival function and W the piecewise-linear
+map through the points (xs, ys): the tail's mass stays the bin's, its shape moves.
 """
 
 from __future__ import annotations
@@ -156,6 +162,43 @@ class BarDistribution:
         a = self.tail_index
         return m1, 2.0 * tf.square(m1) * (a - 1.0) / (a - 2.0)
 
+    def _tail_inverse_survival64(self, s, scale):
+        """_tail_inverse_survival in float64, exact down to s = 1e-300 (s, scale float64)."""
+        if self.tail == "normal":
+            return scale * -tf.math.ndtri(s / 2.0)
+        return scale * tf.math.expm1(-tf.math.log(s) / self.tail_index)
+
+    def _tail_partial_moments(self, ta, tb, scale):
+        """The integrals of t f(t) and t^2 f(t) over [ta, tb], f the tail's density
+        (float64, 0 <= ta <= tb)."""
+        if self.tail == "normal":
+            za, zb = ta / scale, tb / scale
+            pa, pb = _npdf(za), _npdf(zb)
+            q = 0.5 * (tf.math.erfc(za / math.sqrt(2.0)) - tf.math.erfc(zb / math.sqrt(2.0)))
+            return (2.0 * scale * (pa - pb),
+                    2.0 * tf.square(scale) * (q - zb * pb + za * pa))
+        a = self.tail_index
+        va, vb = 1.0 + ta / scale, 1.0 + tb / scale
+        sa, sb = va**-a, vb**-a
+        m1 = ta * sa - tb * sb + scale / (a - 1.0) * (va**(1.0 - a) - vb**(1.0 - a))
+        t_survival = tf.square(scale) * ((vb**(2.0 - a) - va**(2.0 - a)) / (2.0 - a)
+                                         - (vb**(1.0 - a) - va**(1.0 - a)) / (1.0 - a))
+        return m1, tf.square(ta) * sa - tf.square(tb) * sb + 2.0 * t_survival
+
+    def _warp_moment_shift(self, xs, ys, width):
+        """How a tail's warp (xs, ys [..., K]) moves its E[T] and E[T^2]: float32 [...]
+        each. Computed piece by piece in float64 (the warped density is the tail's
+        times the piece's slope)."""
+        xs, ys = tf.cast(xs, tf.float64), tf.cast(ys, tf.float64)
+        width = tf.cast(width, tf.float64)
+        scale = self._scale(width)
+        t = self._tail_inverse_survival64(tf.clip_by_value(xs, 1e-300, 1.0), scale)
+        m1, m2 = self._tail_partial_moments(t[..., 1:], t[..., :-1], scale)
+        slope = tf.math.divide_no_nan(ys[..., 1:] - ys[..., :-1], xs[..., 1:] - xs[..., :-1])
+        e1, e2 = self._tail_moments(width)
+        return (tf.cast(tf.reduce_sum(slope * m1, -1) - e1, tf.float32),
+                tf.cast(tf.reduce_sum(slope * m2, -1) - e2, tf.float32))
+
     @property
     def b_lo(self):  # where the tails start
         return tf.convert_to_tensor(self.borders)[1]
@@ -170,18 +213,24 @@ class BarDistribution:
         idx = tf.searchsorted(self.borders[1:-1], tf.reshape(y, [-1]), side="right")
         return tf.reshape(idx, tf.shape(y))
 
-    def log_prob(self, logits, y):
-        """log p(y): logits [..., B], y [...] -> [...]."""
+    def log_prob(self, logits, y, tails=None):
+        """log p(y): logits [..., B], y [...] -> [...] (tails: see the module)."""
         logp = tf.nn.log_softmax(logits, axis=-1)
         idx = self._bin(y)
         lp_bin = tf.gather(logp, idx, batch_dims=len(y.shape))
         inner = lp_bin - tf.math.log(tf.gather(self.widths, idx))
-        lower = lp_bin + self._tail_log_pdf(tf.maximum(self.b_lo - y, 0.0), self.sigma_lo)
-        upper = lp_bin + self._tail_log_pdf(tf.maximum(y - self.b_hi, 0.0), self.sigma_hi)
+        t_lo, t_hi = tf.maximum(self.b_lo - y, 0.0), tf.maximum(y - self.b_hi, 0.0)
+        lower = lp_bin + self._tail_log_pdf(t_lo, self.sigma_lo)
+        upper = lp_bin + self._tail_log_pdf(t_hi, self.sigma_hi)
+        if tails is not None:  # the warp's slope at the point (its survival kept > 0)
+            s_lo = tf.maximum(self._tail_survival(t_lo, self.sigma_lo), 1e-37)
+            s_hi = tf.maximum(self._tail_survival(t_hi, self.sigma_hi), 1e-37)
+            lower += tf.math.log(_warp_slope(s_lo, tails[..., 0, :], tails[..., 1, :]))
+            upper += tf.math.log(_warp_slope(s_hi, tails[..., 2, :], tails[..., 3, :]))
         return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
 
-    def cdf(self, logits, y):
-        """P(Y <= y): logits [..., B], y [...] -> [...]."""
+    def cdf(self, logits, y, tails=None):
+        """P(Y <= y): logits [..., B], y [...] -> [...] (tails: see the module)."""
         p = tf.nn.softmax(logits, axis=-1)
         idx = self._bin(y)
         below = tf.gather(tf.math.cumsum(p, axis=-1, exclusive=True), idx,
@@ -190,7 +239,11 @@ class BarDistribution:
         left = tf.gather(self.borders, idx)
         frac_inner = (y - left) / tf.gather(self.widths, idx)
         lo = self._tail_survival(tf.maximum(self.b_lo - y, 0.0), self.sigma_lo)
-        hi = 1.0 - self._tail_survival(tf.maximum(y - self.b_hi, 0.0), self.sigma_hi)
+        hi = self._tail_survival(tf.maximum(y - self.b_hi, 0.0), self.sigma_hi)
+        if tails is not None:
+            lo = _warp(lo, tails[..., 0, :], tails[..., 1, :])
+            hi = _warp(hi, tails[..., 2, :], tails[..., 3, :])
+        hi = 1.0 - hi
         frac = tf.where(idx == 0, lo, tf.where(idx == self.n_bins - 1, hi, frac_inner))
         return below + p_bin * frac
 
@@ -212,34 +265,49 @@ class BarDistribution:
         second = tf.concat([lo2[None], m2[1:n - 1], hi2[None]], 0)
         return first, second
 
-    def mean(self, logits):
-        first, _ = self._bin_moments()
-        return tf.reduce_sum(tf.nn.softmax(logits, axis=-1) * first, axis=-1)
-
-    def variance(self, logits):
-        first, second = self._bin_moments()
+    def _moments(self, logits, tails=None, second=True):
+        """E[Y] and E[Y^2] (None unless `second`): logits [..., B] -> [...] each."""
+        first, squares = self._bin_moments()
         p = tf.nn.softmax(logits, axis=-1)
-        mean = tf.reduce_sum(p * first, axis=-1)
-        return tf.maximum(tf.reduce_sum(p * second, axis=-1) - tf.square(mean), 0.0)
+        m1 = tf.reduce_sum(p * first, axis=-1)
+        m2 = tf.reduce_sum(p * squares, axis=-1) if second else None
+        if tails is not None:  # each warped tail's E[T], E[T^2] in place of the tail's
+            lo1, lo2 = self._warp_moment_shift(tails[..., 0, :], tails[..., 1, :],
+                                               self.widths[0])
+            hi1, hi2 = self._warp_moment_shift(tails[..., 2, :], tails[..., 3, :],
+                                               self.widths[-1])
+            p_lo, p_hi = p[..., 0], p[..., -1]
+            m1 += p_hi * hi1 - p_lo * lo1
+            if second:  # (b_lo - T)^2 and (b_hi + T)^2
+                m2 += (p_lo * (lo2 - 2.0 * self.b_lo * lo1)
+                       + p_hi * (hi2 + 2.0 * self.b_hi * hi1))
+        return m1, m2
 
-    def stddev(self, logits):
-        return tf.sqrt(self.variance(logits))
+    def mean(self, logits, tails=None):
+        return self._moments(logits, tails, second=False)[0]
 
-    def quantile(self, logits, level):
+    def variance(self, logits, tails=None):
+        m1, m2 = self._moments(logits, tails)
+        return tf.maximum(m2 - tf.square(m1), 0.0)
+
+    def stddev(self, logits, tails=None):
+        return tf.sqrt(self.variance(logits, tails))
+
+    def quantile(self, logits, level, tails=None):
         """The level-quantile, level a float in (0, 1) or a tensor broadcasting against
         logits[..., 0]: logits [..., B] -> [...]."""
         p = tf.nn.softmax(logits, axis=-1)
         q = tf.broadcast_to(tf.cast(level, p.dtype), tf.shape(p)[:-1])
-        return self._quantiles(p, q[..., None])[..., 0]
+        return self._quantiles(p, q[..., None], tails)[..., 0]
 
-    def quantiles(self, logits, levels):
+    def quantiles(self, logits, levels, tails=None):
         """Quantiles at every level of levels [L], at once: logits [..., B] -> [..., L]."""
         p = tf.nn.softmax(logits, axis=-1)
         levels = tf.cast(levels, p.dtype)
         q = tf.broadcast_to(levels, tf.concat([tf.shape(p)[:-1], tf.shape(levels)], 0))
-        return self._quantiles(p, q)
+        return self._quantiles(p, q, tails)
 
-    def _quantiles(self, p, q):
+    def _quantiles(self, p, q, tails=None):
         """p [..., B] bin masses, q [..., L] levels -> the quantiles [..., L]."""
         cum = tf.math.cumsum(p, axis=-1)  # mass up to and including each bin
         idx = tf.minimum(tf.reduce_sum(tf.cast(cum[..., None, :] < q[..., None], tf.int32),
@@ -250,16 +318,41 @@ class BarDistribution:
         frac = tf.clip_by_value((q - below) / p_bin, 0.0, 1.0)
         inner = tf.gather(self.borders, idx) + frac * tf.gather(self.widths, idx)
         eps = 2e-7
+        s_lo, s_hi = frac, 1.0 - frac
+        if tails is not None:  # the unwarped tail's survival at the warped one's
+            w = tails[..., None, :, :]  # (..., 1, 4, K) against the levels (..., L)
+            s_lo = _warp(s_lo, w[..., 1, :], w[..., 0, :])
+            s_hi = _warp(s_hi, w[..., 3, :], w[..., 2, :])
         # left tail: P(Y <= y) = p0 * P(T > b_lo - y) = frac * p0
-        lower = self.b_lo - self._tail_inverse_survival(tf.clip_by_value(frac, eps, 1.0),
+        lower = self.b_lo - self._tail_inverse_survival(tf.clip_by_value(s_lo, eps, 1.0),
                                                         self.sigma_lo)
         # right tail: P(Y > y) = p_last * P(T > y - b_hi) = (1 - frac) * p_last
-        upper = self.b_hi + self._tail_inverse_survival(tf.clip_by_value(1.0 - frac, eps, 1.0),
+        upper = self.b_hi + self._tail_inverse_survival(tf.clip_by_value(s_hi, eps, 1.0),
                                                         self.sigma_hi)
         return tf.where(idx == 0, lower, tf.where(idx == self.n_bins - 1, upper, inner))
 
-    def median(self, logits):
-        return self.quantile(logits, 0.5)
+    def median(self, logits, tails=None):
+        return self.quantile(logits, 0.5, tails)
+
+
+def _warp(x, xs, ys):
+    """The increasing piecewise-linear map through (xs, ys) [..., K] at x [...] (xs from
+    0 to 1; pieces of zero width add nothing)."""
+    dx, dy = xs[..., 1:] - xs[..., :-1], ys[..., 1:] - ys[..., :-1]
+    slope = tf.math.divide_no_nan(dy, dx)
+    run = tf.clip_by_value(x[..., None] - xs[..., :-1], 0.0, dx)
+    return ys[..., 0] + tf.reduce_sum(slope * run, -1)
+
+
+def _warp_slope(x, xs, ys):
+    """The slope of that map at x in (0, 1] (the piece with xs_j < x <= xs_j+1)."""
+    dx, dy = xs[..., 1:] - xs[..., :-1], ys[..., 1:] - ys[..., :-1]
+    inside = (x[..., None] > xs[..., :-1]) & (x[..., None] <= xs[..., 1:])
+    return tf.reduce_sum(tf.where(inside, tf.math.divide_no_nan(dy, dx), 0.0), -1)
+
+
+def _npdf(z):
+    return tf.exp(-0.5 * tf.square(z)) / math.sqrt(2.0 * math.pi)
 
 
 def _phi(t):

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from gpicl_tf.layers import bar_outputs
+
 
 def supported(model) -> bool:
     """The lean path covers float32 models (mixed-precision ones keep the Keras graph)."""
@@ -98,8 +100,7 @@ def lean_forward(model):
             h2 = block_fn(w, h2, bias, b, n)
         h = tf.reshape(ln_final(h2), [b, n, -1])
         if model.head == "bar":
-            logits, y_pred = model.get_layer("bar")(h, y_loc, y_scale, is_query)
-            return {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
+            return bar_outputs(model.get_layer("bar"), h, y_loc, y_scale, is_query)
         if model.classify:
             return model.get_layer("y_pred")(h)
         return model.get_layer("y_pred")(model.get_layer("head")(h), y_loc, y_scale)

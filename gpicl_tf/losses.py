@@ -48,7 +48,8 @@ def query_nll_and_count(y, out, is_query, bars):
     the raw-scale likelihood.
 
     Args: y [B, N, dy]; out: the bar model's output dict (logits [B, N, dy, K],
-      y_loc, y_scale [B, 1, dy]); is_query [B, N]; bars: the head's BarDistribution.
+      y_loc, y_scale [B, 1, dy], the tail warps where recalibrated); is_query [B, N];
+      bars: the head's BarDistribution.
     """
     q = tf.cast(is_query, tf.float32)
     scale = unit_scale(out["y_scale"])
@@ -56,7 +57,7 @@ def query_nll_and_count(y, out, is_query, bars):
     # its value grows as z^2 in the tails. Clipping z keeps that value finite in float32
     # when a context's y barely vary, and changes no gradient.
     z = tf.clip_by_value((tf.cast(y, tf.float32) - out["y_loc"]) / scale, -1e6, 1e6)
-    nll = -tf.reduce_mean(bars.log_prob(out["logits"], z), -1)  # (B, N)
+    nll = -tf.reduce_mean(bars.log_prob(out["logits"], z, out.get("tails")), -1)  # (B, N)
     return tf.reduce_sum(nll * q), tf.reduce_sum(q)
 
 

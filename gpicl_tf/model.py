@@ -25,7 +25,7 @@ import tensorflow as tf
 from gpicl_tf.config import ExperimentConfig
 from gpicl_tf.distributions import BarDistribution
 from gpicl_tf.layers import (PACKAGE, BarHead, ContextAttentionMask, ContextStandardizer,
-                             Destandardize, TransformerBlock, unit_scale)
+                             Destandardize, TransformerBlock, bar_outputs, unit_scale)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -197,8 +197,7 @@ def _trunk_outputs(layer, n_layers: int, bar: bool, classify: bool, feats, y_loc
         h = layer("block", i)(h, mask)
     h = layer("ln_final")(h)
     if bar:
-        logits, y_pred = layer("bar")(h, y_loc, y_scale, is_query)
-        return {"y_pred": y_pred, "logits": logits, "y_loc": y_loc, "y_scale": y_scale}
+        return bar_outputs(layer("bar"), h, y_loc, y_scale, is_query)
     out = layer("dense")(h)  # (B, N, dy): logits, or standardised units
     return out if classify else layer("destandardize")(out, y_loc, y_scale)
 
@@ -256,12 +255,15 @@ def point_prediction(out):
 
 
 def query_rows(out: dict, nc) -> dict:
-    """The bar head's output dict at the rows from nc on (the queries): logits, y_pred
-    and, where they are per point, y_loc (model.base_fit) and y_scale
-    (model.y_scale="loo_gp")."""
+    """The bar head's output dict at the rows from nc on (the queries): logits, y_pred,
+    the tail warps (model.recalibrate) and, where they are per point, y_loc
+    (model.base_fit) and y_scale (model.y_scale="loo_gp")."""
     rows = lambda v: v if v.shape[1] == 1 else v[:, nc:]  # [B, 1, dy] or [B, N, dy]
-    return dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:],
-                y_loc=rows(out["y_loc"]), y_scale=rows(out["y_scale"]))
+    out = dict(out, logits=out["logits"][:, nc:], y_pred=out["y_pred"][:, nc:],
+               y_loc=rows(out["y_loc"]), y_scale=rows(out["y_scale"]))
+    if "tails" in out:
+        out["tails"] = out["tails"][:, nc:]
+    return out
 
 
 def bar_distribution(model) -> Optional[BarDistribution]:
@@ -276,7 +278,8 @@ class Predictive:
 
     Args:
       bars: the head's BarDistribution (standardised units).
-      out: the model's output dict (logits [B, N, dy, K], y_loc, y_scale [B, 1, dy]).
+      out: the model's output dict (logits [B, N, dy, K], y_loc, y_scale [B, 1, dy]; the
+        tail warps [B, N, dy, 4, M] where the head is recalibrated).
 
     A context whose y do not vary (two or more points, all equal) carries no scale:
     as with one context point, and as the NLL loss trains it
@@ -287,18 +290,19 @@ class Predictive:
     """
 
     def __init__(self, bars: BarDistribution, out: dict):
-        self.bars, self.logits = bars, out["logits"]
+        self.bars, self.logits, self.tails = bars, out["logits"], out.get("tails")
         self.loc, self.scale = out["y_loc"], unit_scale(out["y_scale"])
 
     def mean(self):
-        return self.bars.mean(self.logits) * self.scale + self.loc
+        return self.bars.mean(self.logits, self.tails) * self.scale + self.loc
 
     def std(self):
-        return self.bars.stddev(self.logits) * self.scale
+        return self.bars.stddev(self.logits, self.tails) * self.scale
 
     def quantiles(self, levels):
         """levels [L] -> [B, N, dy, L]."""
-        qs = self.bars.quantiles(self.logits, tf.convert_to_tensor(levels, tf.float32))
+        qs = self.bars.quantiles(self.logits, tf.convert_to_tensor(levels, tf.float32),
+                                 self.tails)
         return qs * self.scale[..., None] + self.loc[..., None]
 
     def _standardised(self, y):
@@ -306,8 +310,9 @@ class Predictive:
 
     def log_prob(self, y):
         """log density of y [B, N, dy] on the raw scale."""
-        return self.bars.log_prob(self.logits, self._standardised(y)) - tf.math.log(self.scale)
+        return (self.bars.log_prob(self.logits, self._standardised(y), self.tails)
+                - tf.math.log(self.scale))
 
     def cdf(self, y):
         """P(Y <= y) for y [B, N, dy] (the probability integral transform at y)."""
-        return self.bars.cdf(self.logits, self._standardised(y))
+        return self.bars.cdf(self.logits, self._standardised(y), self.tails)

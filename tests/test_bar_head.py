@@ -341,6 +341,47 @@ def test_a_fitted_recalibration_keeps_a_bar_distribution_and_travels(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_a_fitted_map_places_quantiles_inside_the_tails_and_the_export_agrees(tmp_path):
+    """Inside the outer bins the map applies to the CDF itself: a query y there gets
+    P(Y <= y) = R(F(y)), F the unmapped head's CDF (the bin-level map alone gave
+    R(F(b_1)) F(y) / F(b_1)), and the quantile at level R(F(y)) is y again. The export's
+    CDF, log density, std and quantiles equal the Keras model's."""
+    from gpicl_tf.export import export_model
+    from gpicl_tf.layers import RECAL_LEVELS
+
+    model, cfg = _bar_model(["model.recalibrate=true"])
+    bar = model.get_layer("bar")
+    levels = np.asarray(RECAL_LEVELS)
+    rng = np.random.default_rng(4)
+    row = 0.99 * np.r_[0.0, np.sort(rng.uniform(size=len(levels) - 2)), 1.0] + 0.01 * levels
+    cx, cy, qx, _ = _task(6)
+    plain, out = _keras_predictive(model, cx, cy, qx)  # the identity map: the head's own
+    p = tf.nn.softmax(out["logits"]).numpy()[..., 0, :]  # (3, 6, K)
+    f = np.array([0.002, 0.006, 0.02, 0.98, 0.994, 0.998], np.float32)
+    y = plain.quantiles(f).numpy()[:, :, 0, :]  # (3, 6, 6): at F = f
+    inside = (f < p[..., :1]) | (1.0 - f < p[..., -1:])  # in the tail bins
+    assert inside.sum() >= 20, inside.sum()
+    bar.recalibration.assign(np.tile(row, (len(bar.recalibration.numpy()), 1)).astype("float32"))
+    mapped, _ = _keras_predictive(model, cx, cy, qx)
+    for j in range(len(f)):
+        u = mapped.cdf(tf.constant(y[..., j:j + 1])).numpy()[..., 0]
+        np.testing.assert_allclose(u[inside[..., j]], np.interp(f[j], levels, row),
+                                   rtol=2e-4, atol=1e-6)
+    back = mapped.quantiles(np.interp(f, levels, row).astype("float32")).numpy()[:, :, 0]
+    np.testing.assert_allclose(back[inside], y[inside], rtol=1e-3, atol=1e-3)
+    sig = tf.saved_model.load(export_model(model, cfg, str(tmp_path / "exp"), "r")).signatures
+    qy = tf.constant(y[..., 1:2])
+    dens = sig["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+    np.testing.assert_allclose(dens["cdf"].numpy(), mapped.cdf(qy).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dens["log_prob"].numpy(), mapped.log_prob(qy).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+    np.testing.assert_allclose(served["std"].numpy(), mapped.std().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served["quantiles"].numpy(),
+                               mapped.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_recalibration_with_the_fits_outside_xla_fits_the_maps_of_the_plain_model():
     """With kernel fits and train.jit_compile (the `default` preset) the maps are fitted
     as the train step runs the model: the fits outside XLA, the model after them inside,

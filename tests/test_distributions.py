@@ -186,3 +186,84 @@ def test_quantiles_at_many_levels_at_once_equal_each_level_alone():
         np.testing.assert_allclose(together[..., j], bars.quantile(logits, level).numpy(),
                                    rtol=1e-6, atol=1e-6)
     assert (np.diff(together, axis=-1) >= 0).all()
+
+
+# ------------------------------------------------- warped tails (a recalibration map)
+LEVELS = np.array([0.0, 0.002, 0.01, 0.025] + [0.05 * i for i in range(1, 20)]
+                  + [0.975, 0.99, 0.998, 1.0])
+
+
+def _mapped(logits, seed):
+    """A random increasing map R on [0, 1] (at LEVELS; 99:1 with the identity, as fitted
+    maps are), and for each row of logits the logits of R's bin masses (the tails' ones
+    R(p_0) and 1 - R(1 - p_last); the inner bins keep their share of the rest) and the
+    tails' warps [n, 4, K] (`BarHead`'s construction): R(F(y)) inside the tails."""
+    rng = np.random.default_rng(seed)
+    table = 0.99 * np.r_[0.0, np.sort(rng.uniform(size=len(LEVELS) - 2)), 1.0] + 0.01 * LEVELS
+    p = tf.nn.softmax(logits).numpy().astype(np.float64)
+    lo = np.interp(p[:, 0], LEVELS, table)
+    hi = 1.0 - np.interp(1.0 - p[:, -1], LEVELS, table)
+    inner = p[:, 1:-1] / p[:, 1:-1].sum(1, keepdims=True) * (1.0 - lo - hi)[:, None]
+    new = np.log(np.concatenate([lo[:, None], inner, hi[:, None]], 1))
+    flip = 1.0 - table[::-1]
+    warp = lambda r, m, mm: [np.minimum(LEVELS / m[:, None], 1.0),  # noqa: E731
+                             np.clip(r[None] / mm[:, None], 0.0, 1.0)]
+    tails = np.stack(warp(table, p[:, 0], lo) + warp(flip, p[:, -1], hi), 1)
+    return table, tf.constant(new, tf.float32), tf.constant(tails, tf.float32)
+
+
+@TAILS
+def test_warped_tails_keep_a_density_whose_cdf_moments_and_quantiles_agree(tail):
+    """With tail warps the density still integrates to 1, its integral is the CDF, the
+    mean and variance are its moments, the quantiles invert the CDF; inside the tails
+    P(Y <= y) = R(F(y)), F the unwarped distribution's CDF."""
+    bars = BarDistribution(BORDERS, tail=tail)
+    base = _logits(3, seed=7) + tf.constant([[1.5, 0, 0, 0, 0, 1.0]])  # heavy outer bins
+    y = _grid(tail)
+    yt = tf.constant(y, tf.float32)
+    levels = np.array([0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999], np.float32)
+    for seed in (1, 2):
+        table, logits, tails = _mapped(base, seed)
+        mean, var = bars.mean(logits, tails).numpy(), bars.variance(logits, tails).numpy()
+        qs = bars.quantiles(logits, levels, tails).numpy()  # (3, L)
+        assert np.all(np.diff(qs, axis=-1) > 0)
+        for i in range(3):
+            li, ti = (tf.repeat(v[i:i + 1], len(y), 0) for v in (logits, tails))
+            dens = np.exp(bars.log_prob(li, yt, ti).numpy().astype(np.float64))
+            assert np.trapezoid(dens, y) == pytest.approx(1.0, abs=1e-4)
+            cdf = bars.cdf(li, yt, ti).numpy()
+            numeric = np.concatenate([[0.0], np.cumsum((dens[1:] + dens[:-1]) / 2 * np.diff(y))])
+            np.testing.assert_allclose(cdf[::1000], numeric[::1000], atol=2e-4)
+            m = np.trapezoid(dens * y, y)
+            assert mean[i] == pytest.approx(m, abs=2e-4)
+            assert var[i] == pytest.approx(np.trapezoid(dens * (y - m) ** 2, y), rel=1e-3)
+            f0 = bars.cdf(tf.repeat(base[i:i + 1], len(y), 0), yt).numpy().astype(np.float64)
+            tails_at = (y < BORDERS[1]) | (y > BORDERS[-2])
+            np.testing.assert_allclose(cdf[tails_at], np.interp(f0[tails_at], LEVELS, table),
+                                       atol=2e-6, rtol=1e-4)
+            back = bars.cdf(tf.repeat(logits[i:i + 1], len(levels), 0), tf.constant(qs[i]),
+                            tf.repeat(tails[i:i + 1], len(levels), 0)).numpy()
+            np.testing.assert_allclose(back, levels, atol=2e-5)
+        assert np.abs(mean - bars.mean(logits).numpy()).max() > 1e-3  # the warp moved it
+
+
+@TAILS
+def test_the_identity_warp_changes_nothing(tail):
+    bars = BarDistribution(BORDERS, tail=tail)
+    logits = _logits(4, seed=3)
+    p = tf.nn.softmax(logits).numpy()
+    same = lambda m: np.minimum(LEVELS / m[:, None], 1.0)  # noqa: E731
+    tails = tf.constant(np.stack([same(p[:, 0]), same(p[:, 0]), same(p[:, -1]),
+                                  same(p[:, -1])], 1), tf.float32)
+    y = tf.constant([-9.0, -2.5, -1.2, 0.2, 2.0, 3.5, 40.0], tf.float32)
+    li, ti = (tf.repeat(v[:, None], 7, 1) for v in (logits, tails))
+    yy = tf.repeat(y[None], 4, 0)
+    for f in ("log_prob", "cdf"):
+        np.testing.assert_allclose(getattr(bars, f)(li, yy, ti).numpy(),
+                                   getattr(bars, f)(li, yy).numpy(), rtol=1e-6, atol=1e-7)
+    for f in ("mean", "variance"):
+        np.testing.assert_allclose(getattr(bars, f)(logits, tails).numpy(),
+                                   getattr(bars, f)(logits).numpy(), rtol=1e-5, atol=1e-6)
+    levels = np.array([0.001, 0.05, 0.5, 0.95, 0.999], np.float32)
+    np.testing.assert_allclose(bars.quantiles(logits, levels, tails).numpy(),
+                               bars.quantiles(logits, levels).numpy(), rtol=1e-5, atol=1e-5)
