@@ -881,9 +881,9 @@ class BarHead(keras.layers.Layer):
     values at RECAL_LEVELS of an increasing piecewise-linear R on [0, 1]. Outside
     training, each bin's mass becomes R(F(right border)) - R(F(left border)), F the
     distribution's CDF (Kuleshov et al. 2018's recalibration, on the head's own bins):
-    the distribution stays a bar distribution on the same borders, and where R is the
-    empirical CDF of the prior's probability integral transforms its central intervals
-    cover what they claim on the prior. The map starts as the identity (no change);
+    the inner bins stay uniform on the same borders, and where R is the empirical CDF of
+    the prior's probability integral transforms its central intervals cover what they
+    claim on the prior. The map starts as the identity (no change);
     `gpicl_tf.train.fit_recalibration` fits it after training.
 
     Inside the outer bins the map applies to the CDF itself, not to the bin's mass only:
