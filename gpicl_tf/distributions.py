@@ -163,9 +163,11 @@ class BarDistribution:
         return m1, 2.0 * tf.square(m1) * (a - 1.0) / (a - 2.0)
 
     def _tail_inverse_survival64(self, s, scale):
-        """_tail_inverse_survival in float64, exact down to s = 1e-300 (s, scale float64)."""
+        """_tail_inverse_survival in float64 (s, scale float64), for s down to 1e-300. The
+        half-normal's is capped at 40 scales, where no mass is left: under XLA, ndtri
+        of an argument below about 1e-20 is -inf, and inf * 0 in the moments NaN."""
         if self.tail == "normal":
-            return scale * -tf.math.ndtri(s / 2.0)
+            return tf.minimum(scale * -tf.math.ndtri(s / 2.0), 40.0 * scale)
         return scale * tf.math.expm1(-tf.math.log(s) / self.tail_index)
 
     def _tail_partial_moments(self, ta, tb, scale):

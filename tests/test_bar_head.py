@@ -345,7 +345,7 @@ def test_a_fitted_map_places_quantiles_inside_the_tails_and_the_export_agrees(tm
     """Inside the outer bins the map applies to the CDF itself: a query y there gets
     P(Y <= y) = R(F(y)), F the unmapped head's CDF (the bin-level map alone gave
     R(F(b_1)) F(y) / F(b_1)), and the quantile at level R(F(y)) is y again. The export's
-    CDF, log density, std and quantiles equal the Keras model's."""
+    CDF, log density, mean, std and quantiles equal the Keras model's, with XLA too."""
     from gpicl_tf.export import export_model
     from gpicl_tf.layers import RECAL_LEVELS
 
@@ -375,11 +375,18 @@ def test_a_fitted_map_places_quantiles_inside_the_tails_and_the_export_agrees(tm
     np.testing.assert_allclose(dens["cdf"].numpy(), mapped.cdf(qy).numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(dens["log_prob"].numpy(), mapped.log_prob(qy).numpy(),
                                rtol=1e-4, atol=1e-4)
-    served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
-    np.testing.assert_allclose(served["std"].numpy(), mapped.std().numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(served["quantiles"].numpy(),
-                               mapped.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy(),
-                               rtol=1e-4, atol=1e-4)
+    for jit in (False, True):  # under XLA too (its ndtri of a tiny argument is -inf)
+        if jit:
+            sig = tf.saved_model.load(export_model(model, cfg, str(tmp_path / "exp"), "x",
+                                                   jit_compile=True)).signatures
+        served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+        np.testing.assert_allclose(served["mean"].numpy(), mapped.mean().numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(served["std"].numpy(), mapped.std().numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(served["quantiles"].numpy(),
+                                   mapped.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy(),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_recalibration_with_the_fits_outside_xla_fits_the_maps_of_the_plain_model():
