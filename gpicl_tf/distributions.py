@@ -196,7 +196,7 @@ class BarDistribution:
         scale = self._scale(width)
         t = self._tail_inverse_survival64(tf.clip_by_value(xs, 1e-300, 1.0), scale)
         m1, m2 = self._tail_partial_moments(t[..., 1:], t[..., :-1], scale)
-        slope = tf.math.divide_no_nan(ys[..., 1:] - ys[..., :-1], xs[..., 1:] - xs[..., :-1])
+        _, slope = _pieces(xs, ys)
         e1, e2 = self._tail_moments(width)
         return (tf.cast(tf.reduce_sum(slope * m1, -1) - e1, tf.float32),
                 tf.cast(tf.reduce_sum(slope * m2, -1) - e2, tf.float32))
@@ -337,20 +337,25 @@ class BarDistribution:
         return self.quantile(logits, 0.5, tails)
 
 
+def _pieces(xs, ys):
+    """The widths and slopes [..., K - 1] of the pieces of the increasing piecewise-linear
+    map through (xs, ys) [..., K] (slope 0 where a piece has no width)."""
+    dx = xs[..., 1:] - xs[..., :-1]
+    return dx, tf.math.divide_no_nan(ys[..., 1:] - ys[..., :-1], dx)
+
+
 def _warp(x, xs, ys):
-    """The increasing piecewise-linear map through (xs, ys) [..., K] at x [...] (xs from
-    0 to 1; pieces of zero width add nothing)."""
-    dx, dy = xs[..., 1:] - xs[..., :-1], ys[..., 1:] - ys[..., :-1]
-    slope = tf.math.divide_no_nan(dy, dx)
+    """That map at x [...] (xs from 0 to 1; pieces of zero width add nothing)."""
+    dx, slope = _pieces(xs, ys)
     run = tf.clip_by_value(x[..., None] - xs[..., :-1], 0.0, dx)
     return ys[..., 0] + tf.reduce_sum(slope * run, -1)
 
 
 def _warp_slope(x, xs, ys):
     """The slope of that map at x in (0, 1] (the piece with xs_j < x <= xs_j+1)."""
-    dx, dy = xs[..., 1:] - xs[..., :-1], ys[..., 1:] - ys[..., :-1]
+    _, slope = _pieces(xs, ys)
     inside = (x[..., None] > xs[..., :-1]) & (x[..., None] <= xs[..., 1:])
-    return tf.reduce_sum(tf.where(inside, tf.math.divide_no_nan(dy, dx), 0.0), -1)
+    return tf.reduce_sum(tf.where(inside, slope, 0.0), -1)
 
 
 def _npdf(z):
