@@ -15,7 +15,9 @@ Trains from the real task stream and reports achieved model GFLOP/s (matmul
 FLOPs of forward + backward) as a fraction of an fp32 (or bf16 with
 train.precision=mixed_bfloat16) 2048x2048 matmul peak measured in the same run.
 Issue 3/7's targets: at least 1.0x torch.compile on the same model and batch
-(--peer torch; `--preset mlp1d` is exactly the peer's model), and a model FLOP
+(--peer torch: `--preset mlp1d` and `--preset default` are the peer's two models; with
+`default` the peer first checks its features, logits and loss against gpicl_tf's on the
+same weights and batch, and the line it prints says how far apart they are), and a model FLOP
 utilisation of at least 35% (default) and 60% (paper).
 """
 
@@ -143,9 +145,10 @@ def main(argv=None):
         p.error(f"{'--compare-set' if a.compare_set else '--step-only'}: needs --compare "
                 "PRESET (the config it changes)")
     cfg = apply_overrides(get_preset(a.preset), a.set)
-    if a.peer == "torch" and cfg.model.head != "mse":
-        p.error(f"--peer torch: the PyTorch peer has the mse head, this config "
-                f"model.head={cfg.model.head!r}; add --set model.head=mse to time the same model")
+    if a.peer == "torch":
+        problem = peer_problem(cfg)
+        if problem:
+            p.error(f"--peer torch: {problem}")
     if a.scaling:
         scaling(a, cfg)
         return
@@ -256,8 +259,14 @@ def compare_with_torch(a, cfg, peak: float, flops: float):
     names = list(trainers) + ["eager", "compile"]
     rates = {name: [] for name in names}
     cores = {name: [] for name in names}
+    model_file = None
+    if cfg.model.head == "bar":  # the `default` model: the peer checks it against ours
+        model_file = os.path.join(tempfile.mkdtemp(), "peer_model.npz")
+        write_peer_model(cfg, model_file)
     for r in range(a.rounds):
-        peer = torch_peer(a.torch_python, cfg, a.calls * cfg.train.steps_per_call)
+        peer = torch_peer(a.torch_python, cfg, a.calls * cfg.train.steps_per_call, model_file)
+        if r == 0 and model_file:
+            print(peer_check_line(peer))
         for mode in ("eager", "compile"):
             rates[mode].append(peer[f"{mode}_steps_per_sec"])
             cores[mode].append(peer[f"{mode}_cores"])
@@ -295,9 +304,98 @@ def full_core_rounds(cores: dict, n_cpus=None) -> list:
     return [i for i in range(n_rounds) if all(v[i] >= need for v in cores.values())]
 
 
-def torch_peer(python: str, cfg, steps: int) -> dict:
+# The PyTorch peer's two models: the plain one (`mlp1d`: the mse head, no fits) and the
+# `default` preset's (benchmarks/torch_peer.py's BarTransformer): model settings each needs
+PLAIN_PEER = {"head": "mse", "absent_features": "zero", "ridge_penalties": (),
+              "kernel_length_scales": (), "cubic_penalties": (), "fit_loo": False,
+              "base_fit": "none", "y_scale": "std", "kernel_std": False}
+BAR_PEER = {"head": "bar", "absent_features": "flags", "cubic_penalties": (), "fit_loo": False,
+            "base_fit": "loo_bma", "y_scale": "loo_gp", "kernel_std": True}
+
+
+def peer_problem(cfg):
+    """Why the PyTorch peer cannot run this config's model (None when it can): it has the
+    plain model of `mlp1d` and the `default` preset's model, on float32 regression tasks."""
+    m, t = cfg.model, cfg.task
+    if t.kind != "regression" or cfg.train.precision != "float32":
+        return (f"the PyTorch peer is for float32 regression; this config has task.kind="
+                f"{t.kind!r}, train.precision={cfg.train.precision!r}")
+    want = BAR_PEER if m.head == "bar" else PLAIN_PEER
+    for key, value in want.items():
+        if getattr(m, key) != value:
+            return (f"the PyTorch peer's {m.head} model needs model.{key}={value!r}, this config"
+                    f" has {getattr(m, key)!r} (it has `mlp1d`'s and `default`'s models)")
+    if m.head == "bar":
+        noises = m.kernel_noises or (m.kernel_noise,) * len(m.kernel_length_scales)
+        if not (m.ridge_penalties and m.kernel_length_scales) or min(noises) < 1e-4:
+            return ("the PyTorch peer's bar model needs ridge_penalties, kernel_length_scales "
+                    f"and kernel noises >= 1e-4 (float32 fits), this config has "
+                    f"{m.ridge_penalties}, {m.kernel_length_scales}, {tuple(noises)}")
+    return None
+
+
+def write_peer_model(cfg, path: str) -> None:
+    """The bar peer's model file (an .npz): the config it needs, a fresh trainer's weights
+    (the prior's borders), the stream's first batch (the batch "step only" repeats), and
+    gpicl_tf's features, y_loc, y_scale and training loss on it, and its logits and loss
+    with a random head kernel (check_*), which the peer checks its own against."""
+    import json
+
+    import numpy as np
+
+    from gpicl_tf import data as data_lib
+    from gpicl_tf.losses import masked_query_loss
+    from gpicl_tf.model import bar_distribution
+
+    trainer = Trainer(cfg, tempfile.mkdtemp(), strategy=tf.distribute.get_strategy())
+    trainer._fresh_borders()
+    model, m = trainer.model, cfg.model
+    batch = next(iter(data_lib.make_dataset(cfg.task, cfg.train.seed, cfg.train.batch_size)))
+    x, y, q = batch["x"], batch["y"], batch["is_query"]
+    feats, y_loc, y_scale = model.get_layer("standardize")(x, y, q)
+    trunk, bars = model.trunk(), bar_distribution(model)
+    out = trunk([feats, y_loc, y_scale, q], training=True)
+    loss = masked_query_loss(y, out, q, "nll", None, bars)
+    # The initial head kernel is zero (every logit 0): the logits and loss are checked
+    # again with a random one, put back after
+    head = model.get_layer("bar").dense.kernel
+    zero = head.numpy()
+    check_kernel = np.random.default_rng(0).normal(0.0, 0.3, zero.shape).astype(np.float32)
+    head.assign(check_kernel)
+    check = trunk([feats, y_loc, y_scale, q], training=True)
+    check_loss = masked_query_loss(y, check, q, "nll", None, bars)
+    head.assign(zero)
+    config = {"std_eps": m.std_eps, "ridge_penalties": list(m.ridge_penalties),
+              "kernel_length_scales": list(m.kernel_length_scales),
+              "kernel_noises": list(m.kernel_noises
+                                    or (m.kernel_noise,) * len(m.kernel_length_scales)),
+              "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+              "key_dim": m.head_dim, "mlp_ratio": m.mlp_ratio, "gelu": m.gelu,
+              "n_features": int(feats.shape[-1]), "y_dim": cfg.task.y_dim,
+              "bar_tail": m.bar_tail, "bar_tail_index": m.bar_tail_index}
+    arrays = {f"w:{v.path}": v.numpy() for v in model.trainable_variables}
+    np.savez(path, config=json.dumps(config), x=x.numpy(), y=y.numpy(), is_query=q.numpy(),
+             borders=model.get_layer("bar").borders.numpy(), features=feats.numpy(),
+             y_loc=y_loc.numpy(), y_scale=y_scale.numpy(), loss=loss.numpy(),
+             check_head_kernel=check_kernel, check_logits=check["logits"].numpy(),
+             check_loss=check_loss.numpy(), **arrays)
+
+
+def peer_check_line(peer: dict) -> str:
+    """What the bar peer's checks found (benchmarks/torch_peer.py's check_* figures)."""
+    diffs = ", ".join(f"{k[6:-13]} {v:.1e}" for k, v in peer.items()
+                      if k.startswith("check_") and k.endswith("_max_abs_diff"))
+    return ("the PyTorch model against gpicl_tf's on the same weights and batch, largest "
+            f"differences: {diffs} (logits: the transformer and head on gpicl_tf's features, "
+            f"a random head kernel); that loss {peer['check_loss_gpicl_tf']:.6f} (gpicl_tf) "
+            f"and {peer['check_loss_torch']:.6f} (PyTorch); the initial training loss "
+            f"{peer['initial_loss_gpicl_tf']:.6f} and {peer['initial_loss_torch']:.6f}")
+
+
+def torch_peer(python: str, cfg, steps: int, model_file=None) -> dict:
     """Times `steps` steps of benchmarks/torch_peer.py (the same model in PyTorch) in a
-    subprocess."""
+    subprocess: the plain model from cfg's sizes, or the bar model of `model_file`
+    (write_peer_model)."""
     import json
     import subprocess
 
@@ -306,7 +404,7 @@ def torch_peer(python: str, cfg, steps: int) -> dict:
            "--batch", str(cfg.train.batch_size), "--points", str(cfg.task.n_points),
            "--d-model", str(m.d_model), "--layers", str(m.n_layers), "--heads", str(m.n_heads),
            "--key-dim", str(m.head_dim), "--mlp-ratio", str(m.mlp_ratio), "--gelu", m.gelu,
-           "--steps", str(steps)]
+           "--steps", str(steps)] + (["--model-file", model_file] if model_file else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"train_throughput.py: error: --peer torch failed ({python}): "

@@ -551,3 +551,60 @@ def test_tail_coverage_counts_pits_and_tail_quantiles_of_a_run(tiny_bar_run, cap
     with pytest.raises(SystemExit):
         tail_coverage.main(["--logdir", logdir, "--ks", str(cfg.task.n_points)])
     assert f"the run's tasks have {cfg.task.n_points} points" in capsys.readouterr().err
+
+
+def test_the_torch_peers_bar_model_file_holds_what_the_peer_checks(tmp_path):
+    """write_peer_model (the `default` preset's model, made small): the peer's config, every
+    trainable weight under its Keras path, the stream's first batch, gpicl_tf's features (as
+    wide as the embedding's input) and training loss, and the logits and loss again with a
+    random head kernel (the initial one is zero: every logit 0), which the trainer's model
+    gets back after. peer_problem names a setting the peer's models do not have."""
+    from benchmarks.train_throughput import peer_problem, write_peer_model
+    from gpicl_tf.config import apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset("default"), [
+        "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "task.n_points=12",
+        "train.batch_size=8"])
+    assert peer_problem(cfg) is None and peer_problem(get_preset("mlp1d")) is None
+    path = str(tmp_path / "peer.npz")
+    write_peer_model(cfg, path)
+    f = np.load(path)
+    config = json.loads(str(f["config"]))
+    assert config["kernel_noises"] == list(cfg.model.kernel_noises)
+    assert config["ridge_penalties"] == list(cfg.model.ridge_penalties)
+    assert (config["d_model"], config["n_layers"], config["bar_tail"]) == (16, 1, "pareto")
+    weights = {k[2:]: f[k] for k in f.files if k.startswith("w:")}
+    assert weights["embed/kernel"].shape == (config["n_features"], 16)
+    assert f["features"].shape == (8, 12, config["n_features"])
+    assert f["x"].shape == (8, 12, 8) and f["is_query"].shape == (8, 12)
+    assert not weights["bar/logits/kernel"].any() and f["check_head_kernel"].std() > 0.1
+    assert f["check_logits"].shape == (8, 12, 1, cfg.model.n_bins) and f["check_logits"].std() > 0
+    assert np.isfinite(f["loss"]) and np.isfinite(f["check_loss"])
+    assert abs(float(f["loss"]) - float(f["check_loss"])) > 1e-3
+    for override, field in (("model.kernel_std=false", "model.kernel_std"),
+                            ("model.absent_features=both", "model.absent_features"),
+                            ("model.kernel_noises=[1e-6,1e-4,1e-4,1e-4,1e-4,0.01,0.01,0.01]",
+                             "kernel noises >= 1e-4")):
+        assert field in peer_problem(apply_overrides(get_preset("default"), [override]))
+
+
+def test_the_torch_peers_constants_are_gpicl_tfs():
+    """benchmarks/torch_peer.py imports no TensorFlow, so it restates the layer's clips,
+    floors and the recalibration levels: they must stay the package's."""
+    import ast
+    import math
+
+    from gpicl_tf import distributions, layers
+
+    with open(os.path.join(REPO, "benchmarks", "torch_peer.py")) as fh:
+        tree = ast.parse(fh.read())
+    assigns = [n for n in tree.body if isinstance(n, ast.Assign)]
+    names = {}
+    exec(compile(ast.Module(body=assigns, type_ignores=[]), "torch_peer", "exec"),
+         {"math": math}, names)
+    for name in ("LOO_CLIP", "BASE_CLIP", "BASE_CLIP_MAX", "LOO_SCALE_FLOOR", "GP_UNIT_MIN",
+                 "GP_UNIT_MAX", "KERNEL_VAR_FLOOR", "KERNEL_VAR_FLOOR_F64",
+                 "KERNEL_FLOAT32_NOISE", "RECAL_LEVELS"):
+        assert names[name] == getattr(layers, name), name
+    for name in ("PHI_INV_075", "SQRT_2_OVER_PI"):
+        assert names[name] == getattr(distributions, name), name
