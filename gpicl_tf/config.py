@@ -358,6 +358,14 @@ class ModelConfig:
         fitted to the probability integral transforms of the training prior's query
         points (`gpicl_tf.train.fit_recalibration`, a stream of its own), so its 50% and
         90% central intervals cover that share of the prior's queries. Bar head only.
+      recalibrate_width: with recalibrate, a map per context-size bucket and input-width
+        group (1, 2, 3-4, 5-8, 9+ features; each point takes its own width's), so the
+        intervals cover what they claim on the prior's tasks of each width, not only on
+        their mixture (BarHead's by_width).
+      loo_intercept: the ridge (and cubic) fits' leave-one-out residuals count the
+        intercept that centring x and y on the context fitted: leverage h_ii + 1/n. Without
+        it, from n <= d + 1 context points of d features a near-interpolating fit looked
+        exact under leave-one-out and became the base fit with a tiny unit.
     """
 
     d_model: int = 64
@@ -382,9 +390,16 @@ class ModelConfig:
     base_fit: str = "none"
     y_scale: str = "std"
     recalibrate: bool = False
+    recalibrate_width: bool = False
+    loo_intercept: bool = False
 
     def __post_init__(self):
         o = "model"
+        _require(isinstance(self.loo_intercept, bool), o, "loo_intercept", self.loo_intercept,
+                 "a bool")
+        _require(isinstance(self.recalibrate_width, bool)
+                 and (not self.recalibrate_width or self.recalibrate), o, "recalibrate_width",
+                 self.recalibrate_width, "a bool, true only with recalibrate=true")
         _require(isinstance(self.recalibrate, bool) and (not self.recalibrate
                                                          or self.head == "bar"),
                  o, "recalibrate", self.recalibrate, "a bool, true only with head='bar'")

@@ -247,7 +247,8 @@ class ContextStandardizer(keras.layers.Layer):
                  absent_features: str = "zero", ridge_penalties=(),
                  kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
-                 kernel_std: bool = False, cubic_penalties=(), **kwargs):
+                 kernel_std: bool = False, cubic_penalties=(), loo_intercept: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         if cubic_penalties and not standardize_y:
             raise ValueError("cubic_penalties are for regression (standardize_y=True): "
@@ -302,6 +303,7 @@ class ContextStandardizer(keras.layers.Layer):
             self.kernel_noise = float(kernel_noise)
         self.fit_loo = bool(fit_loo)
         self.kernel_std = bool(kernel_std)
+        self.loo_intercept = bool(loo_intercept)
 
     def _stats(self, v, w, n):
         """Location and scale of the context values, relative to the data.
@@ -511,7 +513,12 @@ class ContextStandardizer(keras.layers.Layer):
         of solves (a handful of ops however many penalties: the serving graph runs op by
         op): [B, N, P, dy], and (with fit_loo or base_fit, else None) the leave-one-out
         fits (y_hat_i - h_ii y_i) / (1 - h_ii), h_ii = x_i'(X'X + lambda I)^-1 x_i the
-        leverage, from the same solve with X' as further right-hand sides."""
+        leverage, from the same solve with X' as further right-hand sides. With
+        loo_intercept the leverage also counts the intercept the standardisation fitted
+        (x and y are centred on the context), h_ii + 1/n, as the mean's own leave-one-out
+        error does (y_i n / (n - 1)): without it, from n <= d + 1 context points of d
+        features a near-interpolating fit's leverage is about 1 - 1/n and its residuals
+        about 0, so its leave-one-out residuals came out near 0 and base_fit picked it."""
         xc = xs * w  # context rows; query rows 0 (ys is already 0 on queries)
         gram = ops.einsum("bni,bnj->bij", xc, xc)  # (B, dx, dx)
         rhs = ops.einsum("bni,bnk->bik", xc, ys)  # (B, dx, dy): X'y
@@ -526,6 +533,9 @@ class ContextStandardizer(keras.layers.Layer):
         if not self._need_loo:
             return fit, None
         lev = ops.einsum("bni,bpin->bnp", xc, sol[..., dy:])[..., None]  # (B, N, P, 1)
+        if self.loo_intercept:  # the context's mean was fitted too: its leverage 1/n
+            n = ops.sum(w, axis=1, keepdims=True)[..., None]  # (B, 1, 1, 1)
+            lev = lev + w[..., None] / ops.maximum(n, 1.0)
         return fit, (fit - lev * ys[:, :, None]) / ops.maximum(1.0 - lev, 1e-6)
 
     @staticmethod
@@ -650,7 +660,7 @@ class ContextStandardizer(keras.layers.Layer):
                 "kernel_noise": (list(self.kernel_noise) if isinstance(self.kernel_noise, tuple)
                                  else self.kernel_noise),
                 "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
-                "kernel_std": self.kernel_std}
+                "kernel_std": self.kernel_std, "loo_intercept": self.loo_intercept}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -807,6 +817,21 @@ RECAL_BUCKETS = 13  # context sizes 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, ..., 48-6
 RECAL_LEVELS = ((0.0, 0.002, 0.01, 0.025) + tuple(round(0.05 * i, 2) for i in range(1, 20))
                 + (0.975, 0.99, 0.998, 1.0))
 RECAL_KNOTS = len(RECAL_LEVELS) - 1  # the map's pieces
+# recalibrate_width: input-width groups of the maps, 1, 2, 3-4, 5-8 and 9 or more features
+RECAL_WIDTHS = 5
+
+
+def width_group(feats, x_dim: int):
+    """The recalibration width group [B, N] (int32) of every point: of its own standardised
+    x (the first x_dim features), how many are not exactly 0, grouped 1, 2, 3-4, 5-8, 9+
+    (0 features counts as 1). Padded (absent) features standardise to exactly 0 and
+    present ones almost never do, at every context size: with one context point or none a
+    point's x less the context's is still nonzero where the feature is present, though
+    the context's spread (the presence flags) is 0 there. From the point's own token, so
+    queries stay independent."""
+    d = ops.sum(ops.cast(ops.not_equal(feats[..., :x_dim], 0.0), "float32"), axis=-1)
+    g = ops.ceil(ops.log(ops.maximum(d, 1.0)) / math.log(2.0) - 1e-6)  # ceil(log2 d)
+    return ops.cast(ops.minimum(g, RECAL_WIDTHS - 1), "int32")
 
 
 def context_bucket(n):
@@ -832,10 +857,12 @@ def _tail_warp(table, mass, mapped):
     return ops.stack([xs, ys], axis=-2)
 
 
-def bar_outputs(bar, h, y_loc, y_scale, is_query) -> dict:
+def bar_outputs(bar, h, y_loc, y_scale, is_query, feats=None) -> dict:
     """The model's output dict of a bar head `bar` (BarHead): y_pred, logits, y_loc,
-    y_scale and, with a recalibration map, the tail warps ("tails")."""
-    out = bar(h, y_loc, y_scale, is_query)
+    y_scale and, with a recalibration map, the tail warps ("tails"). feats: the
+    standardiser's features (the maps' width groups, with recalibrate_width)."""
+    out = bar(h, y_loc, y_scale, is_query, feats) if bar.by_width else bar(h, y_loc, y_scale,
+                                                                          is_query)
     outputs = {"y_pred": out[1], "logits": out[0], "y_loc": y_loc, "y_scale": y_scale}
     if len(out) == 3:
         outputs["tails"] = out[2]
@@ -900,33 +927,54 @@ class BarHead(keras.layers.Layer):
     with the other; only its densities, moments and quantiles beyond the outer borders
     differ.
 
+    With `by_width` (model.recalibrate_width) there is a map per context-size bucket and
+    input-width group (`width_group`: 1, 2, 3-4, 5-8, 9+ features), each point taking
+    that of its own width: a prior of many widths covers its wide tasks' queries less
+    and its 1-D tasks' more than its mixture at the same context size (at 8 context
+    points the `default`'s 90% intervals covered 0.74-0.82 of the queries of 5-8 features
+    and 0.89-0.91 of 1-D ones), which one map per size cannot fix. x_dim: the model's
+    input width (the features' first x_dim columns are the standardised x).
+
     Call args: h [B, N, D], y_loc [B, 1, dy], y_scale [B, 1, dy], is_query [B, N]
-      (needed by the recalibration only).
+      (needed by the recalibration only), feats [B, N, F] the standardiser's features
+      (needed with by_width only).
     Returns: logits [B, N, dy, n_bins] and the distribution's mean on the raw
       scale of y [B, N, dy]; with `recalibrate`, also the tail warps.
     """
 
     def __init__(self, y_dim: int, n_bins: int, recalibrate: bool = False,
-                 tail: str = "normal", tail_index: float = 3.0, **kwargs):
+                 tail: str = "normal", tail_index: float = 3.0, by_width: bool = False,
+                 x_dim: int = 0, **kwargs):
         super().__init__(**kwargs)
         from gpicl_tf.distributions import check_tail
 
         check_tail(tail, tail_index)
+        if by_width and not (recalibrate and isinstance(x_dim, int) and x_dim >= 1):
+            raise ValueError(f"by_width=True (maps per input width) needs recalibrate=True and "
+                             f"x_dim >= 1, got recalibrate={recalibrate!r}, x_dim={x_dim!r}")
+        self.by_width, self.x_dim = bool(by_width), int(x_dim)
         self.y_dim, self.n_bins, self.recalibrate = y_dim, n_bins, bool(recalibrate)
         self.tail, self.tail_index = tail, float(tail_index)
         self.dense = keras.layers.Dense(y_dim * n_bins, kernel_initializer="zeros",
                                         name="logits")
 
-    def build(self, h_shape, y_loc_shape=None, y_scale_shape=None, is_query_shape=None):
+    def build(self, h_shape, y_loc_shape=None, y_scale_shape=None, is_query_shape=None,
+              feats_shape=None):
         self.dense.build(h_shape)
         self.borders = self.add_weight(
             shape=(self.n_bins + 1,), name="borders", trainable=False,
             initializer=keras.initializers.Constant(normal_borders(self.n_bins)))
         if self.recalibrate:
-            identity = [list(RECAL_LEVELS)] * RECAL_BUCKETS
+            rows = self.recal_rows
             self.recalibration = self.add_weight(
-                shape=(RECAL_BUCKETS, RECAL_KNOTS + 1), name="recalibration", trainable=False,
-                initializer=keras.initializers.Constant(identity))
+                shape=(rows, RECAL_KNOTS + 1), name="recalibration", trainable=False,
+                initializer=keras.initializers.Constant([list(RECAL_LEVELS)] * rows))
+
+    @property
+    def recal_rows(self) -> int:
+        """Rows of the recalibration weight: one map per context-size bucket, and with
+        by_width per width group too (row = group * RECAL_BUCKETS + bucket)."""
+        return RECAL_BUCKETS * (RECAL_WIDTHS if self.by_width else 1)
 
     def distribution(self):
         """The BarDistribution over this head's borders (standardised units)."""
@@ -935,14 +983,28 @@ class BarHead(keras.layers.Layer):
         return BarDistribution(self.borders.value if hasattr(self.borders, "value")
                                else self.borders, tail=self.tail, tail_index=self.tail_index)
 
-    def recalibrated(self, logits, is_query):
+    def recalibrated(self, logits, is_query, feats=None):
         """logits [B, N, dy, K] -> the logits of the recalibrated bin masses and the
         tails' warps [B, N, dy, 4, RECAL_KNOTS + 1] (float64 inside: the lower tail's
         masses from the CDF, the upper tail's from the survival function, so tiny tail
-        masses keep their precision)."""
+        masses keep their precision). With by_width each point has its own map, that of
+        its width group (`width_group` of feats) and its task's context-size bucket."""
         n = ops.sum(1.0 - ops.cast(is_query, "float32"), axis=1)  # (B,)
-        table = ops.cast(ops.take(ops.convert_to_tensor(self.recalibration),
-                                  context_bucket(n), axis=0), "float64")  # (B, M + 1)
+        row = context_bucket(n)  # (B,)
+        if self.by_width:  # every point its own map: as tasks of one point each
+            shape = ops.shape(logits)
+            row = ops.reshape(width_group(feats, self.x_dim) * RECAL_BUCKETS + row[:, None],
+                              (-1,))  # (B N,)
+            logits, tails = self._recalibrated(
+                ops.reshape(logits, (-1, 1, shape[2], shape[3])), row)
+            return (ops.reshape(logits, shape),
+                    ops.reshape(tails, (shape[0], shape[1], shape[2], 4, RECAL_KNOTS + 1)))
+        return self._recalibrated(logits, row)
+
+    def _recalibrated(self, logits, row):
+        """`recalibrated` with the map of row [B] of the recalibration weight per task."""
+        table = ops.cast(ops.take(ops.convert_to_tensor(self.recalibration), row, axis=0),
+                         "float64")  # (B, M + 1)
         flip = 1.0 - ops.flip(table, axis=-1)  # G(s) = 1 - R(1 - s): RECAL_LEVELS symmetric
         p = ops.softmax(ops.cast(logits, "float64"), axis=-1)
         below = ops.cumsum(p, axis=-1) - p  # F at each bin's left border
@@ -954,13 +1016,17 @@ class BarHead(keras.layers.Layer):
         return (ops.cast(ops.log(ops.maximum(mass, 1e-300)), "float32"),
                 ops.cast(tails, "float32"))
 
-    def call(self, h, y_loc, y_scale, is_query=None, training=False):
+    def call(self, h, y_loc, y_scale, is_query=None, feats=None, training=False):
         logits = ops.cast(self.dense(h), "float32")
         shape = ops.shape(h)
         logits = ops.reshape(logits, (shape[0], shape[1], self.y_dim, self.n_bins))
         tails = None
+        if self.by_width and feats is None and is_query is not None and not training:
+            raise ValueError("a bar head with maps per input width (by_width) needs the "
+                             "standardiser's features: call it as bar(h, y_loc, y_scale, "
+                             "is_query, feats)")
         if self.recalibrate and is_query is not None and not training:
-            logits, tails = self.recalibrated(logits, is_query)
+            logits, tails = self.recalibrated(logits, is_query, feats)
         mean = self.distribution().mean(logits, tails)  # (B, N, dy), standardised
         y_pred = mean * unit_scale(y_scale) + y_loc
         if not self.recalibrate:
@@ -970,7 +1036,8 @@ class BarHead(keras.layers.Layer):
             tails = ops.broadcast_to(levels, (shape[0], shape[1], self.y_dim, 4, RECAL_KNOTS + 1))
         return logits, y_pred, tails
 
-    def compute_output_spec(self, h, y_loc, y_scale, is_query=None, training=False):
+    def compute_output_spec(self, h, y_loc, y_scale, is_query=None, feats=None,
+                            training=False):
         b, n, _ = h.shape
         out = (keras.KerasTensor((b, n, self.y_dim, self.n_bins), dtype="float32"),
                keras.KerasTensor((b, n, self.y_dim), dtype="float32"))
@@ -981,4 +1048,4 @@ class BarHead(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "y_dim": self.y_dim, "n_bins": self.n_bins,
                 "recalibrate": self.recalibrate, "tail": self.tail,
-                "tail_index": self.tail_index}
+                "tail_index": self.tail_index, "by_width": self.by_width, "x_dim": self.x_dim}

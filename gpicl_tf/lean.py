@@ -100,7 +100,7 @@ def lean_forward(model):
             h2 = block_fn(w, h2, bias, b, n)
         h = tf.reshape(ln_final(h2), [b, n, -1])
         if model.head == "bar":
-            return bar_outputs(model.get_layer("bar"), h, y_loc, y_scale, is_query)
+            return bar_outputs(model.get_layer("bar"), h, y_loc, y_scale, is_query, feats)
         if model.classify:
             return model.get_layer("y_pred")(h)
         return model.get_layer("y_pred")(model.get_layer("head")(h), y_loc, y_scale)

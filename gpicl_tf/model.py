@@ -70,6 +70,10 @@ class InContextTransformer(keras.Model):
         evidence-weighted average competes instead.
       recalibrate: the bar head holds a recalibration map per context size (BarHead),
         fitted after training (`gpicl_tf.train.fit_recalibration`).
+      recalibrate_width: with recalibrate, a map per context size and input-width group
+        (BarHead's by_width).
+      loo_intercept: the ridge fits' leave-one-out residuals count the intercept the
+        standardisation fitted (ContextStandardizer).
       y_scale: "student_t" widens y_scale by the Student-t predictive factor of the
         context's size (ContextStandardizer); "loo" makes it the base fit's
         leave-one-out error (needs a base fit); "loo_gp" that error per
@@ -95,7 +99,8 @@ class InContextTransformer(keras.Model):
                  ridge_penalties=(), kernel_length_scales=(), kernel_noise: float = 0.01,
                  fit_loo: bool = False, base_fit: str = "none", y_scale: str = "std",
                  recalibrate: bool = False, kernel_std: bool = False, cubic_penalties=(),
-                 bar_tail: str = "normal", bar_tail_index: float = 3.0, **kwargs):
+                 bar_tail: str = "normal", bar_tail_index: float = 3.0,
+                 recalibrate_width: bool = False, loo_intercept: bool = False, **kwargs):
         head_dim = key_dim if key_dim is not None else d_model // n_heads
         x = keras.Input((None, x_dim), name="x")
         y = keras.Input((None, y_dim), name="y")
@@ -105,7 +110,8 @@ class InContextTransformer(keras.Model):
             eps=std_eps, standardize_y=not classify, absent_features=absent_features,
             ridge_penalties=ridge_penalties, kernel_length_scales=kernel_length_scales,
             kernel_noise=kernel_noise, fit_loo=fit_loo, base_fit=base_fit, y_scale=y_scale,
-            kernel_std=kernel_std, cubic_penalties=cubic_penalties, dtype="float32",
+            kernel_std=kernel_std, cubic_penalties=cubic_penalties,
+            loo_intercept=loo_intercept, dtype="float32",
             name="standardize")
         feats, y_loc, y_scale = standardize(x, y, is_query)
         if head not in ("mse", "bar"):
@@ -125,6 +131,7 @@ class InContextTransformer(keras.Model):
                                                                     name="ln_final"),
                 "bar": lambda: BarHead(y_dim, n_bins, recalibrate=recalibrate,
                                        tail=bar_tail, tail_index=bar_tail_index,
+                                       by_width=recalibrate_width, x_dim=x_dim,
                                        dtype="float32", name="bar"),
                 "dense": lambda: keras.layers.Dense(y_dim, kernel_initializer="zeros",
                                                     dtype="float32",
@@ -140,12 +147,14 @@ class InContextTransformer(keras.Model):
         self.classify, self.absent_features = classify, absent_features
         self.head, self.n_bins, self.recalibrate = head, n_bins, bool(recalibrate)
         self.bar_tail, self.bar_tail_index = bar_tail, float(bar_tail_index)
+        self.recalibrate_width = bool(recalibrate_width)
         self.ridge_penalties = tuple(float(v) for v in ridge_penalties)
         self.kernel_length_scales = tuple(float(v) for v in kernel_length_scales)
         self.kernel_noise, self.fit_loo = standardize.kernel_noise, standardize.fit_loo
         self.base_fit, self.y_scale = standardize.base_fit, standardize.y_scale
         self.kernel_std = standardize.kernel_std
         self.cubic_penalties = standardize.cubic_penalties
+        self.loo_intercept = standardize.loo_intercept
 
     def trunk(self) -> keras.Model:
         """The model after its standardisation, sharing this model's layers and weights:
@@ -180,7 +189,9 @@ class InContextTransformer(keras.Model):
                 "fit_loo": self.fit_loo, "base_fit": self.base_fit, "y_scale": self.y_scale,
                 "recalibrate": self.recalibrate, "kernel_std": self.kernel_std,
                 "cubic_penalties": list(self.cubic_penalties),
-                "bar_tail": self.bar_tail, "bar_tail_index": self.bar_tail_index}
+                "bar_tail": self.bar_tail, "bar_tail_index": self.bar_tail_index,
+                "recalibrate_width": self.recalibrate_width,
+                "loo_intercept": self.loo_intercept}
 
     @classmethod
     def from_config(cls, config):
@@ -197,7 +208,7 @@ def _trunk_outputs(layer, n_layers: int, bar: bool, classify: bool, feats, y_loc
         h = layer("block", i)(h, mask)
     h = layer("ln_final")(h)
     if bar:
-        return bar_outputs(layer("bar"), h, y_loc, y_scale, is_query)
+        return bar_outputs(layer("bar"), h, y_loc, y_scale, is_query, feats)
     out = layer("dense")(h)  # (B, N, dy): logits, or standardised units
     return out if classify else layer("destandardize")(out, y_loc, y_scale)
 
@@ -207,7 +218,7 @@ def standardizer_kwargs(m) -> dict:
     return dict(ridge_penalties=m.ridge_penalties, kernel_length_scales=m.kernel_length_scales,
                 kernel_noise=m.kernel_noises or m.kernel_noise, fit_loo=m.fit_loo,
                 base_fit=m.base_fit, y_scale=m.y_scale, kernel_std=m.kernel_std,
-                cubic_penalties=m.cubic_penalties)
+                cubic_penalties=m.cubic_penalties, loo_intercept=m.loo_intercept)
 
 
 def build_model(cfg: ExperimentConfig) -> InContextTransformer:
@@ -219,7 +230,8 @@ def build_model(cfg: ExperimentConfig) -> InContextTransformer:
         std_eps=m.std_eps,
         classify=t.kind == "classification", absent_features=m.absent_features,
         head=m.head, n_bins=m.n_bins, recalibrate=m.recalibrate, bar_tail=m.bar_tail,
-        bar_tail_index=m.bar_tail_index, **standardizer_kwargs(m),
+        bar_tail_index=m.bar_tail_index, recalibrate_width=m.recalibrate_width,
+        **standardizer_kwargs(m),
         name=cfg.name.replace("-", "_"))
 
 

@@ -180,9 +180,15 @@ def fits_outside_xla(model, jit_compile: bool) -> bool:
 
 RECAL_STREAM = 0xCA1B  # the tasks that fit the bar head's recalibration (no training step)
 RECAL_CHUNK = 128  # tasks per call of the recalibration's XLA-compiled model
+# model.recalibrate_width: tasks per context-size bucket (their widths as the prior draws
+# them; the `default`'s 2-feature tasks are 18% of them), and the fewest tasks of a
+# width group for a map of its own (fewer keep the bucket's pooled map: maps from 64
+# tasks were too noisy, 0.86 coverage for 0.90)
+RECAL_WIDTH_TASKS = 2048
+RECAL_WIDTH_MIN_TASKS = 192
 
 
-def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: int = 768,
+def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: Optional[int] = None,
                       sizes_per_bucket: int = 3) -> np.ndarray:
     """Fits the bar head's recalibration maps (model.recalibrate; see BarHead) and
     returns them [RECAL_BUCKETS, RECAL_KNOTS + 1].
@@ -197,14 +203,24 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: int = 768,
     1-3 points a 64th of the tasks each: with 4096 tasks in all, their maps were too
     noisy and the 90% intervals covered 0.86 at k = 1.) A pure function of (weights,
     task config, seed): every worker fits the same maps.
+
+    With model.recalibrate_width (the head's by_width) each bucket's queries are split by
+    their width group (`gpicl_tf.layers.width_group`), tasks_per_bucket defaults to
+    RECAL_WIDTH_TASKS, and a group of at least RECAL_WIDTH_MIN_TASKS tasks gets its own
+    map; the others (widths the prior draws rarely or never) keep the bucket's pooled one.
+    Returns [RECAL_BUCKETS x groups, RECAL_KNOTS + 1] (row group * RECAL_BUCKETS + bucket).
     """
-    from gpicl_tf.layers import RECAL_BUCKETS, RECAL_LEVELS, context_bucket
+    from gpicl_tf.layers import RECAL_BUCKETS, RECAL_LEVELS, context_bucket, width_group
     from gpicl_tf.model import Predictive, model_inputs
 
     bar = model.get_layer("bar")
+    by_width = bar.by_width
+    if tasks_per_bucket is None:
+        tasks_per_bucket = RECAL_WIDTH_TASKS if by_width else 768
     levels = np.asarray(RECAL_LEVELS)
-    table = np.tile(levels, (RECAL_BUCKETS, 1))
+    table = np.tile(levels, (bar.recal_rows, 1))
     bar.recalibration.assign(table.astype(np.float32))  # the head's own distribution
+    std_layer = model.get_layer("standardize")
     bars = bar_distribution(model)
     t = cfg.task
     ks = np.arange(t.min_context, t.context_max + 1)
@@ -235,12 +251,12 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: int = 768,
         # on chunks of one shape (one compilation): 16 s -> 14 s for the `default`'s
         # maps (benchmarks/main_job_phases.py); the maps equal the plain model's but for
         # rounding (a PIT on the other side of a level: one in ~45,000 on `default`)
-        std_layer, trunk = model.get_layer("standardize"), model.trunk()
+        trunk = model.trunk()
 
         @tf.function(jit_compile=True)
         def head_cdf(feats, y_loc, y_scale, y, is_query):
             out = trunk([feats, y_loc, y_scale, is_query], training=False)
-            return Predictive(bars, out).cdf(y)
+            return Predictive(bars, out).cdf(y), width_group(feats, bar.x_dim)
 
         @tf.function
         def pit_chunk(x, y, is_query):
@@ -251,27 +267,46 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: int = 768,
             full = n - n % -RECAL_CHUNK  # n rounded up: the last chunk is filled with the
             x, y, q = (tf.concat([v] * -(-full // n), 0)[:full]  # first tasks, then cut
                        for v in (x, y, is_query))
-            return tf.concat([pit_chunk(x[i:i + RECAL_CHUNK], y[i:i + RECAL_CHUNK],
-                                        q[i:i + RECAL_CHUNK])
-                              for i in range(0, full, RECAL_CHUNK)], 0)[:n]
+            parts = [pit_chunk(x[i:i + RECAL_CHUNK], y[i:i + RECAL_CHUNK],
+                               q[i:i + RECAL_CHUNK]) for i in range(0, full, RECAL_CHUNK)]
+            return tuple(tf.concat(v, 0)[:n] for v in zip(*parts))
     else:
         @tf.function(reduce_retracing=True)
         def pit(x, y, is_query):
             out = model(model_inputs({"x": x, "y": y, "is_query": is_query}), training=False)
-            return Predictive(bars, out).cdf(y)
+            return (Predictive(bars, out).cdf(y),
+                    width_group(std_layer(x, y, is_query)[0], bar.x_dim))
+
+    def fitted(u):  # the map of PITs u: their empirical CDF, 99:1 with the identity
+        u = np.sort(u)
+        emp = np.searchsorted(u, levels, side="right") / len(u)
+        emp[0], emp[-1] = 0.0, 1.0
+        return 0.99 * emp + 0.01 * levels
 
     it = iter(ds)
-    pits = {}  # bucket: PITs of its query points
+    pits = {}  # bucket: (PITs, width groups, task's width group) of its query points
     for (b, _, n), nb in zip(plan, blocks):
         got = [next(it) for _ in range(nb)]
         x, y, q = (tf.concat([g[key] for g in got], 0)[:n] for key in ("x", "y", "is_query"))
-        cdf = pit(x, y, q).numpy()  # (T, N, dy)
-        pits.setdefault(b, []).append(cdf[q.numpy() > 0.5].ravel())
+        cdf, group = (v.numpy() for v in pit(x, y, q))  # (T, N, dy), (T, N)
+        mask = q.numpy() > 0.5
+        dy = cdf.shape[-1]
+        # a task's group: that of most of its queries (all of them but for an x of exactly 0)
+        task_group = np.array([np.bincount(g[m]).argmax() if m.any() else -1
+                               for g, m in zip(group, mask)])
+        pits.setdefault(b, []).append((cdf[mask].ravel(), np.repeat(group[mask], dy),
+                                       task_group))
+    n_groups = bar.recal_rows // RECAL_BUCKETS
     for b, parts in pits.items():
-        u = np.sort(np.concatenate(parts))
-        emp = np.searchsorted(u, levels, side="right") / len(u)
-        emp[0], emp[-1] = 0.0, 1.0
-        table[b] = 0.99 * emp + 0.01 * levels
+        u = np.concatenate([p[0] for p in parts])
+        pooled = fitted(u)
+        table[b::RECAL_BUCKETS] = pooled  # every width group's row of the bucket
+        if by_width:
+            groups = np.concatenate([p[1] for p in parts])
+            tasks = np.concatenate([p[2] for p in parts])
+            for g in range(n_groups):
+                if np.sum(tasks == g) >= RECAL_WIDTH_MIN_TASKS:
+                    table[g * RECAL_BUCKETS + b] = fitted(u[groups == g])
     bar.recalibration.assign(table.astype(np.float32))
     return table
 

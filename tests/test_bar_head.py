@@ -804,3 +804,111 @@ def test_the_prediction_picture_draws_its_tasks_once_and_shows_the_same_ones_aga
         np.testing.assert_array_equal(a, b)
     other = points(prediction_figure(model, cfg, n_tasks=2, seed=12))
     assert not np.array_equal(first[0], other[0])
+
+
+# ------------------------------------------------- recalibration per input width
+WIDTH = ["task.x_dim=4", "task.min_x_dim=1", "model.recalibrate=true"]
+
+
+def test_width_groups_count_a_points_nonzero_standardised_features():
+    from gpicl_tf.layers import width_group
+
+    counts = [0, 1, 2, 3, 4, 5, 8, 9, 16]
+    feats = np.zeros((1, len(counts), 20), "float32")
+    for i, c in enumerate(counts):
+        feats[0, i, :c] = np.linspace(-1.0, 1.0, c) + 0.01  # no exact zero among them
+    feats[0, :, 16:] = 1.0  # the features after x (y, the query flag, ...) do not count
+    np.testing.assert_array_equal(np.asarray(width_group(feats, 16))[0],
+                                  [0, 0, 1, 2, 2, 3, 3, 4, 4])
+    with pytest.raises(ValueError, match="model.recalibrate_width=True is invalid.*recalibrate"):
+        apply_overrides(get_preset("tiny"), ["model.recalibrate_width=true"])
+
+
+def _width_task(width, seed=0):
+    """A task of the width-4 model whose inputs have `width` features (zero-padded)."""
+    cx, cy, qx, qy = _task(seed, dx=4)
+    cx[..., width:], qx[..., width:] = 0.0, 0.0
+    return cx, cy, qx, qy
+
+
+def test_maps_per_width_apply_each_points_own_and_survive_files_and_the_export(tmp_path):
+    """With model.recalibrate_width, a task of 3 features takes the maps of its width group
+    (3-4): the same distribution as the head with one map per context size holding that
+    map; a 1-feature task takes its own group's (here the identity). A query's
+    distribution does not depend on the other queries. The maps travel through .keras
+    files, and the export's mean, std, quantiles and CDF equal the Keras model's."""
+    from gpicl_tf.export import export_model
+    from gpicl_tf.layers import RECAL_BUCKETS, RECAL_LEVELS
+
+    model, cfg = _bar_model(WIDTH + ["model.recalibrate_width=true"])
+    per_size, _ = _bar_model(WIDTH)
+    bar = model.get_layer("bar")
+    levels = np.asarray(RECAL_LEVELS)
+    row = 0.99 * np.r_[0.0, np.sort(np.random.default_rng(7).uniform(size=len(levels) - 2)),
+                       1.0] + 0.01 * levels
+    table = np.tile(levels, (bar.recal_rows, 1))
+    table[2 * RECAL_BUCKETS:3 * RECAL_BUCKETS] = row  # width group 2: 3-4 features
+    bar.recalibration.assign(table.astype("float32"))
+    levels_q = [0.05, 0.25, 0.5, 0.75, 0.95]
+    narrow, wide = _width_task(1), _width_task(3)
+    ident = [_keras_predictive(per_size, *t[:3])[0].quantiles(levels_q).numpy()
+             for t in (narrow, wide)]
+    per_size.get_layer("bar").recalibration.assign(
+        np.tile(row, (RECAL_BUCKETS, 1)).astype("float32"))
+    mapped = _keras_predictive(per_size, *wide[:3])[0]
+    got_n, got_w = (_keras_predictive(model, *t[:3])[0] for t in (narrow, wide))
+    np.testing.assert_allclose(got_n.quantiles(levels_q).numpy(), ident[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_w.quantiles(levels_q).numpy(),
+                               mapped.quantiles(levels_q).numpy(), rtol=1e-5, atol=1e-5)
+    assert np.abs(got_w.quantiles(levels_q).numpy() - ident[1]).max() > 1e-2
+    np.testing.assert_allclose(got_w.std().numpy(), mapped.std().numpy(), rtol=1e-5)
+    # query independence: the first query's distribution with the other queries changed
+    cx, cy, qx, _ = wide
+    other = qx.copy()
+    other[:, 1:, :1] = 0.0  # other queries now of width 2, another group
+    a = _keras_predictive(model, cx, cy, qx)[0].quantiles(levels_q).numpy()[:, :1]
+    b = _keras_predictive(model, cx, cy, other)[0].quantiles(levels_q).numpy()[:, :1]
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    assert again.get_layer("bar").by_width and again.recalibrate_width
+    np.testing.assert_array_equal(again.get_layer("bar").recalibration.numpy(),
+                                  table.astype("float32"))
+    sig = tf.saved_model.load(export_model(model, cfg, str(tmp_path / "exp"), "w")).signatures
+    for cx, cy, qx, qy in (narrow, wide):
+        want = _keras_predictive(model, cx, cy, qx)[0]
+        served = sig["serving_default"](context_x=cx, context_y=cy, query_x=qx)
+        np.testing.assert_allclose(served["mean"].numpy(), want.mean().numpy(), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(served["std"].numpy(), want.std().numpy(), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(served["quantiles"].numpy(), want.quantiles(levels_q).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+        dens = sig["log_prob"](context_x=cx, context_y=cy, query_x=qx, query_y=qy)
+        np.testing.assert_allclose(dens["cdf"].numpy(), want.cdf(tf.constant(qy)).numpy(),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_maps_per_width_are_fitted_where_a_width_has_tasks_and_pooled_elsewhere(monkeypatch):
+    """fit_recalibration with recalibrate_width: a width group with enough tasks in a
+    context-size bucket gets the empirical CDF of its own queries' PITs, a group without
+    (here 9+ features, which a width-4 prior never draws) the bucket's pooled map, which is
+    the map one per context size fits on the same tasks."""
+    from gpicl_tf import train
+    from gpicl_tf.layers import RECAL_BUCKETS
+
+    monkeypatch.setattr(train, "RECAL_WIDTH_MIN_TASKS", 40)
+    model, cfg = _bar_model(WIDTH + ["model.recalibrate_width=true"])
+    per_size, cfg_size = _bar_model(WIDTH)
+    by_width = train.fit_recalibration(model, cfg, tasks_per_bucket=256)
+    pooled = train.fit_recalibration(per_size, cfg_size, tasks_per_bucket=256)
+    assert by_width.shape == (5 * RECAL_BUCKETS, pooled.shape[1])
+    np.testing.assert_allclose(by_width[4 * RECAL_BUCKETS:], pooled, atol=1e-6)
+    trained = sorted(set(range(RECAL_BUCKETS)) - {b for b in range(RECAL_BUCKETS)
+                                                 if np.allclose(pooled[b], pooled[-1])})
+    own = [np.abs(by_width[g * RECAL_BUCKETS + b] - pooled[b]).max()
+           for g in range(3) for b in trained]
+    assert min(own) > 1e-3, own  # widths 1, 2 and 3-4 each have maps of their own
+    np.testing.assert_array_equal(model.get_layer("bar").recalibration.numpy(),
+                                  by_width.astype("float32"))

@@ -337,6 +337,44 @@ def test_with_fit_loo_context_tokens_carry_each_fits_prediction_from_the_other_p
                     r"with ridge_penalties or kernel_length_scales")
 
 
+def test_with_loo_intercept_the_ridge_fits_leave_one_out_refits_the_intercept_too():
+    """loo_intercept: a context point's ridge feature is scikit-learn's ridge with an
+    (unpenalised) intercept fitted to the other context points, as the standardisation
+    centred x and y on all of them; the kernel fits' and the queries' features are as
+    without it. From n <= d + 1 points (here 4 points of 3 features) the least-penalty
+    fit interpolates: without the intercept's leverage its leave-one-out residuals were
+    about 0 (the fit looked exact), with it they are those of a refit."""
+    from sklearn.linear_model import Ridge
+
+    from gpicl_tf.layers import ContextStandardizer
+
+    cx, cy, qx = _task(3, nc=12, nq=4)
+    cy = cy + np.sin(3.0 * cx[..., :1]) + 0.5 * cx[..., 1:2]
+    x = _pad(np.concatenate([cx, qx], 1))
+    y = np.concatenate([cy, np.full((2, 4, 1), 50.0, np.float32)], 1)
+    q = np.concatenate([np.zeros((2, 12)), np.ones((2, 4))], 1).astype(np.float32)
+    kw = dict(absent_features="flags", ridge_penalties=(0.05, 0.5),
+              kernel_length_scales=(0.2, 1.0), kernel_noise=0.05, fit_loo=True)
+    feats = ContextStandardizer(loo_intercept=True, **kw)(x, y, q)[0].numpy()
+    plain = ContextStandardizer(**kw)(x, y, q)[0].numpy()
+    np.testing.assert_array_equal(feats[:, 12:], plain[:, 12:])  # queries: the full fits
+    np.testing.assert_array_equal(feats[..., 20:22], plain[..., 20:22])  # the kernel fits
+    xs, ys = feats[..., :8], feats[..., 8]
+    for b in range(2):
+        for i in range(12):
+            rest = [j for j in range(12) if j != i]
+            want = [Ridge(alpha=lam).fit(xs[b, rest, :3], ys[b, rest]).predict(
+                xs[b, i:i + 1, :3])[0] for lam in (0.05, 0.5)]
+            np.testing.assert_allclose(feats[b, i, 18:20], want, atol=5e-5)
+    # 4 context points of 3 features, the least penalty: an interpolating fit
+    x4, y4, q4 = x[:, 8:], y[:, 8:], q[:, 8:]
+    kw4 = dict(absent_features="flags", ridge_penalties=(1e-3,), fit_loo=True)
+    resid = {flag: np.abs(ContextStandardizer(loo_intercept=flag, **kw4)(x4, y4, q4)[0].numpy()
+                          [:, :4, 18] - ContextStandardizer(**kw4)(x4, y4, q4)[0].numpy()
+                          [:, :4, 8]) for flag in (False, True)}
+    assert resid[False].max() < 0.05 and resid[True].min() > 0.1, resid
+
+
 def test_cubic_fits_are_scikit_learns_ridge_on_each_feature_its_square_and_cube():
     """cubic_penalties: per penalty, scikit-learn's Ridge (no intercept: x and y are
     centred on the context) on every standardised feature, its square and its cube (the
