@@ -830,6 +830,12 @@ def _default() -> ExperimentConfig:
     # one such task); with Pareto tails 10.3 nats, 1.39 in all. No gradient depends on the
     # tail, so the weights are the same; the mean is the same by construction (README,
     # "Pareto tails"; docs/results/default_pareto_*).
+    # The ridge fits' leave-one-out residuals count the intercept the standardisation
+    # fitted (model.loo_intercept): without it, from n <= d + 1 context points a
+    # near-interpolating ridge fit looked exact under leave-one-out and became the base
+    # with a tiny unit (every task at 8 points of width 8; Garg's d = 8 trees at k = 8
+    # predicted 2.3x worse than by their mean). Paired over three training seeds on the
+    # same tasks (README, "Leave-one-out with the intercept"; docs/results/default_li_*).
     return ExperimentConfig(
         name="gpicl",
         task=TaskConfig(family="prior", x_dim=8, min_x_dim=1, n_points=48,
@@ -840,7 +846,7 @@ def _default() -> ExperimentConfig:
                           kernel_length_scales=(0.1, 0.2, 0.4, 0.8, 1.6, 0.15, 0.4, 1.0),
                           kernel_noises=(1e-4,) * 5 + (0.01,) * 3, base_fit="loo_bma",
                           y_scale="loo_gp", kernel_std=True, recalibrate=True,
-                          bar_tail="pareto"),
+                          bar_tail="pareto", loo_intercept=True),
         train=TrainConfig(steps=2400))
 
 
@@ -859,7 +865,7 @@ def _regressor_base() -> ExperimentConfig:
         model=dataclasses.replace(cfg.model, ridge_penalties=(), kernel_length_scales=(),
                                   kernel_noises=(), base_fit="none", y_scale="std",
                                   gelu="exact", kernel_std=False, recalibrate=False,
-                                  bar_tail="normal"),
+                                  bar_tail="normal", loo_intercept=False),
         task=dataclasses.replace(
             cfg.task, x_dim=16, n_points=128,
             x_dim_weights=tuple(round(d ** -0.5, 4) for d in range(1, 17)),
@@ -941,14 +947,15 @@ def _gp() -> ExperimentConfig:
     # with 1e-4 the posterior's spread at k = 32 was held above the exact one's (NLL gap
     # 0.056 at l = 0.5 after 2400 steps, 0.054 after 7200; 0.040 with 1e-5:
     # docs/results/gp_*). Its tasks keep 64 points (those results' setting; `default`
-    # draws 48) and its half-normal tails (`default` has Pareto ones since).
+    # draws 48), its half-normal tails (`default` has Pareto ones since) and the ridge fits'
+    # leave-one-out without the intercept (`default` has model.loo_intercept since).
     cfg = _default()
     return dataclasses.replace(
         cfg, name="gpicl-gp",
         task=dataclasses.replace(cfg.task, family="gp_rbf", x_dim=1, x_dim_weights=(), mix=(),
                                  gp_length_scale=0.5, n_points=64),
         model=dataclasses.replace(cfg.model, kernel_noises=(1e-5,) * 5 + (0.01,) * 3,
-                                  bar_tail="normal"))
+                                  bar_tail="normal", loo_intercept=False))
 
 
 def _paper() -> ExperimentConfig:

@@ -88,7 +88,8 @@ def test_gp_preset_is_the_default_learner_on_one_gps_draws():
     """`gp` (PFNs' GP experiment): the `default` model and training on 1-D draws of one GP
     with length scale 0.5, the gp_rbf_l0.5 suite's kernel (unit-variance draws whose
     correlation follows it). Its near-interpolating kernel fits have the draws' jitter as
-    their noise (1e-5), and its tails stay half-normal (its results files' head)."""
+    their noise (1e-5), and its tails stay half-normal and its ridge fits' leave-one-out
+    without the intercept (its results files' head)."""
     import dataclasses
 
     import numpy as np
@@ -98,8 +99,8 @@ def test_gp_preset_is_the_default_learner_on_one_gps_draws():
     g, d = get_preset("gp"), get_preset("default")
     assert g.train == d.train
     assert g.model == dataclasses.replace(d.model, kernel_noises=g.model.kernel_noises,
-                                          bar_tail="normal")
-    assert d.model.bar_tail == "pareto"
+                                          bar_tail="normal", loo_intercept=False)
+    assert d.model.bar_tail == "pareto" and d.model.loo_intercept
     assert g.model.kernel_noises == (1e-5,) * 5 + (0.01,) * 3
     assert (g.task.family, g.task.x_dim, g.task.mix, g.task.gp_length_scale) == (
         "gp_rbf", 1, (), 0.5)
