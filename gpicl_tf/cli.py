@@ -248,6 +248,9 @@ def export_parser() -> argparse.ArgumentParser:
                    help="a bar-head run: fit the head's recalibration per context size "
                         "(model.recalibrate) on the run's weights and export with it; the "
                         "run folder is not changed")
+    p.add_argument("--recalibrate-width", action="store_true",
+                   help="with --recalibrate: one map per context size and input-width group "
+                        "(model.recalibrate_width)")
     p.add_argument("--xla", action="store_true",
                    help="XLA-compile the signatures (lower CPU latency; TF Serving on CPU "
                         "then needs --xla_cpu_compilation_enabled=true)")
@@ -262,6 +265,9 @@ def _export(argv) -> int:
     if not a.serving_root.startswith("/"):
         raise ValueError(f"--serving-root {a.serving_root!r}: expected an absolute path "
                          "(where the server sees --export-dir, e.g. /models)")
+    if a.recalibrate_width and not a.recalibrate:
+        raise ValueError("--recalibrate-width: the maps per input width are a kind of "
+                         "recalibration; add --recalibrate")
     quiet_tensorflow()
     if a.pretrained:
         if a.recalibrate:
@@ -280,7 +286,7 @@ def _export(argv) -> int:
     from gpicl_tf.export import export_checkpoint
 
     export_checkpoint(a.logdir, a.export_dir, a.model_name, a.xla, a.serving_root,
-                      recalibrate=a.recalibrate)
+                      recalibrate=a.recalibrate, recalibrate_width=a.recalibrate_width)
     return 0
 
 

@@ -473,12 +473,13 @@ def resolve_version(model_dir: str, version: Optional[int] = None,
 def export_checkpoint(logdir: str, export_dir: str = "exports",
                       model_name: Optional[str] = None, jit_compile: bool = False,
                       serving_root: str = tfserving.SERVING_ROOT,
-                      recalibrate: bool = False) -> str:
+                      recalibrate: bool = False, recalibrate_width: bool = False) -> str:
     """Exports the latest checkpoint of a run directory without training.
 
     recalibrate: (a bar-head run) fit the head's recalibration maps
     (`model.recalibrate`, `gpicl_tf.train.fit_recalibration`) on the run's weights and
-    export the model with them; the run folder is left as it is.
+    export the model with them; the run folder is left as it is. recalibrate_width: those
+    maps per context size and input-width group (`model.recalibrate_width`).
     """
     from gpicl_tf.model import build_model
     from gpicl_tf.train import Trainer, fit_recalibration
@@ -488,6 +489,9 @@ def export_checkpoint(logdir: str, export_dir: str = "exports",
         raise ValueError(f"--logdir {logdir!r}: expected a run directory with config.json "
                          "and checkpoints/ (written by train_keras.py)")
     cfg = read_config(path)
+    if recalibrate_width and not recalibrate:
+        raise ValueError("--recalibrate-width: the maps per input width are a kind of "
+                         "recalibration; add --recalibrate")
     if recalibrate and cfg.model.head != "bar":
         raise ValueError(f"--recalibrate: the run in {logdir!r} has model.head="
                          f"{cfg.model.head!r}; recalibration is for a bar head (model.head=bar)")
@@ -497,13 +501,15 @@ def export_checkpoint(logdir: str, export_dir: str = "exports",
     step = trainer.restore()
     model = trainer.model
     if recalibrate:
-        if not cfg.model.recalibrate:  # the same weights in a model that has the maps
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                     recalibrate=True))
+        if not cfg.model.recalibrate or cfg.model.recalibrate_width != recalibrate_width:
+            # the same weights in a model that has the maps asked for
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, recalibrate=True, recalibrate_width=recalibrate_width))
             model = build_model(cfg)
-            weights = {w.path: w for w in model.weights}  # the run's, plus the maps
+            weights = {w.path: w for w in model.weights}  # the run's, and maps to fit
             for w in trainer.model.weights:
-                weights[w.path].assign(w)
+                if w.path != "bar/recalibration":
+                    weights[w.path].assign(w)
         fit_recalibration(model, cfg)
     out = export_model(model, cfg, export_dir, model_name, jit_compile=jit_compile,
                        provenance=provenance(logdir, step, cfg), serving_root=serving_root)

@@ -929,10 +929,9 @@ class BarHead(keras.layers.Layer):
 
     With `by_width` (model.recalibrate_width) there is a map per context-size bucket and
     input-width group (`width_group`: 1, 2, 3-4, 5-8, 9+ features), each point taking
-    that of its own width: a prior of many widths covers its wide tasks' queries less
-    and its 1-D tasks' more than its mixture at the same context size (at 8 context
-    points the `default`'s 90% intervals covered 0.74-0.82 of the queries of 5-8 features
-    and 0.89-0.91 of 1-D ones), which one map per size cannot fix. x_dim: the model's
+    that of its own width: the coverage of a prior of many widths differs between its
+    wide and its narrow tasks at the same context size, which one map per size cannot fix
+    (README, "Leave-one-out with the intercept", on the option). x_dim: the model's
     input width (the features' first x_dim columns are the standardised x).
 
     Call args: h [B, N, D], y_loc [B, 1, dy], y_scale [B, 1, dy], is_query [B, N]

@@ -912,3 +912,35 @@ def test_maps_per_width_are_fitted_where_a_width_has_tasks_and_pooled_elsewhere(
     assert min(own) > 1e-3, own  # widths 1, 2 and 3-4 each have maps of their own
     np.testing.assert_array_equal(model.get_layer("bar").recalibration.numpy(),
                                   by_width.astype("float32"))
+
+
+def test_gpicl_export_fits_maps_per_width_on_a_run_that_has_maps_per_size(tmp_path, capsys):
+    """`gpicl-export --recalibrate --recalibrate-width` on a run fitted with one map per
+    context size: the export has a map per size and width, fitted on the run's weights
+    (a wide task's quantiles differ from the run's own export's, its weights are the
+    run's); --recalibrate-width alone is refused in one line, nothing written."""
+    from gpicl_tf.cli import export_main
+    from gpicl_tf.train import Trainer
+
+    run = str(tmp_path / "run")
+    cfg = apply_overrides(get_preset("tiny"), BAR + WIDTH + ["train.steps=20"])
+    Trainer(cfg, run).train(verbose=False)
+    for name, flags in (("size", ["--recalibrate"]),
+                        ("width", ["--recalibrate", "--recalibrate-width"])):
+        assert export_main(["--logdir", run, *flags, "--export-dir",
+                            str(tmp_path / name)]) == 0
+    sigs = {n: tf.saved_model.load(str(next((tmp_path / n).glob("*/1")))).signatures
+            for n in ("size", "width")}
+    config = sigs["width"]["model_config"](unused=tf.constant([0.0]))["config_json"]
+    assert '"recalibrate_width": true' in config.numpy().decode()
+    cx, cy, qx, _ = _width_task(3)
+    q = {n: s["serving_default"](context_x=cx, context_y=cy, query_x=qx)["quantiles"].numpy()
+         for n, s in sigs.items()}
+    assert np.abs(q["width"] - q["size"]).max() > 1e-4
+    np.testing.assert_allclose(np.sort(q["width"], -1), q["width"])  # still monotone
+    capsys.readouterr()
+    assert export_main(["--logdir", run, "--recalibrate-width", "--export-dir",
+                        str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "add --recalibrate" in err[0], err
+    assert not (tmp_path / "no").exists()

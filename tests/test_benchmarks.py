@@ -128,23 +128,33 @@ def test_compare_models_pairs_cells_and_refuses_other_tasks(tmp_path, capsys):
     assert f"| sine | 2 | {nll:.4g} | {nll - 0.1:.4g} |" in out
 
 
-def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
-    """benchmarks/unit_residuals.py on the `default` prior: with the loo unit's e^(3 - k)
-    term, the middle 90% of standardised query residuals at 3-5 context points spans
-    tens of units at most; without it the least leave-one-out error, ~0 by chance, makes it
-    hundreds of units wide; from 12 points the two agree (the term is negligible). From 12
-    points the per-point loo_gp unit is the better Gaussian spread of the base fit's
-    residuals: a lower median negative log-likelihood than the per-task loo unit's."""
-    from benchmarks import unit_residuals
-
-    assert unit_residuals.main(["--tasks", "512"]) == 0
+def _unit_rows(unit_residuals, capsys, flags):
+    assert unit_residuals.main(["--tasks", "512", *flags]) == 0
     rows = {}
     for line in capsys.readouterr().out.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 10 and cells[1][:1].isdigit():
             rows[(cells[0], cells[1])] = [float(v) for v in cells[4:]]
-    loo, bare = rows[("loo", "3-5")], rows[("loo, no e^(3-k)", "3-5")]
+    return rows
+
+
+def test_unit_residuals_shows_the_loo_units_small_context_term_at_work(capsys):
+    """benchmarks/unit_residuals.py on the `default` prior: with the loo unit's e^(3 - k)
+    term, the middle 90% of standardised query residuals at 3-5 context points spans
+    tens of units at most. Without the ridge fits' intercept in their leave-one-out
+    (model.loo_intercept=false) the least leave-one-out error, ~0 from n <= d + 1 points,
+    makes it hundreds of units wide without the term; with the intercept, under three times
+    as wide. From 12 points the two agree (the term is negligible), and the per-point
+    loo_gp unit is the better Gaussian spread of the base fit's residuals: a lower median
+    negative log-likelihood than the per-task loo unit's."""
+    from benchmarks import unit_residuals
+
+    old = _unit_rows(unit_residuals, capsys, ["--set", "model.loo_intercept=false"])
+    loo, bare = old[("loo", "3-5")], old[("loo, no e^(3-k)", "3-5")]
     assert 20 * (loo[4] - loo[0]) < bare[4] - bare[0], (loo, bare)  # 2048 tasks: 10 vs 3500
+    rows = _unit_rows(unit_residuals, capsys, [])
+    loo, bare = rows[("loo", "3-5")], rows[("loo, no e^(3-k)", "3-5")]
+    assert loo[4] - loo[0] < bare[4] - bare[0] < 3 * (loo[4] - loo[0]), (loo, bare)
     assert rows[("loo", "24-64")] == pytest.approx(rows[("loo, no e^(3-k)", "24-64")], abs=1e-3)
     assert 2.0 < rows[("loo", "24-64")][4] - rows[("loo", "24-64")][0] < 6.0
     for ctx in ("12-23", "24-64"):
