@@ -109,8 +109,10 @@ class FitsStandardizer(nn.Module):
     standardisation relative to a context point, presence flags, ridge fits, RBF-kernel GP
     fits (Cholesky, leave-one-out fits and variances, evidence), their evidence-weighted
     average as a competing base fit (base_fit="loo_bma"), the base picked by leave-one-out
-    error, the per-point unit (y_scale="loo_gp") and the kernel fits' log stds
-    (kernel_std). Other options of the layer are refused (`check_config`)."""
+    error (the ridge fits' counting the intercept with loo_intercept), the per-point unit
+    (y_scale="loo_gp") and the kernel fits' log stds (kernel_std). Configs with other
+    options of the layer are refused before the peer runs (train_throughput.py's
+    peer_problem)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -118,6 +120,7 @@ class FitsStandardizer(nn.Module):
         self.ridge = cfg["ridge_penalties"]
         self.scales = cfg["kernel_length_scales"]
         self.noises = cfg["kernel_noises"]
+        self.loo_intercept = cfg.get("loo_intercept", False)  # model.loo_intercept
 
     def stats(self, v, w, n):
         first = w[..., 0].argmax(1)
@@ -157,6 +160,8 @@ class FitsStandardizer(nn.Module):
         sol = torch.cholesky_solve(rhs[:, None].expand(-1, len(self.ridge), -1, -1), chol)
         fit = torch.einsum("bni,bpik->bnpk", xs, sol[..., :dy])
         lev = torch.einsum("bni,bpin->bnp", xc, sol[..., dy:])[..., None]
+        if self.loo_intercept:  # the context's mean was fitted too: its leverage 1/n
+            lev = lev + w[..., None] / w.sum(1, keepdim=True)[..., None].clamp(min=1.0)
         return fit, (fit - lev * ys[:, :, None]) / (1.0 - lev).clamp(min=1e-6)
 
     def kernel_fits(self, xs, ys, w, present):

@@ -372,7 +372,8 @@ def write_peer_model(cfg, path: str) -> None:
               "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
               "key_dim": m.head_dim, "mlp_ratio": m.mlp_ratio, "gelu": m.gelu,
               "n_features": int(feats.shape[-1]), "y_dim": cfg.task.y_dim,
-              "bar_tail": m.bar_tail, "bar_tail_index": m.bar_tail_index}
+              "bar_tail": m.bar_tail, "bar_tail_index": m.bar_tail_index,
+              "loo_intercept": m.loo_intercept}
     arrays = {f"w:{v.path}": v.numpy() for v in model.trainable_variables}
     np.savez(path, config=json.dumps(config), x=x.numpy(), y=y.numpy(), is_query=q.numpy(),
              borders=model.get_layer("bar").borders.numpy(), features=feats.numpy(),

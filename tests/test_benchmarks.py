@@ -583,6 +583,7 @@ def test_the_torch_peers_bar_model_file_holds_what_the_peer_checks(tmp_path):
     assert config["kernel_noises"] == list(cfg.model.kernel_noises)
     assert config["ridge_penalties"] == list(cfg.model.ridge_penalties)
     assert (config["d_model"], config["n_layers"], config["bar_tail"]) == (16, 1, "pareto")
+    assert config["loo_intercept"] is True  # the default's leave-one-out, which the peer ports
     weights = {k[2:]: f[k] for k in f.files if k.startswith("w:")}
     assert weights["embed/kernel"].shape == (config["n_features"], 16)
     assert f["features"].shape == (8, 12, config["n_features"])
