@@ -833,9 +833,9 @@ def _default() -> ExperimentConfig:
     # The ridge fits' leave-one-out residuals count the intercept the standardisation
     # fitted (model.loo_intercept): without it, from n <= d + 1 context points a
     # near-interpolating ridge fit looked exact under leave-one-out and became the base
-    # with a tiny unit (every task at 8 points of width 8; Garg's d = 8 trees at k = 8
-    # predicted 2.3x worse than by their mean). Paired over three training seeds on the
-    # same tasks (README, "Leave-one-out with the intercept"; docs/results/default_li_*).
+    # with a tiny unit (Garg's d = 8 trees at k = 8 predicted 2.3x worse than by their
+    # mean). Paired over three training seeds on the same tasks (README, "Leave-one-out
+    # with the intercept"; docs/results/default_li_*).
     return ExperimentConfig(
         name="gpicl",
         task=TaskConfig(family="prior", x_dim=8, min_x_dim=1, n_points=48,
