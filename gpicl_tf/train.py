@@ -220,7 +220,12 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: Optional[i
     levels = np.asarray(RECAL_LEVELS)
     table = np.tile(levels, (bar.recal_rows, 1))
     bar.recalibration.assign(table.astype(np.float32))  # the head's own distribution
-    std_layer = model.get_layer("standardize")
+    std_layer, trunk = model.get_layer("standardize"), model.trunk()
+
+    def groups(feats, is_query):  # the points' width groups [B, N], 0 without maps per width
+        return (width_group(feats, bar.x_dim) if by_width
+                else tf.zeros(tf.shape(is_query), tf.int32))
+
     bars = bar_distribution(model)
     t = cfg.task
     ks = np.arange(t.min_context, t.context_max + 1)
@@ -251,12 +256,10 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: Optional[i
         # on chunks of one shape (one compilation): 16 s -> 14 s for the `default`'s
         # maps (benchmarks/main_job_phases.py); the maps equal the plain model's but for
         # rounding (a PIT on the other side of a level: one in ~45,000 on `default`)
-        trunk = model.trunk()
-
         @tf.function(jit_compile=True)
         def head_cdf(feats, y_loc, y_scale, y, is_query):
             out = trunk([feats, y_loc, y_scale, is_query], training=False)
-            return Predictive(bars, out).cdf(y), width_group(feats, bar.x_dim)
+            return Predictive(bars, out).cdf(y), groups(feats, is_query)
 
         @tf.function
         def pit_chunk(x, y, is_query):
@@ -273,9 +276,13 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: Optional[i
     else:
         @tf.function(reduce_retracing=True)
         def pit(x, y, is_query):
-            out = model(model_inputs({"x": x, "y": y, "is_query": is_query}), training=False)
-            return (Predictive(bars, out).cdf(y),
-                    width_group(std_layer(x, y, is_query)[0], bar.x_dim))
+            if not by_width:
+                out = model(model_inputs({"x": x, "y": y, "is_query": is_query}),
+                            training=False)
+                return Predictive(bars, out).cdf(y), groups(None, is_query)
+            feats, y_loc, y_scale = std_layer(x, y, is_query)  # the fits once: the groups
+            out = trunk([feats, y_loc, y_scale, is_query], training=False)  # need feats
+            return Predictive(bars, out).cdf(y), groups(feats, is_query)
 
     def fitted(u):  # the map of PITs u: their empirical CDF, 99:1 with the identity
         u = np.sort(u)
@@ -290,11 +297,13 @@ def fit_recalibration(model, cfg: ExperimentConfig, tasks_per_bucket: Optional[i
         x, y, q = (tf.concat([g[key] for g in got], 0)[:n] for key in ("x", "y", "is_query"))
         cdf, group = (v.numpy() for v in pit(x, y, q))  # (T, N, dy), (T, N)
         mask = q.numpy() > 0.5
-        dy = cdf.shape[-1]
+        if not by_width:
+            pits.setdefault(b, []).append((cdf[mask].ravel(), None, None))
+            continue
         # a task's group: that of most of its queries (all of them but for an x of exactly 0)
         task_group = np.array([np.bincount(g[m]).argmax() if m.any() else -1
                                for g, m in zip(group, mask)])
-        pits.setdefault(b, []).append((cdf[mask].ravel(), np.repeat(group[mask], dy),
+        pits.setdefault(b, []).append((cdf[mask].ravel(), np.repeat(group[mask], cdf.shape[-1]),
                                        task_group))
     n_groups = bar.recal_rows // RECAL_BUCKETS
     for b, parts in pits.items():
